@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny shard folders built through the real shard writer."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.constants import NUM_CLASSES, SHARD_NAME
+from pipeline.shards import split_entry, write_manifest, write_shard
+
+
+@pytest.fixture(autouse=True)
+def _offline_caches(tmp_path_factory, monkeypatch):
+    """Keep torch and matplotlib caches inside the test's temp folder."""
+    cache = tmp_path_factory.getbasetemp() / "caches"
+    monkeypatch.setenv("TORCH_HOME", str(cache / "torch"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(cache / "mpl"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+def class_image(label: int, size: int, rng: np.random.Generator) -> bytes:
+    """A JPEG whose grade is easy to learn: a bright square whose position encodes the label."""
+    img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    cell = size // NUM_CLASSES
+    img[:, label * cell : (label + 1) * cell, 0] = 230
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def build_shard_dir(
+    root: Path,
+    counts: dict[str, int] | None = None,
+    size: int = 64,
+    shard_size: int = 7,
+    seed: int = 0,
+) -> Path:
+    """Write a shard folder with ``counts[split]`` samples per split, labels cycling 0-4."""
+    counts = counts or {"train": 40, "test": 13}
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, n in counts.items():
+        labels = [int(x) for x in rng.permutation(np.arange(n) % NUM_CLASSES)]
+        samples = [(f"{split}{i}_left", class_image(lab, size, rng), lab) for i, lab in enumerate(labels)]
+        shards = []
+        for index, start in enumerate(range(0, n, shard_size)):
+            path = root / SHARD_NAME.format(split=split, index=index)
+            shards.append(write_shard(path, samples[start : start + shard_size]))
+        class_counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
+        splits[split] = split_entry(shards, class_counts)
+    write_manifest(
+        root,
+        {
+            "format_version": 1,
+            "created": "test",
+            "source": {"layout": "test", "path": str(root)},
+            "preprocess": {"size": size, "graham": False},
+            "image_size": size,
+            "seed": seed,
+            "splits": splits,
+            "rejected": 0,
+        },
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """40 train / 13 test samples at 64 px in shards of 7 (uneven on purpose)."""
+    return build_shard_dir(tmp_path_factory.mktemp("tiny_shards"))
+
+
+@pytest.fixture(scope="session")
+def wds2idx() -> str:
+    """Path of DALI's own index tool, installed beside the interpreter."""
+    import sys
+
+    path = Path(sys.executable).parent / "wds2idx"
+    if not path.exists():
+        pytest.skip("wds2idx (from nvidia-dali) is not installed")
+    return str(path)
+
+
+def pytest_configure(config):
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
