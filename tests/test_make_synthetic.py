@@ -1,0 +1,170 @@
+"""The synthetic fundus generator: layouts, pairing, split, determinism, CLI errors, learnability."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from pipeline.constants import EYEPACS_CLASS_MIX, NUM_CLASSES
+from tools.make_synthetic import draw_grades, generate, render_fundus
+
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic.py"
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_kaggle_layout(tmp_path):
+    items = generate(tmp_path, n=21, size=64, layout="kaggle", seed=1)
+    rows = lines(tmp_path / "trainLabels.csv")
+    assert rows[0] == "image,level"
+    assert rows[1:] == [f"{i},{g}" for i, g in items]
+    assert len(items) == 21
+    files = sorted((tmp_path / "train").iterdir())
+    assert len(files) == 21 and all(f.suffix == ".jpeg" for f in files)
+    for image_id, _ in items:
+        with Image.open(tmp_path / "train" / f"{image_id}.jpeg") as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (64, 64))
+
+
+def test_lab_layout_split_by_patient(tmp_path):
+    items = generate(tmp_path, n=40, size=64, layout="lab", seed=2, width=96)
+    split = {}
+    for name in ("train", "test"):
+        ids, labels = lines(tmp_path / f"{name}_img.csv"), lines(tmp_path / f"{name}_label.csv")
+        assert len(ids) == len(labels) and ids, name
+        assert all(not i.endswith(".jpeg") for i in ids)  # ids, no header, no extension
+        split[name] = dict(zip(ids, map(int, labels), strict=True))
+    assert {**split["train"], **split["test"]} == dict(items)
+    assert len(split["test"]) == 8  # 20% of 20 patients, both eyes
+    patients = {name: {i.split("_")[0] for i in ids} for name, ids in split.items()}
+    assert not patients["train"] & patients["test"]
+    for image_id, _ in items:
+        with Image.open(tmp_path / "images" / f"{image_id}.jpeg") as im:
+            assert im.size == (96, 64)
+            assert max(im.getpixel((0, 32))) < 20  # black side border
+            assert im.getpixel((48, 32))[0] > 60  # orange-red retina in the middle
+
+
+def test_pairs_and_every_grade(tmp_path):
+    items = generate(tmp_path, n=20, size=32, layout="kaggle", seed=3)
+    ids = [i for i, _ in items]
+    assert ids[:4] == ["1_left", "1_right", "2_left", "2_right"]
+    grades = dict(items)
+    for p in range(1, 11):
+        assert abs(grades[f"{p}_left"] - grades[f"{p}_right"]) <= 1
+    counts = Counter(grades.values())
+    assert all(counts[g] >= 2 for g in range(NUM_CLASSES)), counts
+
+
+def test_grades_follow_the_class_mix():
+    grades = draw_grades(4000, EYEPACS_CLASS_MIX, np.random.default_rng(0))
+    share = np.bincount(grades, minlength=NUM_CLASSES) / len(grades)
+    assert np.abs(share - EYEPACS_CLASS_MIX).max() < 0.03, share.round(3)
+    pairs = np.reshape(grades, (-1, 2))
+    assert 0.03 < np.mean(pairs[:, 0] != pairs[:, 1]) < 0.3  # eyes mostly agree, not always
+
+
+def test_same_seed_same_bytes(tmp_path):
+    generate(tmp_path / "a", n=6, size=48, seed=7)
+    generate(tmp_path / "b", n=6, size=48, seed=7)
+    generate(tmp_path / "c", n=6, size=48, seed=8)
+    files = sorted(
+        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
+    )
+    assert len(files) == 6 + 4
+    assert all(
+        (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files
+    )
+    assert (tmp_path / "a/images/1_left.jpeg").read_bytes() != (
+        tmp_path / "c/images/1_left.jpeg"
+    ).read_bytes()
+
+
+def test_cli_writes_and_summarises(tmp_path):
+    out = tmp_path / "data"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "--n", "4", "--size", "40", "--layout", "kaggle"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "wrote 4 " in run.stdout and str(out) in run.stdout
+    assert len(lines(out / "trainLabels.csv")) == 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--n", "1"],
+        ["--size", "16"],
+        ["--layout", "folder"],
+        ["--n", "ten"],
+        ["--bogus"],
+        "under-a-file",
+    ],
+)
+def test_cli_bad_options(tmp_path, args):
+    out = tmp_path / "out"
+    if args == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        out, args = tmp_path / "file" / "out", []
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), *args], capture_output=True, text=True
+    )
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: ") and len(run.stderr.strip().splitlines()) == 1, (
+        run.stderr
+    )
+    assert "Traceback" not in run.stderr
+
+
+def features(img: np.ndarray) -> np.ndarray:
+    """Colour histogram of the retina plus counts of dark and yellow spots against a local blur."""
+    inside = img.max(axis=2) > 40
+    q = img[inside] // 64
+    hist = np.bincount(q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2], minlength=64)
+    local = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(3)), np.float32)
+    diff = img.astype(np.float32) - local
+    spots = [((diff.sum(axis=2) < t) & inside).sum() for t in (-40, -80)]
+    spots += [((diff[..., 1] > t) & inside).sum() for t in (25, 50)]
+    return np.log1p(np.concatenate([hist, spots]).astype(np.float32))
+
+
+def test_grade_is_learnable_at_64px():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    grades = np.tile(np.arange(NUM_CLASSES), 20)
+    x = np.stack(
+        [
+            features(render_fundus(int(g), rng, 64, ("left", "right")[i % 2]))
+            for i, g in enumerate(grades)
+        ]
+    )
+    half = len(grades) // 2
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    model.fit(x[:half], grades[:half])
+    accuracy = model.score(x[half:], grades[half:])
+    assert accuracy > 0.6, f"grade accuracy {accuracy:.2f} from simple features (chance 0.2)"
+
+
+def test_render_shapes_and_eye_side():
+    rng = np.random.default_rng(0)
+    left = render_fundus(0, rng, 128, "left").astype(np.float32)
+    right = render_fundus(0, rng, 128, "right", width=192).astype(np.float32)
+    assert left.shape == (128, 128, 3) and right.shape == (128, 192, 3)
+    # The optic disc is the brightest thing in a grade-0 eye.
+    assert np.unravel_index(left.sum(2).argmax(), (128, 128))[1] < 64
+    assert np.unravel_index(right.sum(2).argmax(), (128, 192))[1] > 96
+    with pytest.raises(ValueError):
+        render_fundus(5, rng, 64)

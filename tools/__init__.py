@@ -1,0 +1,1 @@
+"""Command-line tools: synthetic data, shard building, benchmarks, run comparison."""

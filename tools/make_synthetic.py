@@ -1,0 +1,468 @@
+"""Synthetic colour fundus photographs with diabetic-retinopathy lesions that grow with the grade.
+
+    python tools/make_synthetic.py data/ --n 200 --size 512 --layout lab --seed 0
+
+Each picture is a black frame holding an orange-red retina (darker towards the rim), a bright
+optic disc (left in a left eye, right in a right eye), a branching vessel tree and, by grade:
+1 microaneurysms; 2 also haemorrhages and yellow exudates; 3 more of all and cotton-wool spots;
+4 as 3 plus tangles of new vessels (neovascularisation). Lesion sizes scale with the image, so
+the grade stays learnable at 64-128 px. Images come in left/right pairs per patient
+(`10_left`, `10_right`) whose grades differ by at most one, with the EyePACS class mix.
+
+Layouts (DESIGN.md section 1): `lab` writes train/test_img.csv + train/test_label.csv (no
+header, split by patient here) and images/<id>.jpeg; `kaggle` writes trainLabels.csv
+(`image,level`) and train/<id>.jpeg. `--width 768 --size 512` makes 3:2 raw-camera-like frames
+with wide black side borders. 200 images at 256 px take a few seconds on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from pipeline.constants import EYEPACS_CLASS_MIX, NUM_CLASSES
+from pipeline.errors import UserError, run_cli
+
+LAYOUTS = ("lab", "kaggle")
+EYES = ("left", "right")
+JPEG_QUALITY = 92
+MIN_SIZE = 32
+
+# Lesions per image as (low, high) inclusive ranges, one per grade 0-4. Ranges of neighbouring
+# grades barely overlap so that the grade can be read off the picture.
+LESION_COUNTS = {
+    "microaneurysm": ((0, 0), (8, 14), (14, 22), (24, 36), (24, 36)),
+    "haemorrhage": ((0, 0), (0, 0), (3, 6), (10, 16), (10, 16)),
+    "exudate": ((0, 0), (0, 0), (5, 10), (14, 24), (14, 24)),
+    "cotton_wool": ((0, 0), (0, 0), (0, 0), (2, 4), (2, 4)),
+    "tangle": ((0, 0), (0, 0), (0, 0), (0, 0), (3, 5)),
+    "preretinal": ((0, 0), (0, 0), (0, 0), (0, 0), (1, 2)),
+}
+
+RETINA = np.array([200, 92, 42], np.float32)
+OPTIC_DISC = np.array([252, 226, 150], np.float32)
+VESSEL = np.array([120, 22, 14], np.float32)
+RED_LESION = np.array([88, 10, 8], np.float32)
+EXUDATE = np.array([246, 222, 92], np.float32)
+COTTON_WOOL = np.array([238, 214, 186], np.float32)
+FIBROUS = np.array([214, 206, 196], np.float32)
+
+
+class _Mask:
+    """A grey mask drawn `ss` times larger than the image (cheap anti-aliasing), read back in [0, 1]."""
+
+    def __init__(self, h: int, w: int, ss: int):
+        self.h, self.w, self.ss = h, w, ss
+        self.im = Image.new("L", (w * ss, h * ss), 0)
+        self.draw = ImageDraw.Draw(self.im)
+        self.empty = True
+
+    def dot(self, x: float, y: float, r: float) -> None:
+        s, r = self.ss, max(r * self.ss, 0.75)
+        self.draw.ellipse([x * s - r, y * s - r, x * s + r, y * s + r], fill=255)
+        self.empty = False
+
+    def line(self, points: Sequence[tuple[float, float]], width: float) -> None:
+        s = self.ss
+        scaled = [(x * s, y * s) for x, y in points]
+        self.draw.line(scaled, fill=255, width=max(1, round(width * s)), joint="curve")
+        self.empty = False
+
+    def polygon(self, points: np.ndarray) -> None:
+        self.draw.polygon([(float(x) * self.ss, float(y) * self.ss) for x, y in points], fill=255)
+        self.empty = False
+
+    def array(self, blur: float = 0.0) -> np.ndarray | None:
+        """The mask at image size, blurred by `blur` px; None when nothing was drawn."""
+        if self.empty:
+            return None
+        im = self.im.resize((self.w, self.h), Image.Resampling.BOX) if self.ss > 1 else self.im
+        if blur > 0:
+            im = im.filter(ImageFilter.GaussianBlur(blur))
+        return np.asarray(im, np.float32) / 255.0
+
+
+def _blend(img: np.ndarray, mask: np.ndarray | None, colour: np.ndarray, strength: float) -> None:
+    """Paint `colour` over `img` in place with opacity `mask * strength`."""
+    if mask is not None:
+        img += (mask * strength)[..., None] * (colour - img)
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in about [-1, 1]: a coarse random grid upsampled bicubically."""
+    grid = rng.normal(0.0, 1.0, (cells, cells)).astype(np.float32)
+    im = Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC)
+    return np.asarray(im) / 1.5
+
+
+def _random_points(rng, n, cx, cy, radius, avoid, avoid_r) -> np.ndarray:
+    """n points spread uniformly over the disc of `radius`, none within `avoid_r` of `avoid`."""
+    if n == 0:
+        return np.zeros((0, 2))
+    m = 4 * n + 16
+    r = radius * np.sqrt(rng.random(m))
+    t = rng.random(m) * 2 * math.pi
+    pts = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
+    keep = np.hypot(pts[:, 0] - avoid[0], pts[:, 1] - avoid[1]) > avoid_r
+    return pts[keep][:n]
+
+
+def _count(rng: np.random.Generator, kind: str, grade: int) -> int:
+    low, high = LESION_COUNTS[kind][grade]
+    return int(rng.integers(low, high + 1))
+
+
+def _vessel_tree(mask: _Mask, rng, disc, radius_px, centre, retina_r, size, side) -> None:
+    """Four arcades out of the optic disc, random-walking and branching, thinner at each branch."""
+    cx, cy = centre
+    step = 0.035 * retina_r
+    # (start angle, bend per step) with y pointing down, for an optic disc on the left.
+    arcades = [(-1.05, 0.085), (1.05, -0.085), (-2.5, -0.03), (2.5, 0.03)]
+    stack = []
+    for angle, bend in arcades:
+        if side > 0:  # mirror for an optic disc on the right
+            angle, bend = math.pi - angle, -bend
+        x = disc[0] + 0.05 * radius_px * math.cos(angle)
+        y = disc[1] + 0.05 * radius_px * math.sin(angle)
+        stack.append((x, y, angle + rng.normal(0, 0.1), 0.013 * size, bend))
+    min_width = 0.0035 * size
+    segments = 0
+    while stack and segments < 900:
+        x, y, angle, width, bend = stack.pop()
+        points = [(x, y)]
+        for _ in range(60):
+            bend *= 0.97  # arcades straighten out instead of curling up
+            angle += bend + rng.normal(0, 0.12)
+            x, y = x + step * math.cos(angle), y + step * math.sin(angle)
+            points.append((x, y))
+            segments += 1
+            if math.hypot(x - cx, y - cy) > 0.98 * retina_r:
+                break
+            if rng.random() < 0.16 and width > min_width:
+                turn = rng.choice((-1.0, 1.0)) * rng.uniform(0.45, 1.0)
+                stack.append((x, y, angle + turn, width * 0.62, rng.normal(0, 0.05)))
+                stack.append((x, y, angle, width * 0.85, bend))
+                break
+        mask.line(points, width)
+
+
+def _lesions(rng, grade, size, centre, retina_r, disc, disc_r, macula, shape, ss):
+    """Masks (sharp red, blotchy red, exudate, cotton wool, fibrous) for the grade's lesions."""
+    red, blot, yellow, cotton, fibrous = (_Mask(*shape, ss) for _ in range(5))
+    cx, cy = centre
+    spread = 0.86 * retina_r
+
+    for x, y in _random_points(
+        rng, _count(rng, "microaneurysm", grade), cx, cy, spread, disc, 1.4 * disc_r
+    ):
+        red.dot(x, y, max(0.8, 0.008 * size) * rng.uniform(0.85, 1.3))
+
+    for x, y in _random_points(
+        rng, _count(rng, "haemorrhage", grade), cx, cy, spread, disc, 1.6 * disc_r
+    ):
+        r = 0.022 * size * rng.uniform(0.8, 1.6)
+        k = 11
+        t = np.linspace(0, 2 * math.pi, k, endpoint=False) + rng.random()
+        stretch = rng.uniform(1.0, 2.2)  # some blot, some flame-shaped
+        rr = r * (1 + 0.25 * rng.normal(size=k)).clip(0.5, 1.5)
+        px, py = rr * np.cos(t) * stretch, rr * np.sin(t)
+        rot = rng.random() * math.pi
+        poly = np.stack(
+            [
+                x + px * math.cos(rot) - py * math.sin(rot),
+                y + px * math.sin(rot) + py * math.cos(rot),
+            ],
+            1,
+        )
+        blot.polygon(poly)
+
+    n_exudates = _count(rng, "exudate", grade)
+    if n_exudates:
+        # Hard exudates gather in clusters, often in a ring around the macula.
+        n_clusters = 1 + n_exudates // 8
+        ang = rng.random(n_clusters) * 2 * math.pi
+        dist = retina_r * rng.uniform(0.15, 0.45, n_clusters)
+        heads = np.stack([macula[0] + dist * np.cos(ang), macula[1] + dist * np.sin(ang)], 1)
+        which = rng.integers(0, n_clusters, n_exudates)
+        offs = rng.normal(0, 0.07 * retina_r, (n_exudates, 2))
+        for x, y in heads[which] + offs:
+            if (
+                math.hypot(x - cx, y - cy) < spread
+                and math.hypot(x - disc[0], y - disc[1]) > 1.4 * disc_r
+            ):
+                yellow.dot(x, y, max(0.6, 0.009 * size) * rng.uniform(0.8, 1.7))
+
+    for x, y in _random_points(
+        rng, _count(rng, "cotton_wool", grade), cx, cy, 0.7 * retina_r, disc, 2 * disc_r
+    ):
+        r = 0.03 * size * rng.uniform(0.8, 1.3)
+        cotton.dot(x, y, r)
+
+    n_tangles = _count(rng, "tangle", grade)
+    if n_tangles:
+        # New vessels: one at the optic disc (NVD), the rest elsewhere (NVE).
+        heads = _random_points(rng, n_tangles - 1, cx, cy, 0.75 * retina_r, disc, 2 * disc_r)
+        a = rng.random() * 2 * math.pi
+        nvd = (disc[0] + 1.1 * disc_r * math.cos(a), disc[1] + 1.1 * disc_r * math.sin(a))
+        for hx, hy in [nvd, *heads]:
+            tangle_r = 0.07 * size * rng.uniform(0.9, 1.3)
+            fibrous.dot(hx, hy, 1.2 * tangle_r)  # the grey-white membrane new vessels grow on
+            x, y, angle = hx, hy, rng.random() * 2 * math.pi
+            points = [(x, y)]
+            for _ in range(100):
+                if math.hypot(x - hx, y - hy) > tangle_r:  # turn back into the tangle
+                    angle = math.atan2(hy - y, hx - x) + rng.normal(0, 0.6)
+                else:
+                    angle += rng.normal(0, 1.0)
+                x, y = x + 0.014 * size * math.cos(angle), y + 0.014 * size * math.sin(angle)
+                points.append((x, y))
+            red.line(points, max(0.6, 0.0045 * size))
+
+    # Proliferative disease also bleeds in front of the retina: large boat-shaped pools.
+    for x, y in _random_points(
+        rng, _count(rng, "preretinal", grade), cx, cy, 0.6 * retina_r, disc, 2 * disc_r
+    ):
+        r = 0.06 * size * rng.uniform(0.9, 1.2)
+        t = np.linspace(0, math.pi, 13)  # a flat top (blood settles) over a half-ellipse
+        blot.polygon(np.stack([x + 1.5 * r * np.cos(t), y + r * np.sin(t)], 1))
+    return (
+        red.array(),
+        blot.array(blur=0.004 * size),
+        yellow.array(blur=0.002 * size),
+        cotton.array(blur=0.012 * size),
+        fibrous.array(blur=0.02 * size),
+    )
+
+
+def render_fundus(
+    grade: int,
+    rng: np.random.Generator,
+    size: int = 512,
+    eye: str = "left",
+    *,
+    width: int | None = None,
+) -> np.ndarray:
+    """One synthetic fundus photograph of `grade` as a (size, width or size, 3) uint8 RGB array."""
+    if not 0 <= grade < NUM_CLASSES:
+        raise ValueError(f"grade must be 0-{NUM_CLASSES - 1}, got {grade}")
+    if eye not in EYES:
+        raise ValueError(f"eye must be one of {EYES}, got {eye!r}")
+    h, w = size, width or size
+    if w < h:
+        raise ValueError(f"width ({w}) must be at least size ({h})")
+
+    # Geometry: the retina leaves a black border in a square frame; in a wide frame it may be
+    # cut at top and bottom like raw camera photos, with wide black borders at the sides.
+    max_r = 0.47 if w == h else 0.53
+    retina_r = size * rng.uniform(0.42, max_r)
+    cx = w / 2 + rng.normal(0, 0.01 * size)
+    cy = h / 2 + rng.normal(0, 0.01 * size)
+    side = -1 if eye == "left" else 1
+    disc = (cx + side * retina_r * rng.uniform(0.38, 0.48), cy + rng.normal(0, 0.05 * retina_r))
+    disc_r = retina_r * rng.uniform(0.11, 0.13)
+    macula = (cx - side * retina_r * 0.05, cy + rng.normal(0, 0.03 * retina_r))
+
+    yy, xx = np.ogrid[0:h, 0:w]
+    xx = xx.astype(np.float32)
+    yy = yy.astype(np.float32)
+    r = np.hypot(xx - cx, yy - cy) / retina_r
+
+    # Background: tinted retina, vignetting, low-frequency texture, a darker macula.
+    tint = RETINA * rng.uniform(0.8, 1.12) * rng.uniform(0.92, 1.08, 3).astype(np.float32)
+    shade = np.clip(1.0 - 0.55 * r**2.5, 0.0, 1.0)
+    shade *= 1.0 + 0.07 * _smooth_noise(rng, h, w, 7)
+    d_mac = np.hypot(xx - macula[0], yy - macula[1]) / (0.16 * retina_r)
+    shade *= 1.0 - 0.3 * np.exp(-(d_mac**2))
+    img = shade[..., None] * tint
+
+    # Optic disc: a bright flat-topped spot in a faint glow, painted only in a window around it.
+    y0, y1 = max(0, int(disc[1] - 5 * disc_r)), min(h, int(disc[1] + 5 * disc_r) + 1)
+    x0, x1 = max(0, int(disc[0] - 5 * disc_r)), min(w, int(disc[0] + 5 * disc_r) + 1)
+    d = np.hypot(xx[:, x0:x1] - disc[0], yy[y0:y1] - disc[1]) / disc_r
+    glow = np.maximum(np.exp(-(d**4)), 0.25 * np.exp(-((d / 2.2) ** 2)))
+    _blend(img[y0:y1, x0:x1], glow, OPTIC_DISC * rng.uniform(0.9, 1.0), 0.95)
+
+    ss = 2 if size <= 256 else 1  # supersample the masks of small images
+    vessels = _Mask(h, w, ss)
+    _vessel_tree(vessels, rng, disc, disc_r, (cx, cy), retina_r, size, side)
+    _blend(img, vessels.array(), VESSEL, 0.8)
+
+    red, blot, yellow, cotton, fibrous = _lesions(
+        rng, grade, size, (cx, cy), retina_r, disc, disc_r, macula, (h, w), ss
+    )
+    _blend(img, fibrous, FIBROUS, 0.55)
+    _blend(img, cotton, COTTON_WOOL, 0.8)
+    _blend(img, blot, RED_LESION, 0.9)
+    _blend(img, red, RED_LESION, 0.9)
+    _blend(img, yellow, EXUDATE, 0.95)
+
+    img += rng.normal(0.0, 2.0, (h, w, 1)).astype(np.float32)  # sensor noise
+    edge = np.clip((1.0 - r) * retina_r / 1.5, 0.0, 1.0)  # anti-aliased rim, black outside
+    img *= edge[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def draw_grades(n: int, class_mix: Sequence[float], rng: np.random.Generator) -> list[int]:
+    """Grades for images `1_left, 1_right, 2_left, ...`: the eyes of a patient differ by at most 1.
+
+    With n >= 20 every grade appears at least twice (five patients get one grade each, both eyes).
+    """
+    p = np.asarray(class_mix, np.float64)
+    p = p / p.sum()
+    n_patients = (n + 1) // 2
+    left = rng.choice(NUM_CLASSES, size=n_patients, p=p)
+    # The other eye: a Metropolis step of +-1 from the first, which keeps the class mix exact.
+    proposal = left + rng.choice((-1, 0, 1), size=n_patients, p=(0.3, 0.4, 0.3))
+    valid = (proposal >= 0) & (proposal < NUM_CLASSES)
+    proposal = np.where(valid, proposal, left)
+    accept = rng.random(n_patients) < np.minimum(1.0, p[proposal] / p[left])
+    right = np.where(valid & accept, proposal, left)
+    if n >= 4 * NUM_CLASSES:
+        forced = rng.permutation(n // 2)[:NUM_CLASSES]  # patients with both eyes present
+        left[forced] = right[forced] = np.arange(NUM_CLASSES)
+    return [int(g) for g in np.stack([left, right], 1).ravel()[:n]]
+
+
+def image_ids(n: int) -> list[str]:
+    """EyePACS-style ids in pairs: 1_left, 1_right, 2_left, ..."""
+    return [f"{i // 2 + 1}_{EYES[i % 2]}" for i in range(n)]
+
+
+def patient_of(image_id: str) -> str:
+    return image_id.rsplit("_", 1)[0]
+
+
+def split_patients(items: Sequence[tuple[str, int]], test_fraction: float, rng) -> set[str]:
+    """Test patients: about `test_fraction` of them, spread evenly over the worst-eye grades."""
+    worst: dict[str, int] = {}
+    for image_id, grade in items:
+        p = patient_of(image_id)
+        worst[p] = max(worst.get(p, 0), grade)
+    patients = list(worst)
+    n_test = round(test_fraction * len(patients))
+    if test_fraction > 0 and len(patients) >= 2:
+        n_test = min(max(n_test, 1), len(patients) - 1)
+    if n_test == 0:
+        return set()
+    order = sorted(range(len(patients)), key=lambda i: (worst[patients[i]], rng.random()))
+    picks = ((np.arange(n_test) + rng.random()) * len(patients) / n_test).astype(int)
+    return {patients[order[i]] for i in picks}
+
+
+def _check_options(n, size, layout, width, class_mix, test_fraction) -> None:
+    if n < 2:
+        raise UserError(f"--n must be at least 2 (one left/right pair), got {n}")
+    if size < MIN_SIZE:
+        raise UserError(f"--size must be at least {MIN_SIZE} px, got {size}")
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if width is not None and width < size:
+        raise UserError(f"--width ({width}) must be at least --size ({size})")
+    if len(class_mix) != NUM_CLASSES or min(class_mix) < 0 or sum(class_mix) <= 0:
+        raise UserError(f"class_mix must be {NUM_CLASSES} non-negative weights, got {class_mix}")
+    if not 0 <= test_fraction < 1:
+        raise UserError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to {path}: {err.strerror or err}") from None
+    return path
+
+
+def _write_lines(path: Path, values) -> None:
+    path.write_text("".join(f"{v}\n" for v in values))
+
+
+def generate(
+    out_dir,
+    n: int = 200,
+    size: int = 512,
+    layout: str = "lab",
+    seed: int = 0,
+    class_mix=EYEPACS_CLASS_MIX,
+    test_fraction: float = 0.2,
+    width: int | None = None,
+    *,
+    progress: bool = False,
+) -> list[tuple[str, int]]:
+    """Write n synthetic fundus JPEGs and their labels in `layout`; return (image_id, grade) for all."""
+    _check_options(n, size, layout, width, class_mix, test_fraction)
+    out = Path(out_dir)
+    image_dir = _writable_dir(out / ("train" if layout == "kaggle" else "images"))
+
+    ids = image_ids(n)
+    items = list(zip(ids, draw_grades(n, class_mix, np.random.default_rng([seed, 0])), strict=True))
+    jobs = list(enumerate(items))
+    if progress:
+        from rich.progress import track
+
+        jobs = track(jobs, description=f"rendering {n} images", transient=True)
+    for i, (image_id, grade) in jobs:
+        eye = image_id.rsplit("_", 1)[1]
+        pixels = render_fundus(grade, np.random.default_rng([seed, 1, i]), size, eye, width=width)
+        Image.fromarray(pixels).save(image_dir / f"{image_id}.jpeg", "JPEG", quality=JPEG_QUALITY)
+
+    if layout == "kaggle":
+        _write_lines(out / "trainLabels.csv", ["image,level", *(f"{i},{g}" for i, g in items)])
+    else:
+        test = split_patients(items, test_fraction, np.random.default_rng([seed, 2]))
+        for split in ("train", "test"):
+            rows = [(i, g) for i, g in items if (patient_of(i) in test) == (split == "test")]
+            _write_lines(out / f"{split}_img.csv", [i for i, _ in rows])
+            _write_lines(out / f"{split}_label.csv", [g for _, g in rows])
+    return items
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2 through run_cli, not argparse's usage dump
+        raise UserError(message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="output folder (created)")
+    parser.add_argument("--n", type=int, default=200, help="number of images (default 200)")
+    parser.add_argument("--size", type=int, default=512, help="image height in px (default 512)")
+    parser.add_argument(
+        "--width", type=int, default=None, help="image width in px (default: square)"
+    )
+    parser.add_argument("--layout", default="lab", help="lab or kaggle (default lab)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.2, help="lab layout: share of patients in test"
+    )
+    args = parser.parse_args(argv)
+
+    items = generate(
+        args.out_dir,
+        n=args.n,
+        size=args.size,
+        layout=args.layout,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        width=args.width,
+        progress=True,
+    )
+    counts = np.bincount([g for _, g in items], minlength=NUM_CLASSES)
+    per_grade = ", ".join(f"{g}: {c}" for g, c in enumerate(counts))
+    frame = f"{args.width or args.size}x{args.size}"
+    print(
+        f"wrote {len(items)} {frame} images (per grade {per_grade}) to {os.fspath(args.out_dir)} ({args.layout} layout)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
