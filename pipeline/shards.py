@@ -29,10 +29,8 @@ start, by sha256 when asked).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tarfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +47,7 @@ from pipeline.constants import (
 from pipeline.errors import UserError
 
 TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tar writes whole records of 20 blocks
 INDEX_VERSION = "v1.2"
 MAX_KEY_BYTES = 90  # + ".jpg" stays inside the 100-byte name field of a tar header
 
@@ -106,13 +105,29 @@ def _check_key(key: str) -> None:
         raise ValueError(f"shard key {key[:20]!r}... is longer than {MAX_KEY_BYTES} bytes")
 
 
+def _gnu_header(name: bytes, size: int) -> bytes:
+    """A GNU tar header for a regular file, byte for byte what ``tarfile`` writes with
+    ``GNU_FORMAT``, mode 0644, owner 0/0 and mtime 0 (so the same inputs give the same bytes)."""
+    header = bytearray(TAR_BLOCK)
+    header[: len(name)] = name
+    header[100:136] = b"0000644\x000000000\x000000000\x00%011o\x00" % size
+    header[136:148] = b"00000000000\x00"  # mtime
+    header[148:156] = b"        "  # the checksum field counts as spaces while summing
+    header[156:157] = b"0"  # regular file
+    header[257:265] = b"ustar  \x00"  # GNU magic
+    header[148:156] = b"%06o\x00 " % sum(header)
+    return bytes(header)
+
+
 def write_shard(
-    tar_path: Path, samples: Iterable[tuple[str, bytes, int]]
+    tar_path: Path, samples: Iterable[tuple[str, bytes, int]], fsync: bool = True
 ) -> ShardInfo:
     """Write ``(key, jpeg_bytes, label)`` samples to a GNU tar with its DALI index beside it.
 
-    Both files appear under their final names only when complete (temp name, fsync,
-    rename; the tar last), so an interrupted run never leaves a shard that looks whole.
+    Both files appear under their final names only when complete (temp name, rename; the
+    tar last), so an interrupted run never leaves a shard that looks whole. ``fsync=False``
+    leaves flushing to the caller (``fsync_files``), much cheaper done once for many
+    shards than once per shard.
     """
     tar_path = Path(tar_path)
     idx_path = tar_path.with_suffix(INDEX_SUFFIX)
@@ -120,65 +135,58 @@ def write_shard(
     tmp_idx = idx_path.with_name(f".{idx_path.name}.partial")
     lines: list[str] = []
     digest = hashlib.sha256()
+    offset = 0
     try:
-        with open(tmp_tar, "wb") as raw:
-            hashing = _HashingWriter(raw, digest)
-            with tarfile.open(fileobj=hashing, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                for key, data, label in samples:
-                    _check_key(key)
-                    parts = []
-                    for ext, payload in ((IMAGE_EXT, data), (LABEL_EXT, str(int(label)).encode())):
-                        name = f"{key}.{ext}"
-                        info = tarfile.TarInfo(name)
-                        info.size = len(payload)
-                        info.mode = 0o644
-                        info.mtime = 0  # same inputs, same bytes
-                        tar.addfile(info, io.BytesIO(payload))
-                        data_offset = tar.offset - _padded(len(payload))
-                        parts.append(f"{ext} {data_offset} {len(payload)} {name}")
-                    lines.append(" ".join(parts))
-            raw.flush()
-            os.fsync(raw.fileno())
-        if not lines:
-            raise ValueError(f"refusing to write an empty shard {tar_path.name}")
+        with open(tmp_tar, "wb") as f:
+            for key, data, label in samples:
+                _check_key(key)
+                parts = []
+                for ext, payload in ((IMAGE_EXT, data), (LABEL_EXT, b"%d" % int(label))):
+                    name = f"{key}.{ext}"
+                    size = len(payload)
+                    block = b"".join((_gnu_header(name.encode(), size), payload, bytes(_padded(size) - size)))
+                    digest.update(block)
+                    f.write(block)
+                    parts.append(f"{ext} {offset + TAR_BLOCK} {size} {name}")
+                    offset += len(block)
+                lines.append(" ".join(parts))
+            if not lines:
+                raise ValueError(f"refusing to write an empty shard {tar_path.name}")
+            # two zero blocks end the archive, padded to a whole record as tar does
+            end = bytes(_padded_record(offset + 2 * TAR_BLOCK) - offset)
+            digest.update(end)
+            f.write(end)
+            offset += len(end)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         with open(tmp_idx, "w") as f:
-            f.write(f"{INDEX_VERSION} {len(lines)}\n")
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            f.write(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp_idx, idx_path)
         os.replace(tmp_tar, tar_path)
     finally:
         for tmp in (tmp_tar, tmp_idx):
             tmp.unlink(missing_ok=True)
     return ShardInfo(
-        file=tar_path.name,
-        index=idx_path.name,
-        samples=len(lines),
-        bytes=tar_path.stat().st_size,
-        sha256=digest.hexdigest(),
+        file=tar_path.name, index=idx_path.name, samples=len(lines), bytes=offset, sha256=digest.hexdigest()
     )
 
 
-class _HashingWriter(io.RawIOBase):
-    """A write-only file object that hashes what passes through it."""
+def _padded_record(size: int) -> int:
+    return (size + TAR_RECORD - 1) // TAR_RECORD * TAR_RECORD
 
-    def __init__(self, raw, digest):
-        self._raw = raw
-        self._digest = digest
-        self._pos = 0
 
-    def writable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def write(self, b) -> int:
-        self._digest.update(b)
-        n = self._raw.write(b)
-        self._pos += n
-        return n
+def fsync_files(paths: Iterable[Path]) -> None:
+    """Flush written files to disk (after the first, the rest cost little)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_manifest(root: Path, manifest: dict) -> Path:

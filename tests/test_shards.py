@@ -81,3 +81,25 @@ def test_read_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(UserError, match="format version"):
         read_manifest(tmp_path)
+
+
+def test_bytes_equal_tarfile_gnu_format(tmp_path):
+    """The hand-built headers are what Python's tarfile writes in GNU format."""
+    import io
+    import tarfile
+
+    samples = [("10_left", b"\xff\xd8" + bytes(range(256)) * 7, 3), ("10_right", b"\xff\xd8x", 0)]
+    info = write_shard(tmp_path / "train-000000.tar", samples, fsync=False)
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for key, data, label in samples:
+            for name, payload in ((f"{key}.jpg", data), (f"{key}.cls", str(label).encode())):
+                member = tarfile.TarInfo(name)
+                member.size, member.mode, member.mtime = len(payload), 0o644, 0
+                tar.addfile(member, io.BytesIO(payload))
+    written = (tmp_path / "train-000000.tar").read_bytes()
+    assert written == ref.getvalue()
+    assert info.bytes == len(written)
+    import hashlib
+
+    assert info.sha256 == hashlib.sha256(written).hexdigest()

@@ -1,0 +1,427 @@
+"""Pack a data folder into WebDataset shards: ``pack(PackConfig(data_dir, out_dir))``.
+
+The steps, in order:
+
+1. read the source layout (``pipeline.sources``), split kaggle/generic samples by patient;
+2. order the samples: train in a seeded shuffle (DALI only shuffles inside a buffer, so
+   the order on disk matters), test sorted by key; cut them into chunks of ``shard_size``,
+   chunk ``i`` of a split becomes ``<split>-<i>.tar``;
+3. prepare each image (``pipeline.preprocess``): files already ``size`` x ``size`` baseline
+   JPEGs are read as they are in this process, the others are decoded in a process pool,
+   a bounded number of tasks ahead, so memory stays flat whatever the dataset size;
+4. write each shard atomically with ``pipeline.shards.write_shard``, then ``rejects.csv``;
+   fsync the shards once all are written, then write ``manifest.json`` last.
+
+The manifest of an earlier run is deleted first, so a folder being rebuilt never has one
+that lies. A rerun reuses each shard whose inputs (ids, labels, file size and mtime) and
+settings are unchanged and whose bytes still match, from a small record kept beside the
+shards (``.progress.json``); anything else is rebuilt, and shards of the earlier run that
+are not part of the new one are removed. The same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import os
+import re
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import PIL
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pipeline.constants import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_SHARD_SIZE,
+    INDEX_SUFFIX,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    NUM_CLASSES,
+    REJECTS_NAME,
+    SHARD_NAME,
+    SPLITS,
+)
+from pipeline.errors import UserError
+from pipeline.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
+from pipeline.shards import ShardInfo, file_sha256, fsync_files, split_entry, write_manifest, write_shard
+from pipeline.sources import Sample, assign_splits, patients_in_both, read_source
+
+PROGRESS_NAME = ".progress.json"
+PREPROCESS_VERSION = 1  # bump when preprocessing changes, so reruns rebuild every shard
+TASK_SIZE = 8  # images per pool task
+TASKS_AHEAD = 4  # tasks in flight per worker
+_SHARD_FILE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}(\.tar|{re.escape(INDEX_SUFFIX)})$")  # SHARD_NAME
+
+
+@dataclass
+class PackConfig:
+    data_dir: Path
+    out_dir: Path
+    size: int = DEFAULT_IMAGE_SIZE
+    shard_size: int = DEFAULT_SHARD_SIZE
+    workers: int | None = None  # None: every core
+    seed: int = 0
+    test_fraction: float = 0.2
+    graham: bool = False
+    strict: bool = False
+    labels: Path | None = None
+    quiet: bool = False
+
+
+@dataclass
+class PackResult:
+    manifest: dict
+    rejects: list[tuple[str, str]]
+    counts: dict[str, list[int]]  # split -> packed samples per grade
+    reused_shards: int
+
+
+@dataclass
+class _Chunk:
+    split: str
+    file: str
+    samples: list[Sample]
+    fingerprint: str
+
+
+def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
+    """Build the shard folder ``cfg.out_dir`` from ``cfg.data_dir``; UserError on bad input."""
+    console = console or Console()
+    _check_config(cfg)
+    if not cfg.quiet:
+        console.print(f"[bold]make_shards[/] {_config_dict(cfg)}")
+    source = read_source(cfg.data_dir, cfg.labels)
+    out = _open_out_dir(Path(cfg.out_dir))
+    samples = assign_splits(source.samples, cfg.test_fraction, cfg.seed)
+    rejects = list(source.rejects)
+    if cfg.strict and rejects:  # no point preparing images for a run that will fail
+        _write_rejects(out, rejects)
+        raise _strict_error(rejects, out)
+
+    chunks = plan_chunks(samples, cfg.shard_size, cfg.seed, _settings(cfg))
+    record = _load_record(out)
+    reusable = {c.file for c in chunks if _can_reuse(out, record.get(c.file), c.fingerprint)}
+    todo = (s for c in chunks if c.file not in reusable for s in c.samples)
+
+    shards: dict[str, list[ShardInfo]] = {split: [] for split in SPLITS}
+    counts = {split: [0] * NUM_CLASSES for split in SPLITS}
+    new_record: dict[str, dict] = {}
+    workers = cfg.workers or os.cpu_count() or 1
+    with _Preparer(cfg.size, cfg.graham, workers) as preparer, _progress(console, cfg.quiet) as bar:
+        task = bar.add_task("packing", total=len(samples))
+        prepared = preparer.run(todo)
+        for chunk in chunks:
+            bar.update(task, description=f"packing {chunk.file}")
+            if chunk.file in reusable:
+                entry = new_record[chunk.file] = record[chunk.file]
+            else:
+                entry = new_record[chunk.file] = _write_chunk(out / chunk.file, chunk, prepared)
+                _save_record(out, {**record, **new_record})  # an interrupted run resumes here
+            if entry["shard"] is not None:
+                shards[chunk.split].append(ShardInfo(**entry["shard"]))
+            counts[chunk.split] = [a + b for a, b in zip(counts[chunk.split], entry["class_counts"], strict=True)]
+            rejects.extend((key, reason) for key, reason in entry["rejects"])
+            bar.advance(task, len(chunk.samples))
+
+    _remove_stale(out, keep={name for s in shards.values() for i in s for name in (i.file, i.index)})
+    _save_record(out, new_record)
+    _write_rejects(out, rejects)
+    if cfg.strict and rejects:
+        raise _strict_error(rejects, out)
+    if not any(shards.values()):
+        raise UserError(f"no image could be packed; see {out / REJECTS_NAME} for the reasons")
+
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "layout": source.layout,
+            "path": str(source.root),
+            "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
+        },
+        "preprocess": _settings(cfg),
+        "image_size": cfg.size,
+        "seed": cfg.seed,
+        "splits": {split: split_entry(shards[split], counts[split]) for split in SPLITS},
+        "rejected": len(rejects),
+        "rejected_by_reason": dict(sorted(Counter(reason_kind(r) for _, r in rejects).items())),
+        "patients_in_both_splits": patients_in_both(samples),
+        "config": _config_dict(cfg),
+    }
+    # the shards reach the disk before the manifest that vouches for them
+    fsync_files(out / name for s in shards.values() for i in s for name in (i.file, i.index))
+    write_manifest(out, manifest)
+    result = PackResult(manifest, rejects, counts, reused_shards=len(reusable))
+    console.print(summary_table(result, out))
+    return result
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_chunks(samples: list[Sample], shard_size: int, seed: int, settings: dict) -> list[_Chunk]:
+    """Train in a seeded shuffled order, test sorted by key; ``shard_size`` samples a chunk."""
+    chunks = []
+    for split in SPLITS:
+        members = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
+        if split == "train":
+            order = np.random.default_rng([seed, 1]).permutation(len(members))
+            members = [members[i] for i in order]
+        for index, start in enumerate(range(0, len(members), shard_size)):
+            part = members[start : start + shard_size]
+            name = SHARD_NAME.format(split=split, index=index)
+            chunks.append(_Chunk(split, name, part, _fingerprint(part, settings)))
+    return chunks
+
+
+def _fingerprint(samples: list[Sample], settings: dict) -> str:
+    rows = []
+    for s in samples:
+        try:
+            st = s.path.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = (-1, -1)
+        rows.append((s.key, s.label, str(s.path), *stamp))
+    return hashlib.sha256(json.dumps([settings, rows]).encode()).hexdigest()
+
+
+def _settings(cfg: PackConfig) -> dict:
+    """Everything that decides a shard's bytes besides its inputs."""
+    return {
+        "size": cfg.size,
+        "graham": cfg.graham,
+        "crop_border": True,
+        "pass_through": not cfg.graham,
+        "jpeg_quality": JPEG_QUALITY,
+        "pillow": PIL.__version__,
+        "version": PREPROCESS_VERSION,
+    }
+
+
+# ---------------------------------------------------------------- preparing images
+
+
+def _prepare_task(paths: list[str], size: int, graham: bool) -> list[tuple[bytes | None, str | None]]:
+    """Pool task: (jpeg bytes, None) or (None, reason) per path."""
+    out = []
+    for path in paths:
+        try:
+            out.append((prepare(path, size, graham=graham, force=True), None))
+        except BadImage as err:
+            out.append((None, err.reason))
+        except Exception as err:  # a file PIL chokes on in a way of its own: reject, go on
+            out.append((None, f"unreadable ({type(err).__name__}: {err})"))
+    return out
+
+
+class _Preparer:
+    """Prepared bytes for a stream of samples, in order, with a bounded number in flight.
+
+    Pass-through files are read here; the rest go to a process pool (started on first
+    use, spawned so that no thread state of the caller is forked).
+    """
+
+    def __init__(self, size: int, graham: bool, workers: int):
+        self.size, self.graham, self.workers = size, graham, workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _Preparer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, paths: list[str]) -> Future | list:
+        if self.workers <= 1:
+            return _prepare_task(paths, self.size, self.graham)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        return self._pool.submit(_prepare_task, paths, self.size, self.graham)
+
+    def run(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, bytes | None, str | None]]:
+        pending: deque = deque()
+        for batch in _batched(samples, TASK_SIZE):
+            ready = [None if self.graham else passthrough_bytes(s.path, self.size) for s in batch]
+            paths = [str(s.path) for s, data in zip(batch, ready, strict=True) if data is None]
+            pending.append((batch, ready, self._submit(paths) if paths else []))
+            while len(pending) > self.workers * TASKS_AHEAD:
+                yield from _resolve(*pending.popleft())
+        while pending:
+            yield from _resolve(*pending.popleft())
+
+
+def _resolve(batch, ready, work) -> Iterator[tuple[Sample, bytes | None, str | None]]:
+    results = iter(work.result() if isinstance(work, Future) else work)
+    for sample, data in zip(batch, ready, strict=True):
+        yield (sample, data, None) if data is not None else (sample, *next(results))
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_chunk(path: Path, chunk: _Chunk, prepared: Iterator) -> dict:
+    """Write one shard from the next ``len(chunk.samples)`` prepared samples; its record entry."""
+    counts = [0] * NUM_CLASSES
+    rejects: list[tuple[str, str]] = []
+
+    def accepted():
+        for expected in chunk.samples:
+            sample, data, reason = next(prepared)
+            assert sample is expected, "prepared samples out of order"
+            if data is None:
+                rejects.append((sample.key, reason))
+                continue
+            counts[sample.label] += 1
+            yield sample.key, data, sample.label
+
+    samples = accepted()
+    first = next(samples, None)
+    info = None
+    if first is not None:  # a chunk whose every image was rejected writes no shard
+        info = write_shard(path, itertools.chain([first], samples), fsync=False)
+    return {
+        "fingerprint": chunk.fingerprint,
+        "shard": asdict(info) if info else None,
+        "index_sha256": file_sha256(path.with_suffix(INDEX_SUFFIX)) if info else None,
+        "class_counts": counts,
+        "rejects": rejects,
+    }
+
+
+def _can_reuse(out: Path, entry: dict | None, fingerprint: str) -> bool:
+    """Whether an earlier run's shard was made from the same inputs and is still intact."""
+    if not entry or entry.get("fingerprint") != fingerprint:
+        return False
+    shard = entry.get("shard")
+    if shard is None:
+        return True
+    tar, idx = out / shard["file"], out / shard["index"]
+    try:
+        if tar.stat().st_size != shard["bytes"] or not idx.is_file():
+            return False
+        return file_sha256(tar) == shard["sha256"] and file_sha256(idx) == entry["index_sha256"]
+    except (OSError, KeyError):
+        return False
+
+
+def _load_record(out: Path) -> dict:
+    try:
+        record = json.loads((out / PROGRESS_NAME).read_text())
+        return record["shards"] if record.get("version") == PREPROCESS_VERSION else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _save_record(out: Path, shards: dict) -> None:
+    path = out / PROGRESS_NAME
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps({"version": PREPROCESS_VERSION, "shards": shards}))
+    os.replace(tmp, path)
+
+
+def _open_out_dir(out: Path) -> Path:
+    """Create the output folder, check that it is writable, remove what would mislead."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        for leftover in out.glob(".*.partial"):  # from a run that was killed
+            leftover.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to output folder {out}: {err.strerror or err}") from None
+    return out.resolve()
+
+
+def _remove_stale(out: Path, keep: set[str]) -> None:
+    for path in out.iterdir():
+        if _SHARD_FILE.match(path.name) and path.name not in keep:
+            path.unlink()
+
+
+def _write_rejects(out: Path, rejects: list[tuple[str, str]]) -> None:
+    path = out / REJECTS_NAME
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "reason"])
+        writer.writerows(rejects)
+    os.replace(tmp, path)
+
+
+def _strict_error(rejects: list, out: Path) -> UserError:
+    n = len(rejects)
+    return UserError(f"{n} input{'s were' if n != 1 else ' was'} rejected (--strict), see {out / REJECTS_NAME}")
+
+
+def _check_config(cfg: PackConfig) -> None:
+    if cfg.size < 16:
+        raise UserError(f"--size must be at least 16 px, got {cfg.size}")
+    if cfg.shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {cfg.workers}")
+    if not 0 <= cfg.test_fraction < 1:
+        raise UserError(f"--test-fraction must be in [0, 1), got {cfg.test_fraction}")
+
+
+def _config_dict(cfg: PackConfig) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def reason_kind(reason: str) -> str:
+    """``bad label: '7' is not ...`` -> ``bad label``; ``too large (9x9 pixels)`` -> ``too large``."""
+    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
+
+
+def _progress(console: Console, quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=True,
+    )
+
+
+def summary_table(result: PackResult, out: Path) -> Table:
+    """Packed samples per split and grade, shards per split, rejects by reason."""
+    table = Table(title=f"shards in {out}")
+    table.add_column("split")
+    for grade in range(NUM_CLASSES):
+        table.add_column(f"grade {grade}", justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("shards", justify="right")
+    for split in SPLITS:
+        entry = result.manifest["splits"][split]
+        table.add_row(split, *map(str, entry["class_counts"]), str(entry["samples"]), str(len(entry["shards"])))
+    for kind, n in result.manifest["rejected_by_reason"].items():
+        table.add_row(f"rejected: {kind}", *[""] * NUM_CLASSES, str(n), "", style="red")
+    if result.reused_shards:
+        table.caption = f"{result.reused_shards} shard(s) reused from an earlier run"
+    return table
