@@ -1,0 +1,227 @@
+"""The DALI backends: ``dali-gpu`` (decode "mixed", augment on the GPU) and ``dali-cpu``.
+
+The reader (``read_shards``) is apart from the processing (``decode_and_augment``); the
+``@pipeline_def`` builders join them. Each epoch builds a fresh pipeline seeded from
+(seed, epoch, rank), so an epoch's batches depend only on those -- ``set_epoch`` after a
+resume gives the same batches as the first run -- and a train epoch can stop after its
+``steps`` batches without leaving a half-read epoch in the reader.
+
+Slicing: ``shard_id``/``num_shards`` give rank r the samples ``[r*N//w, (r+1)*N//w)``
+(``pipeline.loader.rank_range``; checked against DALI in the tests). With
+``pad_last_batch=True`` the reader pads the rank's slice with copies of its last
+sample; eval drops that padding using the rank's exact share, train stops before it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from pipeline.augment import GREY_WEIGHTS, AugmentConfig
+from pipeline.constants import IMAGE_EXT, IMAGENET_MEAN, IMAGENET_STD, LABEL_EXT
+from pipeline.errors import UserError
+from pipeline.loader import Loader, LoaderSpec, rank_range
+
+READER = "shards"
+SHUFFLE_FILL = 1024  # DALI's shuffle buffer (undecoded samples); shards are pre-shuffled on disk
+# nvJPEG on the GPU: share of each batch sent to the hardware decoder (A100/H100 have one),
+# and allocation padding so ~512x512 RGB images (0.75 MiB decoded) never reallocate.
+HW_DECODER_LOAD = 0.65
+DEVICE_MEMORY_PADDING = 64 << 20
+HOST_MEMORY_PADDING = 16 << 20
+
+
+def read_shards(files, indexes, *, shard_id: int, num_shards: int, shuffle: bool):
+    """(jpegs, cls) from the split's tars, this rank's slice, padded to whole batches."""
+    return fn.readers.webdataset(
+        paths=files,
+        index_paths=indexes,
+        ext=[IMAGE_EXT, LABEL_EXT],
+        missing_component_behavior="error",
+        shard_id=shard_id,
+        num_shards=num_shards,
+        stick_to_shard=True,  # the slice is chosen per epoch by the loader, not rotated by DALI
+        pad_last_batch=True,
+        random_shuffle=shuffle,
+        initial_fill=SHUFFLE_FILL,
+        name=READER,
+    )
+
+
+def decode(jpegs, *, gpu: bool, size_hint: int, crop_area: float = 0.0):
+    """Decode to uint8 RGB HWC (on the GPU when ``gpu``), optionally a random square crop."""
+    opts = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
+    if gpu:
+        opts.update(
+            hw_decoder_load=HW_DECODER_LOAD,
+            device_memory_padding=DEVICE_MEMORY_PADDING,
+            host_memory_padding=HOST_MEMORY_PADDING,
+            preallocate_width_hint=size_hint,
+            preallocate_height_hint=size_hint,
+        )
+    if crop_area > 0:
+        return fn.decoders.image_random_crop(
+            jpegs, random_area=[1.0 - crop_area, 1.0], random_aspect_ratio=[1.0, 1.0], num_attempts=16, **opts
+        )
+    return fn.decoders.image(jpegs, **opts)
+
+
+def grey_mean(images, gpu: bool):
+    """Per-image mean of the luma (torchvision's contrast centre), as a CPU argument input."""
+    mean = fn.reductions.mean(images, axes=[0, 1], dtype=types.FLOAT)
+    grey = mean[0] * GREY_WEIGHTS[0] + mean[1] * GREY_WEIGHTS[1] + mean[2] * GREY_WEIGHTS[2]
+    return grey.cpu() if gpu else grey
+
+
+def decode_and_augment(jpegs, *, gpu: bool, size: int, stored_size: int, augment: AugmentConfig | None,
+                       channels_last: bool):
+    """JPEG bytes -> float normalised images; the steps and order of ``pipeline.augment``."""
+    aug = augment or AugmentConfig(hflip=False, vflip=False)
+    images = decode(jpegs, gpu=gpu, size_hint=stored_size, crop_area=aug.scale)
+    if aug.scale > 0 or size != stored_size:
+        images = fn.resize(images, size=[size, size], antialias=True)
+    if aug.rotate > 0:
+        angle = fn.random.uniform(range=[-aug.rotate, aug.rotate])
+        images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0)
+    if aug.vflip:
+        images = fn.flip(images, horizontal=0, vertical=fn.random.coin_flip(probability=0.5))
+    if aug.color > 0:
+        low, high = 1.0 - aug.color, 1.0 + aug.color
+        images = fn.brightness_contrast(
+            images,
+            brightness=fn.random.uniform(range=[low, high]),
+            contrast=fn.random.uniform(range=[low, high]),
+            contrast_center=grey_mean(images, gpu),
+        )
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="HWC" if channels_last else "CHW",
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        mirror=fn.random.coin_flip(probability=0.5) if aug.hflip else 0,
+    )
+
+
+@pipeline_def
+def shard_pipeline(files, indexes, *, shard_id, num_shards, train, gpu, size, stored_size, augment,
+                   channels_last, with_keys):
+    jpegs, cls = read_shards(files, indexes, shard_id=shard_id, num_shards=num_shards, shuffle=train)
+    images = decode_and_augment(
+        jpegs, gpu=gpu, size=size, stored_size=stored_size, augment=augment if train else None,
+        channels_last=channels_last,
+    )
+    labels = fn.cast(cls, dtype=types.INT64) - ord("0")  # grades are one ASCII digit
+    if with_keys:
+        return images, labels, fn.get_property(jpegs, key="source_info")
+    return images, labels
+
+
+@pipeline_def
+def decode_only_pipeline(files, indexes, *, gpu, size_hint):
+    """Reader + decode, nothing else: the decode limit that ``tools/bench_loader.py`` reports."""
+    jpegs, cls = read_shards(files, indexes, shard_id=0, num_shards=1, shuffle=False)
+    return decode(jpegs, gpu=gpu, size_hint=size_hint), cls
+
+
+def pipeline_kwargs(spec: LoaderSpec, seed: int) -> dict:
+    """The Pipeline arguments: CPU-only (``device_id=None``) unless the target is a GPU."""
+    gpu = spec.device.type == "cuda"
+    return {
+        "batch_size": spec.batch_size,
+        "num_threads": max(1, spec.workers),
+        "device_id": spec.device.index if gpu else None,
+        "seed": seed,
+        "prefetch_queue_depth": 2,
+        "exec_dynamic": True,  # needed for the GPU->CPU contrast centre
+    }
+
+
+def reader_slice(total: int, slice_id: int, world: int) -> tuple[int, int]:
+    """(shard_id, num_shards) for DALI's reader: the slice ``rank_range(total, slice_id, world)``.
+
+    DALI refuses more shards than samples; with ``world > total`` every non-empty slice is
+    one sample, ``[lo, lo + 1)``, which is DALI's shard ``lo`` of ``total``.
+    """
+    if world <= total:
+        return slice_id, world
+    return rank_range(total, slice_id, world)[0], total
+
+
+def source_key(info: np.ndarray) -> str:
+    """``path:offset:key.jpg`` (DALI's source_info) -> ``key``."""
+    name = bytes(info).decode().rsplit(":", 1)[-1]
+    return name[: -len(IMAGE_EXT) - 1]
+
+
+class DaliLoader(Loader):
+    def __init__(self, spec: LoaderSpec, with_keys: bool = False):
+        super().__init__(spec, with_keys)
+        self.gpu = spec.device.type == "cuda"
+        self.backend = "dali-gpu" if self.gpu else "dali-cpu"
+        self.files = [str(p) for p in spec.manifest.tar_paths(spec.split)]
+        self.indexes = [str(p) for p in spec.manifest.index_paths(spec.split)]
+
+    def build_pipeline(self, epoch: int):
+        spec = self.spec
+        seed = int(np.random.SeedSequence(spec.seed_for(epoch)).generate_state(1)[0] & 0x7FFFFFFF)
+        shard_id, num_shards = reader_slice(spec.total, spec.slice_id(epoch), spec.world_size)
+        pipe = shard_pipeline(
+            self.files, self.indexes, shard_id=shard_id, num_shards=num_shards,
+            train=spec.train, gpu=self.gpu, size=spec.image_size, stored_size=spec.manifest.image_size,
+            augment=spec.augment, channels_last=spec.channels_last, with_keys=self.with_keys,
+            **pipeline_kwargs(spec, seed),
+        )
+        pipe.build()
+        return pipe
+
+    def _run_epoch(self, epoch: int) -> Iterator:
+        spec = self.spec
+        lo, hi = spec.slice_range(epoch)
+        if hi == lo:  # more ranks than samples: this rank has nothing to evaluate
+            return
+        steps = spec.steps if spec.train else math.ceil((hi - lo) / spec.batch_size)
+        pipe = None
+        try:
+            pipe = self.build_pipeline(epoch)
+            for step in range(steps):
+                outputs = pipe.run()
+                keep = min(spec.batch_size, hi - lo - step * spec.batch_size)  # drops the padding
+                images, labels = self.to_torch(outputs[0], outputs[1])
+                images, labels = self.normalize(images[:keep], labels[:keep])
+                if self.with_keys:
+                    yield images, labels, [source_key(np.asarray(outputs[2][i])) for i in range(keep)]
+                else:
+                    yield images, labels
+        except RuntimeError as err:
+            raise UserError(self.explain(err, lo, hi)) from None
+        finally:
+            del pipe
+
+    def to_torch(self, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """DALI's batch as torch tensors (on the GPU copied on torch's stream, to order it with torch's work)."""
+        images = images.as_tensor()
+        if self.gpu:
+            out = torch.empty(images.shape(), dtype=torch.float32, device=self.spec.device)
+            feed_ndarray(images, out, cuda_stream=torch.cuda.current_stream(self.spec.device))
+        else:  # the dynamic executor hands its output buffers over: no copy needed
+            out = torch.from_dlpack(images)
+        if self.spec.channels_last:
+            out = out.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
+        return out, torch.from_numpy(np.array(labels.as_tensor()).reshape(-1))
+
+    def explain(self, err: RuntimeError, lo: int, hi: int) -> str:
+        """One sentence for a DALI failure: find the unreadable sample of this rank's slice."""
+        from pipeline.torch_loader import find_bad_sample
+
+        bad = find_bad_sample(self.spec.manifest.root, self.spec.samples(lo, hi))
+        if bad:
+            return bad
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        detail = next((ln for ln in reversed(lines) if "no longer valid" not in ln), "unknown error")
+        return f"DALI failed reading split '{self.spec.split}' of {self.spec.manifest.root}: {detail}"

@@ -1,0 +1,184 @@
+"""The torch backend: tar slices read sequentially + torchvision v2 in DataLoader workers.
+
+Runs wherever torch does (no DALI needed). The rank's exact slice of the split (see
+``pipeline/loader.py``) is cut into chunks of consecutive samples of one shard; train
+shuffles the chunk order per (seed, epoch) and then samples inside a webdataset shuffle
+buffer. Chunks are dealt to workers round-robin (split by worker); a worker reads a
+chunk with one sequential read using the ``.idx`` offsets, decodes and augments each
+image as uint8, and yields uint8 batches. The main process tops up the workers' last,
+partial batches into full ones, moves them to the device and normalises there.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+try:  # libjpeg-turbo straight to a CHW tensor; deprecated in torchvision 0.29 in favour of torchcodec
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    decode_jpeg = None
+
+from pipeline.augment import TorchTransform
+from pipeline.errors import UserError
+from pipeline.loader import Loader, LoaderSpec, SampleRef
+
+CHUNK_SAMPLES = 16  # consecutive samples read with one call; the unit of shuffling and of work
+SHUFFLE_BUFFER = 256  # undecoded samples (~100 KB each at 512 px) per worker
+
+
+def chunked(refs: list[SampleRef], size: int = CHUNK_SAMPLES) -> list[list[SampleRef]]:
+    """Consecutive runs of at most ``size`` samples, never straddling two shards."""
+    chunks: list[list[SampleRef]] = []
+    for ref in refs:
+        if chunks and len(chunks[-1]) < size and chunks[-1][-1].shard == ref.shard:
+            chunks[-1].append(ref)
+        else:
+            chunks.append([ref])
+    return chunks
+
+
+def read_chunk(root, chunk: list[SampleRef]) -> Iterator[tuple[SampleRef, memoryview, int]]:
+    """``(ref, jpeg bytes, grade)`` for each sample of a chunk, from one sequential read."""
+    shard = chunk[0].shard
+    start = min(min(r.jpg[0], r.cls[0]) for r in chunk)
+    end = max(max(r.jpg[0] + r.jpg[1], r.cls[0] + r.cls[1]) for r in chunk)
+    buf = bytearray(end - start)
+    try:
+        with open(root / shard, "rb") as f:
+            f.seek(start)
+            got = f.readinto(buf)
+    except OSError as err:
+        raise UserError(f"cannot read shard {shard} ({err.strerror or err})") from None
+    view = memoryview(buf)
+    for ref in chunk:
+        if max(ref.jpg[0] + ref.jpg[1], ref.cls[0] + ref.cls[1]) - start > got:
+            raise UserError(f"shard {shard} is truncated: sample {ref.key} lies past its end; rebuild the shards")
+        off, size = ref.cls
+        try:
+            grade = int(bytes(view[off - start : off - start + size]).decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise UserError(f"sample {ref.key} in shard {shard} has an unreadable grade (.cls)") from None
+        off, size = ref.jpg
+        yield ref, view[off - start : off - start + size], grade
+
+
+def decode(ref: SampleRef, data: memoryview) -> torch.Tensor:
+    """JPEG bytes -> uint8 RGB CHW tensor, or a UserError naming the shard and the sample."""
+    try:
+        if decode_jpeg is not None:
+            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        with Image.open(io.BytesIO(data)) as img:
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    except (RuntimeError, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"sample {ref.key} in shard {ref.shard} is not a readable JPEG ({reason})") from None
+
+
+def find_bad_sample(root, refs: list[SampleRef]) -> str | None:
+    """The first sample of ``refs`` that cannot be read or decoded, as a message; None if all can."""
+    for chunk in chunked(refs, 64):
+        try:
+            for ref, data, _ in read_chunk(root, chunk):
+                decode(ref, data)
+        except UserError as err:
+            return str(err)
+    return None
+
+
+class ShardSlice(IterableDataset):
+    """One epoch of one rank's chunks; each DataLoader worker takes every n-th chunk."""
+
+    def __init__(self, spec: LoaderSpec, chunks: list[list[SampleRef]], epoch: int, with_keys: bool):
+        self.root = spec.manifest.root
+        self.chunks = chunks
+        self.batch_size = spec.batch_size
+        self.shuffle = spec.train
+        self.transform = TorchTransform(spec.image_size, spec.augment if spec.train else None)
+        self.seed = spec.seed_for(epoch)
+        self.with_keys = with_keys
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        seeds = np.random.SeedSequence([*self.seed, worker]).generate_state(2)
+        rng = np.random.default_rng(seeds[0])
+        samples = (s for chunk in self.chunks[worker::workers] for s in read_chunk(self.root, chunk))
+        if self.shuffle:
+            samples = wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_BUFFER, rng=random.Random(int(seeds[1])))(samples)
+        images = ((ref.key, self.transform(decode(ref, data), rng), grade) for ref, data, grade in samples)
+        try:
+            yield from wds.batched(self.batch_size, collation_fn=self.collate, partial=True)(images)
+        except UserError as err:  # reaches the main process as one message, not a worker traceback
+            yield {"error": str(err)}
+
+    def collate(self, samples):
+        keys, images, labels = zip(*samples, strict=True)
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(keys)
+
+
+class TorchLoader(Loader):
+    backend = "torch"
+
+    def _run_epoch(self, epoch: int) -> Iterator:
+        spec = self.spec
+        lo, hi = spec.slice_range(epoch)
+        if hi == lo:
+            return
+        chunks = chunked(spec.samples(lo, hi))
+        if spec.train:
+            order = np.random.default_rng(spec.seed_for(epoch)).permutation(len(chunks))
+            chunks = [chunks[i] for i in order]
+        workers = min(spec.workers, len(chunks))
+        batches = DataLoader(
+            ShardSlice(spec, chunks, epoch, self.with_keys),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=spec.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
+        steps = spec.steps if spec.train else -(-(hi - lo) // spec.batch_size)
+        for images, labels, keys in self._full_batches(batches, steps):
+            images, labels = self.normalize(images, labels)
+            yield (images, labels, keys) if self.with_keys else (images, labels)
+
+    def _full_batches(self, batches, steps: int) -> Iterator:
+        """Pass full worker batches through, join the workers' partial ones; stop at ``steps``."""
+        size = self.spec.batch_size
+        pending: list[tuple] = []
+        done = 0
+        for item in batches:
+            if isinstance(item, dict):
+                raise UserError(item["error"])
+            if len(item[1]) == size:
+                done += 1
+                yield item
+            else:
+                pending.append(item)
+                if sum(len(p[1]) for p in pending) >= size:
+                    images, labels, keys = _join(pending)
+                    pending = [(images[size:], labels[size:], keys[size:])]
+                    done += 1
+                    yield images[:size], labels[:size], keys[:size]
+            if done == steps:
+                return
+        if pending and sum(len(p[1]) for p in pending):
+            yield _join(pending)
+            done += 1
+        if done != steps:
+            raise RuntimeError(f"torch loader yielded {done} batches, expected {steps}")
+
+
+def _join(parts: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return (
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+        [k for p in parts for k in p[2]],
+    )

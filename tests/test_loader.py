@@ -1,0 +1,309 @@
+"""The loading contract (DESIGN.md section 3) on both CPU backends, against the tiny fixture.
+
+References are read independently of the loader: Python's tarfile + PIL decode each
+sample, and the manifest's order gives the expected keys.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.errors import UserError
+from pipeline.loader import AugmentConfig, build_loader, rank_range
+from tests.conftest import build_shard_dir
+
+try:
+    import nvidia.dali  # noqa: F401
+
+    HAVE_DALI = True
+except ImportError:
+    HAVE_DALI = False
+
+BACKENDS = [
+    "torch",
+    pytest.param("dali-cpu", marks=pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")),
+]
+NO_FLIPS = AugmentConfig(hflip=False, vflip=False)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def reference(root: Path, split: str) -> dict[str, tuple[np.ndarray, int]]:
+    """key -> (uint8 HWC image decoded by PIL, grade), in manifest order."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    out = {}
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(root / shard["file"]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".jpg"):
+                key = name[:-4]
+                image = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+                out[key] = (image, int(members[f"{key}.cls"]))
+    return out
+
+
+def loader(root, split="test", *, backend, keys=True, **kw):
+    """build_loader, with the sample keys added to every batch (the backends' test option)."""
+    opts = {"batch_size": 4, "image_size": 64, "train": split == "train", "workers": 2, "backend": backend}
+    built = build_loader(root, split, **{**opts, **kw})
+    return type(built)(built.spec, with_keys=True) if keys else built
+
+
+def epoch(ld) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    return list(ld)
+
+
+def denormalise(images: torch.Tensor) -> torch.Tensor:
+    return images * STD + MEAN
+
+
+def all_keys(batches) -> list[str]:
+    return [k for _, _, keys in batches for k in keys]
+
+
+@pytest.fixture(scope="module")
+def test_ref(tiny_shards):
+    return reference(tiny_shards, "test")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_batches_match_the_jpegs_and_the_manifest(tiny_shards, test_ref, backend):
+    ld = loader(tiny_shards, backend=backend)
+    batches = epoch(ld)
+    assert ld.backend == backend and len(ld) == len(batches) == 4 and ld.num_samples == 13
+    assert [len(b[1]) for b in batches] == [4, 4, 4, 1]
+    for images, labels, keys in batches:
+        assert images.dtype == torch.float32 and images.shape[1:] == (3, 64, 64)
+        assert labels.dtype == torch.int64 and images.device.type == "cpu"
+        assert labels.tolist() == [test_ref[k][1] for k in keys]
+        expected = torch.stack([torch.from_numpy(test_ref[k][0]).permute(2, 0, 1) for k in keys]).float()
+        diff = (denormalise(images) - expected).abs()
+        assert diff.mean() < 1.0 and diff.max() < 16, f"{backend}: decoded pixels differ from PIL's"
+    # normalised with the ImageNet statistics: recovering the mean brightness of the split
+    images = torch.cat([b[0] for b in batches])
+    ref_mean = np.mean([img.mean(axis=(0, 1)) for img, _ in test_ref.values()], axis=0)
+    assert np.allclose(denormalise(images).mean(dim=(0, 2, 3)).numpy(), ref_mean, atol=0.5)
+    assert sorted(all_keys(batches)) == sorted(test_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_covers_every_sample_exactly_once(tiny_shards, test_ref, backend, world):
+    seen, total = [], 0
+    for rank in range(world):
+        ld = loader(tiny_shards, backend=backend, rank=rank, world_size=world)
+        batches = epoch(ld)
+        lo, hi = rank_range(13, rank, world)
+        assert ld.num_samples == hi - lo == sum(len(b[1]) for b in batches)
+        assert len(ld) == len(batches) and all(len(b[1]) > 0 for b in batches)
+        assert all(len(b[1]) == 4 for b in batches[:-1])
+        # rank r owns samples [r*N//w, (r+1)*N//w) in manifest order: DALI's slicing
+        assert set(all_keys(batches)) == set(list(test_ref)[lo:hi])
+        total += ld.num_samples
+        seen += all_keys(batches)
+    assert total == 13 and sorted(seen) == sorted(test_ref)  # no duplicates, no drops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_without_samples_yields_nothing(tmp_path, backend):
+    root = build_shard_dir(tmp_path / "s", counts={"train": 8, "test": 2}, size=32)
+    counts = []
+    for rank in range(3):
+        ld = loader(root, backend=backend, rank=rank, world_size=3, image_size=32)
+        counts.append((len(ld), ld.num_samples, len(epoch(ld))))
+    assert counts == [(0, 0, 0), (1, 1, 1), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_gives_equal_full_steps_on_every_rank(tiny_shards, backend):
+    world, batch = 3, 4  # 40 samples in shards of 7: slices of 13, 13, 14
+    for ep in range(2):  # two consecutive epochs through the same loaders
+        keys = []
+        for rank in range(world):
+            ld = loader(tiny_shards, "train", backend=backend, rank=rank, world_size=world, batch_size=batch)
+            ld.set_epoch(ep)
+            batches = epoch(ld)
+            assert len(ld) == len(batches) == 40 // (world * batch) == 3
+            assert ld.num_samples == 12 and all(len(b[1]) == batch for b in batches)
+            keys += all_keys(batches)
+        assert len(set(keys)) == len(keys) == 36  # the ranks' slices do not overlap
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_consecutive_epochs_differ_and_the_seed_reproduces_them(tiny_shards, backend):
+    ld = loader(tiny_shards, "train", backend=backend, seed=3)
+    first, second = epoch(ld), epoch(ld)  # iter() advances the epoch
+    assert len(first) == len(second) == 10
+    assert all_keys(first) != all_keys(second)
+    again = loader(tiny_shards, "train", backend=backend, seed=3)
+    again.set_epoch(1)
+    replay = epoch(again)
+    assert all_keys(replay) == all_keys(second)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(replay, second, strict=True))
+    other = loader(tiny_shards, "train", backend=backend, seed=4)
+    assert all_keys(epoch(other)) != all_keys(first)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("flip", ["hflip", "vflip"])
+def test_flips_actually_flip(tiny_shards, backend, flip):
+    plain = {k: img for images, _, keys in epoch(loader(tiny_shards, "train", backend=backend, train=False))
+             for k, img in zip(keys, images, strict=True)}
+    augment = AugmentConfig(hflip=flip == "hflip", vflip=flip == "vflip")
+    dim = -1 if flip == "hflip" else -2
+    flipped = same = 0
+    for images, _, keys in epoch(loader(tiny_shards, "train", backend=backend, augment=augment)):
+        for key, img in zip(keys, images, strict=True):
+            if torch.allclose(img, plain[key], atol=1e-4):
+                same += 1
+            elif torch.allclose(img, plain[key].flip(dim), atol=1e-4):
+                flipped += 1
+    assert same + flipped == 40 and flipped >= 8 and same >= 8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", [{"rotate": 30.0}, {"scale": 0.5}, {"color": 0.4}])
+def test_augment_options_change_pixels(tiny_shards, backend, option):
+    plain = {k: img for images, _, keys in epoch(loader(tiny_shards, "train", backend=backend, train=False))
+             for k, img in zip(keys, images, strict=True)}
+    augment = AugmentConfig(hflip=False, vflip=False, **option)
+    changed = 0
+    for images, _, keys in epoch(loader(tiny_shards, "train", backend=backend, augment=augment)):
+        assert images.shape == (4, 3, 64, 64) and torch.isfinite(images).all()
+        changed += sum((img - plain[k]).abs().mean().item() > 0.05 for k, img in zip(keys, images, strict=True))
+    assert changed >= 36
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resize_and_channels_last(tiny_shards, test_ref, backend):
+    small = epoch(loader(tiny_shards, backend=backend, image_size=32, channels_last=True))
+    images, _, keys = small[0]
+    assert images.shape == (4, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.stack([
+        torch.from_numpy(np.asarray(Image.fromarray(test_ref[k][0]).resize((32, 32), Image.BILINEAR)))
+        .permute(2, 0, 1) for k in keys
+    ]).float()
+    assert (denormalise(images) - expected).abs().mean() < 4.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali", "auto"])
+def test_backend_choice(tiny_shards, backend, monkeypatch):
+    if not HAVE_DALI and backend != "torch":
+        pytest.skip("nvidia-dali not installed")
+    ld = loader(tiny_shards, backend=backend, keys=False)
+    assert ld.backend == ("torch" if backend == "torch" else "dali-cpu")
+    monkeypatch.setattr("pipeline.loader.dali_available", lambda: False)
+    if backend == "dali":
+        with pytest.raises(UserError, match="--backend torch"):
+            loader(tiny_shards, backend=backend)
+    else:
+        assert loader(tiny_shards, backend=backend, keys=False).backend == "torch"
+
+
+def test_user_errors_at_build(tiny_shards, tmp_path):
+    with pytest.raises(UserError, match="too few"):
+        build_loader(tiny_shards, "train", batch_size=16, image_size=64, train=True, world_size=3)
+    with pytest.raises(UserError, match="unknown loader backend"):
+        build_loader(tiny_shards, "test", batch_size=4, image_size=64, train=False, backend="jax")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA"):
+            build_loader(tiny_shards, "test", batch_size=4, image_size=64, train=False, device="cuda")
+    root = shutil.copytree(tiny_shards, tmp_path / "missing")
+    (root / "test-000001.tar").unlink()
+    with pytest.raises(UserError, match="test-000001.tar"):
+        build_loader(root, "test", batch_size=4, image_size=64, train=False, backend="torch")
+    root = shutil.copytree(tiny_shards, tmp_path / "grown")
+    with open(root / "test-000000.tar", "ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(UserError, match="test-000000.tar"):
+        build_loader(root, "test", batch_size=4, image_size=64, train=False, backend="torch")
+
+
+def corrupt_jpeg(root: Path, shard: str, sample: int) -> str:
+    """Overwrite a JPEG's bytes with garbage of the same length; the shard keeps its size."""
+    line = (root / shard.replace(".tar", ".idx")).read_text().splitlines()[1 + sample].split()
+    offset, size, name = int(line[1]), int(line[2]), line[3]
+    with open(root / shard, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x5a" * size)
+    return name[: -len(".jpg")]
+
+
+@pytest.fixture(scope="module")
+def corrupt_shards(tmp_path_factory, tiny_shards):
+    root = shutil.copytree(tiny_shards, tmp_path_factory.mktemp("corrupt") / "s")
+    key = corrupt_jpeg(root, "test-000001.tar", 2)
+    return root, key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_corrupt_jpeg_is_one_clear_error(corrupt_shards, backend):
+    root, key = corrupt_shards
+    ld = loader(root, backend=backend, keys=False)  # the size check passes
+    with pytest.raises(UserError) as err:
+        epoch(ld)
+    assert "test-000001.tar" in str(err.value) and key in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="sha256"):
+        loader(root, backend=backend, verify=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_truncated_tar_is_one_clear_error(tiny_shards, tmp_path, backend):
+    root = shutil.copytree(tiny_shards, tmp_path / "s")
+    tar = root / "test-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:6000])
+    manifest = json.loads((root / "manifest.json").read_text())  # a manifest that agrees with it
+    for shard in manifest["splits"]["test"]["shards"]:
+        if shard["file"] == tar.name:
+            shard["bytes"] = 6000
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError) as err:
+        epoch(loader(root, backend=backend, keys=False))
+    assert "test-000001.tar" in str(err.value) and "test" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and a CUDA GPU")
+def test_dali_gpu_meets_the_contract(tiny_shards, test_ref):
+    seen = []
+    for rank in range(2):
+        ld = loader(tiny_shards, backend="dali", device="cuda", rank=rank, world_size=2)
+        assert ld.backend == "dali-gpu"
+        for images, labels, keys in epoch(ld):
+            assert images.is_cuda and labels.is_cuda and images.dtype == torch.float32
+            assert labels.cpu().tolist() == [test_ref[k][1] for k in keys]
+            seen += keys
+    assert sorted(seen) == sorted(test_ref)
+    augment = AugmentConfig(rotate=20, scale=0.3, color=0.3)
+    ld = loader(tiny_shards, "train", backend="dali", device="cuda", augment=augment, channels_last=True)
+    batches = epoch(ld)
+    assert len(batches) == len(ld) == 10
+    assert all(b[0].is_contiguous(memory_format=torch.channels_last) for b in batches)
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
+def test_dali_gpu_graph_is_well_formed(tiny_shards):
+    """The GPU graph (mixed decode, GPU augment, GPU->CPU contrast centre) defines and serialises
+    without a GPU; only building it needs one (test_dali_gpu_meets_the_contract)."""
+    from pipeline.dali import shard_pipeline
+
+    spec = build_loader(tiny_shards, "train", batch_size=4, image_size=64, train=True, backend="dali").spec
+    pipe = shard_pipeline(
+        [str(p) for p in spec.manifest.tar_paths("train")], [str(p) for p in spec.manifest.index_paths("train")],
+        shard_id=0, num_shards=1, train=True, gpu=True, size=48, stored_size=64,
+        augment=AugmentConfig(rotate=10, scale=0.2, color=0.2), channels_last=True, with_keys=True,
+        batch_size=4, num_threads=1, device_id=None, seed=1, exec_dynamic=True,
+    )
+    graph = pipe.serialize()
+    assert b"mixed" in graph and b"hw_decoder_load" in graph
