@@ -1,0 +1,314 @@
+"""trainer/train.py end to end on the tiny fixture (64 px, resnet18), through its real entry points.
+
+Subprocess runs go through ``accelerate launch`` (one process, and two DDP ranks on the
+CPU) and plain ``python trainer/train.py``; the quicker error cases call ``main()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.shards import read_manifest
+from tests.conftest import build_shard_dir
+from trainer.checkpoint import load_best, load_last, state_checksum
+from trainer.config import TrainConfig, merge_for_resume, parse_args
+from trainer.engine import NonFiniteLossError, build_scheduler, class_weights_for
+from trainer.metrics import read_confusion_csv
+from trainer.model import build_model
+from trainer.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "trainer" / "train.py")
+KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_qwk", "test_recall",
+        "images_per_s", "epoch_s", "lr"}
+TIMING = ("images_per_s", "epoch_s")
+# the straight run: cosine with warmup and class weights, so resume must restore the schedule
+RECIPE = ["--image-size", "64", "--batch-size", "8", "--epochs", "2", "--backend", "torch",
+          "--workers", "0", "--schedule", "cosine", "--warmup-epochs", "0.5",
+          "--class-weights", "sqrt", "--quiet"]
+
+
+def run_env(tmp: Path, **extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf"), PYTHONUNBUFFERED="1", **extra)
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    return env
+
+
+def launch(args, tmp: Path, processes: int = 1, **kw) -> subprocess.CompletedProcess:
+    multi = ["--multi_gpu"] if processes > 1 else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=run_env(tmp), capture_output=True, text=True, **kw)
+
+
+def python(args, tmp: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, env=run_env(tmp, **env),
+                          capture_output=True, text=True)
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING}
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_shards, tmp_path_factory) -> Path:
+    """Two epochs through a one-process ``accelerate launch``."""
+    tmp = tmp_path_factory.mktemp("straight")
+    ok(launch(["--shards", str(tiny_shards), "--out", str(tmp / "run"), *RECIPE], tmp))
+    return tmp / "run"
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_one_process_launch_writes_every_file(straight_run, tiny_shards):
+    run, test_count = straight_run, read_manifest(tiny_shards).split("test").samples
+    lines = rows(run)
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for row in lines:
+        assert set(row) == KEYS
+        assert all(0 <= row[k] <= 1 for k in ("train_acc", "test_acc"))
+        assert len(row["test_recall"]) == 5 and all(0 <= r <= 1 for r in row["test_recall"])
+        assert row["images_per_s"] > 0 and row["epoch_s"] > 0 and row["lr"] > 0
+        assert all(math.isfinite(row[k]) for k in ("train_loss", "test_loss", "test_qwk"))
+        cm = read_confusion_csv(run / "confusion" / f"epoch_{row['epoch']:03d}.csv")
+        assert cm.shape == (5, 5) and cm.sum() == test_count
+        assert (run / "confusion" / f"epoch_{row['epoch']:03d}.png").stat().st_size > 10_000
+        assert row["test_acc"] == pytest.approx(cm.trace() / cm.sum())
+    assert lines[1]["lr"] < lines[0]["lr"]  # cosine decays
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["arch"] == "resnet18" and config["config"]["out"] == str(run)
+    env = config["environment"]
+    for key in ("git_commit", "torch", "torchvision", "accelerate", "dali", "device", "world_size", "backend"):
+        assert key in env
+    assert env["world_size"] == 1 and env["backend"] == "torch" and env["torch"] == torch.__version__
+
+    state = load_last(run)
+    assert state["epoch"] == 2 and state["config"]["epochs"] == 2
+    model, info = load_best(run / "best.pt")
+    best = max(lines, key=lambda r: r["test_qwk"])
+    assert info["epoch"] == best["epoch"] and info["metrics"] == best
+    assert (info["arch"], info["num_classes"], info["image_size"]) == ("resnet18", 5, 64)
+    assert info["preprocess"]["size"] == 64
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] == best["epoch"] and summary["last"] == lines[-1]
+    assert summary["weights_sha256_per_rank"] == [state_checksum(state["model"])]
+
+
+@pytest.mark.slow
+def test_two_ranks_count_every_test_sample_once_and_agree_on_the_weights(tiny_shards, tmp_path):
+    run = tmp_path / "ddp"
+    # batch 3: the ranks' test slices (6 and 7 samples) take 2 and 3 batches
+    ok(launch(["--shards", str(tiny_shards), "--out", str(run), "--image-size", "64", "--batch-size", "3",
+               "--epochs", "2", "--backend", "dali", "--workers", "1", "--quiet"], tmp_path, processes=2))
+    env = json.loads((run / "config.json").read_text())["environment"]
+    assert env["world_size"] == 2 and env["backend"] == "dali-cpu"
+    test_count = read_manifest(tiny_shards).split("test").samples  # 13: uneven over 2 ranks
+    for epoch in (1, 2):
+        assert read_confusion_csv(run / "confusion" / f"epoch_{epoch:03d}.csv").sum() == test_count
+    # every rank hashes the weights it holds at the end; rank 0 saved what all of them hold
+    checksums = json.loads((run / "summary.json").read_text())["weights_sha256_per_rank"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert checksums[0] == state_checksum(load_last(run)["model"])
+    assert len(load_last(run)["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(straight_run, tiny_shards, tmp_path):
+    run = tmp_path / "killed"
+    cmd = [sys.executable, TRAIN, "--shards", str(tiny_shards), "--out", str(run), *RECIPE]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoint = run / "checkpoints" / "last" / "state.pt"
+    while proc.poll() is None and not checkpoint.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    done = load_last(run)["epoch"]
+    assert done == 1
+    # what a kill between an epoch's metrics line and its checkpoint leaves behind
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(rows(straight_run)[done]) + '\n{"epoch": 3, "trai')
+
+    ok(python(["--out", str(run), "--resume", "--quiet", "--workers", "0"], tmp_path))
+    assert [without_timing(r) for r in rows(run)] == [without_timing(r) for r in rows(straight_run)]
+    resumed, straight = load_last(run), load_last(straight_run)
+    assert state_checksum(resumed["model"]) == state_checksum(straight["model"])
+    assert resumed["scheduler"] == straight["scheduler"]
+    assert load_best(run / "best.pt")[1]["epoch"] == load_best(straight_run / "best.pt")[1]["epoch"]
+
+
+@pytest.mark.slow
+def test_a_short_run_beats_the_majority_class(tmp_path):
+    shards = build_shard_dir(tmp_path / "shards", {"train": 100, "test": 40}, size=64, shard_size=16, seed=1)
+    counts = read_manifest(shards).split("test").class_counts
+    majority = max(counts) / sum(counts)  # 0.2: grades cycle 0-4
+    ok(python(["--shards", str(shards), "--out", str(tmp_path / "run"), "--image-size", "64",
+               "--batch-size", "8", "--epochs", "3", "--backend", "dali", "--workers", "1", "--quiet"],
+              tmp_path))
+    lines = rows(tmp_path / "run")
+    assert max(r["test_acc"] for r in lines) >= majority + 0.3
+    assert max(r["test_qwk"] for r in lines) > 0.5
+
+
+@pytest.mark.slow
+def test_weights_file_starts_the_run(tiny_shards, tmp_path):
+    from torchvision import models
+
+    torch.manual_seed(5)
+    backbone = models.resnet18(num_classes=1000).state_dict()  # ImageNet-shaped: its head is dropped
+    torch.save(backbone, tmp_path / "backbone.pt")
+    ok(python(["--shards", str(tiny_shards), "--out", str(tmp_path / "run"), "--weights",
+               str(tmp_path / "backbone.pt"), "--lr", "1e-9", "--epochs", "1", "--image-size", "64",
+               "--backend", "torch", "--workers", "0", "--quiet"], tmp_path))
+    trained = load_last(tmp_path / "run")["model"]
+    torch.testing.assert_close(trained["conv1.weight"], backbone["conv1.weight"], rtol=0, atol=1e-6)
+    assert trained["fc.weight"].shape == (5, 512)
+
+
+@pytest.mark.slow
+def test_pretrained_offline_is_one_sentence_naming_weights(tiny_shards, tmp_path):
+    torch_home = tmp_path / "torch"
+    proc = python(["--shards", str(tiny_shards), "--out", str(tmp_path / "run"), "--pretrained",
+                   "--image-size", "64", "--backend", "torch", "--quiet"], tmp_path,
+                  TORCH_HOME=str(torch_home), https_proxy="http://127.0.0.1:9",
+                  HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    assert proc.returncode == 2, proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: could not download the ImageNet weights for resnet18")
+    assert "--weights" in error and str(torch_home / "hub" / "checkpoints") in error
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_user_errors_on_two_ranks_end_both(tmp_path):
+    proc = launch(["--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--quiet"],
+                  tmp_path, processes=2, timeout=600)  # the timeout only guards against a hang
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: shard folder") == 2
+
+
+def test_missing_shards_exit_2_with_one_line(tmp_path):
+    proc = python(["--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "run")], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: shard folder {tmp_path / 'missing'} does not exist; build it with tools/make_shards.py"]
+
+
+# ---------------------------------------------------------------- quicker, in this process
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(NonFiniteLossError, match=r"became (nan|inf).* of epoch 3.*checkpoints/last, is kept"):
+        main(["--out", str(run), "--resume", "--epochs", "3", "--lr", "1e6", "--quiet"])
+    assert isinstance(NonFiniteLossError("x"), UserError)  # so run_cli exits 2
+    assert load_last(run)["epoch"] == 2
+    assert (run / "metrics.jsonl").read_text() == before
+    assert not (run / "confusion" / "epoch_003.csv").exists()
+
+
+def test_unknown_or_invalid_options_exit_2(capsys):
+    for argv in (["--bogus"], ["--arch", "vgg16"], ["--epochs", "two"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--batch-size must be positive"):
+        main(["--batch-size", "0"])
+
+
+def test_run_folder_and_resume_errors(tiny_shards, tmp_path):
+    with pytest.raises(UserError, match="--resume needs --out"):
+        main(["--resume", "--shards", str(tiny_shards)])
+    with pytest.raises(UserError, match="nothing to resume"):
+        main(["--resume", "--out", str(tmp_path / "fresh"), "--shards", str(tiny_shards)])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match="already holds a run; add --resume"):
+        main(["--out", str(tmp_path / "old"), "--shards", str(tiny_shards)])
+    no_test = build_shard_dir(tmp_path / "no_test", {"train": 10})
+    with pytest.raises(UserError, match="split 'test' is empty or missing"):
+        main(["--out", str(tmp_path / "r"), "--shards", str(no_test), "--image-size", "64"])
+
+
+def test_config_defaults_are_the_reference_recipe_and_resume_merging():
+    cfg, given = parse_args([])
+    assert (cfg.arch, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.image_size,
+            cfg.schedule, cfg.class_weights, cfg.pretrained) == (
+        "resnet18", 0.01, 0.9, 5e-4, 8, 10, 512, "constant", "none", False)
+    assert given == set()
+    saved = TrainConfig(arch="resnet50", lr=0.02, image_size=256, out="runs/x").to_dict()
+    cli, given = parse_args(["--resume", "--out", "runs/x", "--epochs", "20", "--lr", "0.001"])
+    merged = merge_for_resume(saved, cli, given)
+    assert (merged.arch, merged.image_size, merged.epochs, merged.lr) == ("resnet50", 256, 20, 0.001)
+    cli, given = parse_args(["--resume", "--out", "runs/x", "--arch", "resnet18"])
+    with pytest.raises(UserError, match="--arch resnet18 differs from the run being resumed"):
+        merge_for_resume(saved, cli, given)
+    with pytest.raises(UserError, match="either --pretrained or --weights"):
+        parse_args(["--pretrained", "--weights", "w.pt"])
+
+
+def test_schedule_and_class_weights():
+    optimizer = torch.optim.SGD(build_model("resnet18").parameters(), lr=0.1)
+    scheduler = build_scheduler(optimizer, "cosine", warmup_steps=4, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert lrs[4] == pytest.approx(0.1) and lrs[-1] < 0.002
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    weights = class_weights_for([60, 20, 10, 5, 5], "inverse")
+    assert (weights * torch.tensor([60, 20, 10, 5, 5.0])).sum() == pytest.approx(100)  # mean 1 per sample
+    assert weights[4] / weights[0] == pytest.approx(12)
+    assert class_weights_for([60, 20, 10, 5, 5], "sqrt")[4] / class_weights_for(
+        [60, 20, 10, 5, 5], "sqrt")[0] == pytest.approx(12**0.5)
+    assert class_weights_for([60, 0, 10, 5, 5], "inverse")[1] == 0
+    assert class_weights_for([1, 1, 1, 1, 1], "none") is None
+
+
+@pytest.mark.slow
+def test_gpu_train_bench_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gpu_train_bench.py"), "--device", "cpu", "--arch", "resnet18",
+         "--steps", "2", "--warmup", "1", "--image-size", "64", "--batch-size", "4", "--backend", "torch",
+         "--workers", "0", "--work", str(tmp_path / "work"), "--out", str(out)],
+        cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True)
+    ok(proc)
+    report = json.loads(out.read_text())
+    assert report["backend"] == "torch" and report["image_size"] == 64
+    (row,) = report["results"]
+    assert row["arch"] == "resnet18" and row["loader_images_per_s"] > 0 and row["resident_images_per_s"] > 0
+    assert row["loader_overhead"] == pytest.approx(1 - row["loader_images_per_s"] / row["resident_images_per_s"])
+    assert "images/s with the loader" in proc.stdout

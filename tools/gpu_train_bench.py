@@ -1,0 +1,176 @@
+"""Training throughput on one GPU, and what the loader costs of it.
+
+    python tools/gpu_train_bench.py --out gpu_train_bench.json          # on a GPU machine
+    python tools/gpu_train_bench.py --device cpu --steps 3 --warmup 1 \\
+        --image-size 64 --batch-size 4 --images 32 --out /tmp/bench.json  # CPU smoke test
+
+For each --arch, the trainer's own step (``trainer.engine.train_step``: bf16 autocast,
+channels_last, cudnn.benchmark, SGD) runs twice after --warmup steps: fed by
+``build_loader`` (DALI decoding on the GPU) from a synthetic fundus-like shard folder
+at --image-size, and fed one GPU-resident random batch over and over. Prints and writes
+images/s of each and ``loader_overhead = 1 - loader/resident``. Goal (issue 4) on one
+H100 at 512 px: resnet50 >= 700 images/s with the loader costing <= 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from pipeline.constants import NUM_CLASSES, SHARD_NAME
+from pipeline.errors import UserError, run_cli
+from pipeline.loader import build_loader
+from pipeline.shards import split_entry, write_manifest, write_shard
+from trainer.engine import build_optimizer, build_scheduler, train_step
+from trainer.model import build_model
+
+SHARD_SIZE = 1000
+
+
+def fundus_like(index: int, size: int) -> bytes:
+    """A JPEG of a bright disc on black with smooth shading and noise (compresses like a fundus)."""
+    rng = np.random.default_rng(index)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    cx, cy = rng.uniform(-0.05, 0.05, 2)
+    r = np.hypot(x - cx, y - cy)
+    disc = np.clip((0.48 - r) * 40, 0, 1)
+    shade = 1 - 1.2 * r + 0.2 * np.sin(8 * x + rng.uniform(0, 6)) * np.cos(6 * y)
+    rgb = np.stack([200 * shade, 90 * shade, 40 * shade], axis=-1) * disc[..., None]
+    rgb += rng.normal(0, 3, rgb.shape) * disc[..., None]
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def make_shards(root: Path, images: int, size: int, distinct: int = 256) -> Path:
+    """A train-only shard folder of ``images`` samples cycling ``distinct`` synthetic JPEGs.
+
+    Decoding costs the same whether or not the bytes repeat, and repeating them keeps the
+    set-up to seconds. An existing folder with a manifest is reused.
+    """
+    if (root / "manifest.json").is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    distinct = min(distinct, images)
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        jpegs = list(pool.map(fundus_like, range(distinct), [size] * distinct, chunksize=8))
+    shards = []
+    for index, start in enumerate(range(0, images, SHARD_SIZE)):
+        ids = range(start, min(start + SHARD_SIZE, images))
+        samples = [(f"bench{i}", jpegs[i % distinct], i % NUM_CLASSES) for i in ids]
+        shards.append(write_shard(root / SHARD_NAME.format(split="train", index=index), samples))
+    counts = np.bincount(np.arange(images) % NUM_CLASSES, minlength=NUM_CLASSES).tolist()
+    write_manifest(root, {
+        "format_version": 1, "created": "gpu_train_bench", "source": {"layout": "synthetic", "path": ""},
+        "preprocess": {"size": size, "graham": False}, "image_size": size, "seed": 0,
+        "splits": {"train": split_entry(shards, counts)}, "rejected": 0,
+    })
+    return root
+
+
+def batches_from_loader(loader):
+    """The loader's batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def resident_batches(batch_size: int, size: int, device, channels_last: bool):
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+    while True:
+        yield images, labels
+
+
+def time_steps(batches, arch: str, args, accelerator) -> float:
+    """images/s of --steps training steps after --warmup untimed ones (fresh model each time)."""
+    model = build_model(arch)
+    if accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scheduler = build_scheduler(optimizer, "constant", 0, args.warmup + args.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            sync()
+            start = time.perf_counter()
+        images, labels = next(batches)
+        train_step(model, images, labels, optimizer, scheduler, accelerator)
+    sync()
+    seconds = time.perf_counter() - start
+    batches.close()  # ends the loader's epoch (frees its pipeline) before the next measurement
+    accelerator.free_memory()
+    return args.steps * args.batch_size / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
+    p.add_argument("--steps", type=int, default=300, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps first (cudnn autotuning, DALI start)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--images", type=int, default=None,
+                   help="samples in the synthetic shard folder (default: one epoch covers all steps)")
+    p.add_argument("--shards", type=Path, default=None, help="shard folder (default: made in --work)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/gpu_train_bench"))
+    p.add_argument("--backend", default="auto", choices=("auto", "dali", "torch"))
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path("gpu_train_bench.json"))
+    args = p.parse_args(argv)
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise UserError("no CUDA GPU here; run with --device cpu (and tiny settings) to smoke-test")
+    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
+    torch.backends.cudnn.benchmark = cuda
+    images = args.images or (args.warmup + args.steps) * args.batch_size
+    shards = args.shards or make_shards(args.work / f"shards-{args.image_size}-{images}", images,
+                                        args.image_size)
+    loader = build_loader(shards, "train", batch_size=args.batch_size, image_size=args.image_size,
+                          train=True, backend=args.backend, device=accelerator.device,
+                          workers=args.workers, channels_last=cuda)
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    print(f"{device_name}: {args.image_size} px, batch {args.batch_size}, {precision}, "
+          f"loader {loader.backend}, {args.steps} timed steps after {args.warmup}")
+    results = []
+    for arch in args.arch:
+        real = time_steps(batches_from_loader(loader), arch, args, accelerator)
+        resident = time_steps(resident_batches(args.batch_size, args.image_size, accelerator.device, cuda),
+                              arch, args, accelerator)
+        row = {"arch": arch, "loader_images_per_s": real, "resident_images_per_s": resident,
+               "loader_overhead": 1 - real / resident}
+        results.append(row)
+        print(f"{arch:>9}: {real:8.1f} images/s with the loader, {resident:8.1f} with a resident batch, "
+              f"loader overhead {100 * row['loader_overhead']:5.1f} %")
+    loader.close()
+    report = {"device": device_name, "torch": torch.__version__, "image_size": args.image_size,
+              "batch_size": args.batch_size, "precision": precision, "backend": loader.backend,
+              "steps": args.steps, "warmup": args.warmup, "results": results}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""Training and evaluating the ResNet graders: ``accelerate launch trainer/train.py``."""

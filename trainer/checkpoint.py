@@ -1,0 +1,211 @@
+"""Checkpoints: ``checkpoints/last/`` to resume, ``best.pt`` to evaluate and predict.
+
+``OUT/checkpoints/last/state.pt`` (rewritten atomically after every epoch)::
+
+    {"epoch": completed epochs, "model", "optimizer", "scheduler", "scaler" (fp16 only),
+     "best": {"epoch", "test_qwk"}, "rng": [per rank: python, numpy, torch, cuda],
+     "world_size", "config"}
+
+``OUT/best.pt`` (the epoch with the highest test kappa) holds everything evaluation and
+prediction need, with nothing else::
+
+    {"model": state dict, "arch", "num_classes", "class_names", "image_size",
+     "mean", "std" (ImageNet, on the 0-255 pixel scale), "preprocess" (the shard
+     manifest's: size, graham, ... -- how new photographs must be prepared),
+     "epoch", "metrics", "config"}
+
+Both load with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
+from pipeline.errors import UserError
+from trainer.model import build_model
+
+CHECKPOINTS = "checkpoints"
+LAST = "last"
+STATE_FILE = "state.pt"
+BEST_FILE = "best.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    """This process's random generators, in types ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+# ---------------------------------------------------------------- last/
+
+
+def last_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS / LAST
+
+
+def save_last(run_dir: str | Path, state: dict) -> Path:
+    """Write ``state`` as ``checkpoints/last/`` so that a crash at any moment leaves one whole.
+
+    Written to a temp folder, fsynced, then swapped in with two renames; between them the
+    previous checkpoint sits in ``.last.old/``, which ``load_last`` also accepts.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    tmp, old, last = root / f".{LAST}.partial", root / f".{LAST}.old", root / LAST
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    info = {"epoch": state["epoch"], "best": state.get("best"), "config": state.get("config")}
+    (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    _fsync_dir(tmp)
+    if last.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(last, old)
+    os.rename(tmp, last)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    return last
+
+
+def load_last(run_dir: str | Path) -> dict:
+    """The state saved by ``save_last``; a UserError if the run has none to resume from."""
+    root = Path(run_dir) / CHECKPOINTS
+    for folder in (root / LAST, root / f".{LAST}.old"):
+        path = folder / STATE_FILE
+        if path.is_file():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:
+                raise UserError(f"cannot read the checkpoint {path} ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    raise UserError(f"nothing to resume: {root / LAST} does not exist "
+                    f"(has a run with --out {run_dir} finished an epoch?)")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def truncate_metrics(run_dir: str | Path, epochs: int) -> None:
+    """Keep the metrics lines of epochs 1..``epochs``: those of a killed epoch go."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and row.get("epoch", 0) <= epochs:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- best.pt
+
+
+def save_best(path: str | Path, model_state: dict, *, arch: str, image_size: int, epoch: int,
+              metrics: dict, config: dict, preprocess: dict | None = None) -> None:
+    payload = {
+        "model": {k: v.detach().cpu() for k, v in model_state.items()},
+        "arch": arch,
+        "num_classes": NUM_CLASSES,
+        "class_names": list(CLASS_NAMES),
+        "image_size": image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "preprocess": preprocess or {},
+        "epoch": epoch,
+        "metrics": metrics,
+        "config": config,
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def repair_best(run_dir: str | Path, state: dict) -> None:
+    """Rewrite best.pt from last/ when a kill fell between the two (the best epoch is last/'s).
+
+    Per epoch the order is: metrics line, confusion, last/, best.pt; so best.pt is never
+    ahead of last/, and can only be behind it in this one way.
+    """
+    best = state.get("best")
+    if not best or best["epoch"] != state["epoch"]:
+        return
+    path = Path(run_dir) / BEST_FILE
+    if path.is_file() and torch.load(path, map_location="cpu", weights_only=True).get("epoch") == state["epoch"]:
+        return
+    config = state["config"]
+    save_best(path, state["model"], arch=config["arch"], image_size=config["image_size"],
+              epoch=state["epoch"], metrics=best, config=config, preprocess=state.get("preprocess"))
+
+
+def load_best(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The model of ``best.pt`` in eval mode on ``device``, and the rest of the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        info = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(info["arch"], info["num_classes"])
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{path} is not a best.pt written by trainer/train.py (no {err})") from None
+    except Exception as err:
+        raise UserError(f"cannot read the checkpoint {path} ({type(err).__name__})") from None
+    model.load_state_dict(info.pop("model"))
+    return model.to(device).eval(), info
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: equal iff the states are equal."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

@@ -1,0 +1,196 @@
+"""One training epoch and one evaluation, the same on CPU, one GPU and DDP ranks.
+
+Precision and DDP go through Accelerate only: ``accelerator.autocast()`` around the
+forward pass, ``accelerator.backward`` for the gradients (it scales fp16 losses).
+Every rank runs the same number of train steps (the loader guarantees it), so the
+collectives below (loss checks, the epoch's sums) line up on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.constants import NUM_CLASSES
+from pipeline.errors import UserError
+from trainer.metrics import accuracy, confusion_matrix, quadratic_kappa, recall_per_class
+
+CHECK_EVERY = 50  # steps between cross-rank loss checks (a sync point; also feeds the progress bar)
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became inf or nan."""
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    accuracy: float
+    images: int  # summed over ranks
+    seconds: float
+    lr: float  # of the epoch's last step
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    kappa: float
+    recall: list[float]
+    confusion: np.ndarray  # summed over ranks, [true, predicted]
+
+    @property
+    def samples(self) -> int:
+        return int(self.confusion.sum())
+
+
+# ---------------------------------------------------------------- builders
+
+
+def build_optimizer(model, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def build_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    """Per-step LambdaLR: linear warmup to the peak, then constant or cosine down to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    if schedule not in ("constant", "cosine"):
+        raise UserError(f"unknown lr schedule '{schedule}'; choose constant or cosine")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_peak_lr(optimizer, scheduler, lr: float) -> None:
+    """A new --lr for a resumed run (loading the optimizer and scheduler restored the old one)."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+
+
+def class_weights_for(counts, mode: str, device=None) -> torch.Tensor | None:
+    """Loss weights per grade from the train split's counts, averaging 1 per training sample.
+
+    inverse: 1/n_c; sqrt: 1/sqrt(n_c) (milder); none: None. An absent grade gets 0.
+    """
+    if mode == "none":
+        return None
+    counts = torch.tensor(counts, dtype=torch.float64)
+    power = {"inverse": 1.0, "sqrt": 0.5}[mode]
+    raw = torch.where(counts > 0, counts.clamp(min=1) ** -power, torch.zeros_like(counts))
+    weights = raw * counts.sum() / (raw * counts).sum()
+    return weights.float().to(device)
+
+
+# ---------------------------------------------------------------- train and evaluate
+
+
+def cross_entropy_sums(logits, labels, class_weights):
+    """(weighted) loss summed over the batch, and the weights summed: their ratio is the mean."""
+    loss_sum = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="sum")
+    weight_sum = class_weights[labels].sum() if class_weights is not None else labels.new_tensor(
+        len(labels), dtype=torch.float32)
+    return loss_sum, weight_sum
+
+
+def train_step(model, images, labels, optimizer, scheduler, accelerator, class_weights=None):
+    """One optimizer step; the detached logits, loss sum and weight sum (for the epoch's means)."""
+    with accelerator.autocast():
+        logits = model(images)
+        loss_sum, weight_sum = cross_entropy_sums(logits, labels, class_weights)
+    accelerator.backward(loss_sum / weight_sum)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logits.detach(), loss_sum.detach(), weight_sum
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, accelerator, class_weights=None,
+                    on_step: Callable[[float | None], None] | None = None) -> TrainResult:
+    model.train()
+    totals = torch.zeros(3, device=accelerator.device)  # loss sum, weight sum, correct
+    seen, lr = 0, optimizer.param_groups[0]["lr"]
+    start = time.perf_counter()
+    for step, (images, labels) in enumerate(loader, 1):
+        lr = optimizer.param_groups[0]["lr"]
+        logits, loss_sum, weight_sum = train_step(model, images, labels, optimizer, scheduler,
+                                                  accelerator, class_weights)
+        correct = (logits.argmax(1) == labels).sum()
+        totals += torch.stack([loss_sum, weight_sum, correct.float()])
+        seen += len(labels)
+        running = check_finite(accelerator, totals, step) if step % CHECK_EVERY == 0 else None
+        if on_step:
+            on_step(running)
+    loss = check_finite(accelerator, totals, len(loader))
+    totals = accelerator.reduce(totals, "sum").tolist()
+    seconds = time.perf_counter() - start
+    images = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum"))
+    return TrainResult(loss=loss, accuracy=totals[2] / max(images, 1), images=images, seconds=seconds, lr=lr)
+
+
+def check_finite(accelerator, totals: torch.Tensor, step: int) -> float:
+    """The mean loss so far over all ranks; every rank raises together if it is not finite."""
+    summed = accelerator.reduce(totals[:2].clone(), "sum").tolist()
+    loss = summed[0] / max(summed[1], 1e-12)
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"the training loss became {loss} by step {step} of the epoch")
+    return loss
+
+
+def evaluate(model, loader, accelerator, class_weights=None, expected: int | None = None) -> EvalResult:
+    """Loss, accuracy, kappa, recall and the confusion matrix over every rank's slice.
+
+    ``expected``: the split's sample count; a matrix with another total means samples were
+    dropped or duplicated across ranks, and that is a bug worth stopping for.
+    """
+    sync_batchnorm_stats(model, accelerator)
+    # The bare module: DDP's forward can broadcast buffers, a collective that would wait
+    # forever on a rank whose slice of the split has fewer batches (or none).
+    model = accelerator.unwrap_model(model).eval()
+    confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
+    sums = torch.zeros(2, device=accelerator.device)
+    with torch.inference_mode():
+        for images, labels in loader:
+            with accelerator.autocast():
+                logits = model(images)
+            loss_sum, weight_sum = cross_entropy_sums(logits, labels, class_weights)
+            sums += torch.stack([loss_sum, weight_sum])
+            confusion += confusion_matrix(labels, logits.argmax(1))
+    confusion = accelerator.reduce(confusion, "sum").cpu().numpy()
+    sums = accelerator.reduce(sums, "sum").tolist()
+    if expected is not None and confusion.sum() != expected:
+        raise RuntimeError(f"evaluation saw {confusion.sum()} samples over all ranks, the split has "
+                           f"{expected}: the loader dropped or repeated samples")
+    return EvalResult(loss=sums[0] / max(sums[1], 1e-12), accuracy=accuracy(confusion),
+                      kappa=quadratic_kappa(confusion), recall=recall_per_class(confusion),
+                      confusion=confusion)
+
+
+def sync_batchnorm_stats(model, accelerator) -> None:
+    """Average BatchNorm running statistics over ranks.
+
+    DDP keeps parameters identical but each rank's running mean/var follows its own last
+    batches; averaging them makes every rank evaluate, and checkpoint, the same model.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for buffer in accelerator.unwrap_model(model).buffers():
+        if buffer.is_floating_point():
+            buffer.copy_(accelerator.reduce(buffer, "mean"))

@@ -1,0 +1,98 @@
+"""Grading metrics from a confusion matrix, and the matrix as CSV and PNG.
+
+The matrix is ``NUM_CLASSES x NUM_CLASSES`` counts, rows the true grade, columns the
+predicted grade. Accuracy alone hides a model that predicts grade 0 for everything
+(73.5 % of EyePACS); quadratic weighted kappa, the Kaggle metric, does not.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import cohen_kappa_score
+
+from pipeline.constants import CLASS_NAMES, NUM_CLASSES
+
+
+def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Counts (int64, on the inputs' device): ``[true, predicted]``."""
+    flat = labels.long() * num_classes + preds.long()
+    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def accuracy(cm: np.ndarray) -> float:
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else 0.0
+
+
+def recall_per_class(cm: np.ndarray) -> list[float]:
+    """Correct / true count per grade; 0.0 for a grade absent from the split."""
+    rows = cm.sum(axis=1)
+    return [float(cm[i, i] / rows[i]) if rows[i] else 0.0 for i in range(len(cm))]
+
+
+def quadratic_kappa(cm: np.ndarray) -> float:
+    """Quadratic weighted kappa (sklearn), from the matrix expanded back into label pairs.
+
+    0.0 where it is undefined (a single grade in both truth and predictions).
+    """
+    n = len(cm)
+    true = np.repeat(np.repeat(np.arange(n), n), cm.ravel())
+    pred = np.repeat(np.tile(np.arange(n), n), cm.ravel())
+    if len(true) == 0:
+        return 0.0
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns where kappa is undefined; 0.0 below
+        kappa = cohen_kappa_score(true, pred, labels=list(range(n)), weights="quadratic")
+    return float(kappa) if np.isfinite(kappa) else 0.0
+
+
+def write_confusion_csv(cm: np.ndarray, path: Path) -> None:
+    """A header of predicted grades, then one row per true grade: name, counts."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *CLASS_NAMES[: len(cm)]])
+        for name, row in zip(CLASS_NAMES, cm, strict=False):
+            writer.writerow([name, *(int(x) for x in row)])
+
+
+def read_confusion_csv(path: Path) -> np.ndarray:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return np.array([[int(x) for x in row[1:]] for row in rows], dtype=np.int64)
+
+
+def plot_confusion(cm: np.ndarray, path: Path, title: str = "") -> None:
+    """Two panels: counts, and each row divided by its total (recall on the diagonal)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = cm.sum(axis=1, keepdims=True)
+    normalised = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    names = CLASS_NAMES[: len(cm)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    panels = ((axes[0], cm, "counts", "{:d}"), (axes[1], normalised, "row-normalised (recall)", "{:.2f}"))
+    for ax, values, label, fmt in panels:
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=max(values.max(), 1e-9))
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax.set(title=label, xlabel="predicted grade", ylabel="true grade",
+               xticks=range(len(names)), yticks=range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.set_yticklabels(names)
+        threshold = values.max() / 2
+        for i in range(len(names)):
+            for j in range(len(names)):
+                value = int(values[i, j]) if fmt == "{:d}" else float(values[i, j])
+                ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=9,
+                        color="white" if values[i, j] > threshold else "black")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
