@@ -54,7 +54,14 @@ from pipeline.constants import (
 )
 from pipeline.errors import UserError
 from pipeline.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
-from pipeline.shards import ShardInfo, file_sha256, fsync_files, split_entry, write_manifest, write_shard
+from pipeline.shards import (
+    ShardInfo,
+    file_sha256,
+    fsync_files,
+    split_entry,
+    write_manifest,
+    write_shard,
+)
 from pipeline.sources import Sample, assign_splits, patients_in_both, read_source
 
 PROGRESS_NAME = ".progress.json"

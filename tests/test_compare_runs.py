@@ -25,7 +25,7 @@ def fake_run(path: Path, arch: str, pretrained: bool, epochs: int, planned: int,
         }))
     text = "\n".join(lines) + "\n"
     if partial_line:
-        text += '{"epoch": %d, "train_lo' % (epochs + 1)
+        text += '{"epoch": ' + str(epochs + 1) + ', "train_lo'
     (path / "metrics.jsonl").write_text(text)
     if epochs == planned:
         (path / "summary.json").write_text("{}")
