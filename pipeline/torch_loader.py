@@ -11,6 +11,7 @@ partial batches into full ones, moves them to the device and normalises there.
 
 from __future__ import annotations
 
+import gc
 import io
 import random
 from collections.abc import Iterator
@@ -137,6 +138,11 @@ class TorchLoader(Loader):
             order = np.random.default_rng(spec.seed_for(epoch)).permutation(len(chunks))
             chunks = [chunks[i] for i in order]
         workers = min(spec.workers, len(chunks))
+        if workers:
+            # Workers are forked: collect garbage first, or a DALI pipeline left unreachable
+            # in this process can be finalised in a worker, whose DALI threads don't exist
+            # there, and the worker hangs for ever.
+            gc.collect()
         batches = DataLoader(
             ShardSlice(spec, chunks, epoch, self.with_keys),
             batch_size=None,

@@ -16,6 +16,7 @@ export MPLBACKEND=Agg
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 mkdir -p "$DEMO"
+rm -rf "$DEMO/runs" "$DEMO/eval" "$DEMO/photos"  # an earlier demo's results; data and shards are reused
 if [ -d data ] && [ -n "$(ls -A data 2>/dev/null)" ]; then
     step "packing the dataset in data/ into $DEMO/shards"
     python tools/make_shards.py data "$DEMO/shards" --size "$SIZE"
@@ -28,7 +29,8 @@ fi
 
 for schedule in constant cosine; do
     step "training resnet18 ($schedule lr, $EPOCHS epochs, $SIZE px) into $DEMO/runs/resnet18-$schedule"
-    accelerate launch --num_processes 1 trainer/train.py --arch resnet18 \
+    accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
+        trainer/train.py --arch resnet18 \
         --shards "$DEMO/shards" --out "$DEMO/runs/resnet18-$schedule" \
         --epochs "$EPOCHS" --image-size "$SIZE" --batch-size 16 --lr 0.01 \
         --schedule "$schedule" --class-weights sqrt --quiet
@@ -42,9 +44,24 @@ step "comparing the two runs"
 python tools/compare_runs.py "$DEMO/runs/resnet18-constant" "$DEMO/runs/resnet18-cosine" \
     --out "$DEMO/compare.png"
 
-step "predicting grades for a few photographs"
+step "grading a folder of photographs (six synthetic, one real: scikit-image's retina)"
+mkdir -p "$DEMO/photos"
+python - "$DEMO" <<'PY'
+import shutil, sys
+from pathlib import Path
+from PIL import Image
+demo = Path(sys.argv[1])
+for path in sorted((demo / "data").rglob("*.jpeg"))[:6]:
+    shutil.copy(path, demo / "photos" / path.name)
+try:
+    from skimage.data import retina
+    Image.fromarray(retina()).save(demo / "photos" / "skimage_retina.jpeg", quality=95)
+except ImportError:
+    pass
+PY
 python tools/predict.py --checkpoint "$DEMO/runs/resnet18-cosine/best.pt" --tta \
-    --out "$DEMO/predictions.csv" "$DEMO/data/train" 2>/dev/null | tail -n 3 || true
+    --out "$DEMO/predictions.csv" "$DEMO/photos"
+column -s, -t < "$DEMO/predictions.csv" 2>/dev/null || cat "$DEMO/predictions.csv"
 
 step "done; look at:"
 cat <<MSG
