@@ -6,9 +6,13 @@ The steps, in order:
 2. order the samples: train in a seeded shuffle (DALI only shuffles inside a buffer, so
    the order on disk matters), test sorted by key; cut them into chunks of ``shard_size``,
    chunk ``i`` of a split becomes ``<split>-<i>.tar``;
-3. prepare each image (``pipeline.preprocess``): files already ``size`` x ``size`` baseline
-   JPEGs are read as they are in this process, the others are decoded in a process pool,
-   a bounded number of tasks ahead, so memory stays flat whatever the dataset size;
+3. a chunk whose first file is already a ``size`` x ``size`` baseline JPEG goes whole to a
+   worker process, which reads, hashes and writes its shard from the original bytes
+   (shards in parallel; it gives the chunk back if a file needs decoding). The other
+   chunks' images are prepared (``pipeline.preprocess``) across the pool in small tasks,
+   a bounded number ahead, and their shards written here; memory stays flat whatever the
+   dataset size. Results are taken in chunk order, so the output does not depend on
+   ``workers``;
 4. write each shard atomically with ``pipeline.shards.write_shard``, then ``rejects.csv``;
    fsync the shards once all are written, then write ``manifest.json`` last.
 
@@ -22,16 +26,21 @@ are not part of the new one are removed. The same inputs give the same bytes.
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import itertools
 import json
 import os
 import re
+import sys
+import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -119,21 +128,32 @@ def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
     chunks = plan_chunks(samples, cfg.shard_size, cfg.seed, _settings(cfg))
     record = _load_record(out)
     reusable = {c.file for c in chunks if _can_reuse(out, record.get(c.file), c.fingerprint)}
-    todo = (s for c in chunks if c.file not in reusable for s in c.samples)
+    todo = [c for c in chunks if c.file not in reusable]
+    # A chunk whose first image passes through is tried whole in one worker; the others
+    # have their images decoded across the pool (raw photos: seconds of work per shard).
+    whole = {c.file for c in todo if not cfg.graham and passthrough_bytes(c.samples[0].path, cfg.size) is not None}
 
     shards: dict[str, list[ShardInfo]] = {split: [] for split in SPLITS}
     counts = {split: [0] * NUM_CLASSES for split in SPLITS}
     new_record: dict[str, dict] = {}
     workers = cfg.workers or os.cpu_count() or 1
-    with _Preparer(cfg.size, cfg.graham, workers) as preparer, _progress(console, cfg.quiet) as bar:
+    with _pool(workers if todo else 1) as pool, _progress(console, cfg.quiet) as bar:
         task = bar.add_task("packing", total=len(samples))
-        prepared = preparer.run(todo)
+        tried = {c.file: _start(pool, _pack_originals, out / c.file, c, cfg.size) for c in todo if c.file in whole}
+        preparer = _Preparer(cfg.size, cfg.graham, pool, workers)
+        prepared = preparer.run(s for c in todo if c.file not in whole for s in c.samples)
         for chunk in chunks:
             bar.update(task, description=f"packing {chunk.file}")
             if chunk.file in reusable:
                 entry = new_record[chunk.file] = record[chunk.file]
             else:
-                entry = new_record[chunk.file] = _write_chunk(out / chunk.file, chunk, prepared)
+                if chunk.file in tried:
+                    entry = _result(tried.pop(chunk.file))
+                    if entry is None:  # an image needs decoding: prepare the chunk image by image
+                        entry = _write_chunk(out / chunk.file, chunk, preparer.run(chunk.samples))
+                else:
+                    entry = _write_chunk(out / chunk.file, chunk, prepared)
+                new_record[chunk.file] = entry
                 _save_record(out, {**record, **new_record})  # an interrupted run resumes here
             if entry["shard"] is not None:
                 shards[chunk.split].append(ShardInfo(**entry["shard"]))
@@ -220,60 +240,85 @@ def _settings(cfg: PackConfig) -> dict:
 # ---------------------------------------------------------------- preparing images
 
 
+def _prepare_one(path: str | os.PathLike, size: int, graham: bool) -> tuple[bytes | None, str | None]:
+    """(jpeg bytes, None) or (None, reason)."""
+    try:
+        return prepare(path, size, graham=graham, force=True), None
+    except BadImage as err:
+        return None, err.reason
+    except Exception as err:  # a file PIL chokes on in a way of its own: reject, go on
+        return None, f"unreadable ({type(err).__name__}: {err})"
+
+
 def _prepare_task(paths: list[str], size: int, graham: bool) -> list[tuple[bytes | None, str | None]]:
-    """Pool task: (jpeg bytes, None) or (None, reason) per path."""
-    out = []
-    for path in paths:
-        try:
-            out.append((prepare(path, size, graham=graham, force=True), None))
-        except BadImage as err:
-            out.append((None, err.reason))
-        except Exception as err:  # a file PIL chokes on in a way of its own: reject, go on
-            out.append((None, f"unreadable ({type(err).__name__}: {err})"))
-    return out
+    """Pool task: ``_prepare_one`` of each path."""
+    return [_prepare_one(path, size, graham) for path in paths]
 
 
 class _Preparer:
     """Prepared bytes for a stream of samples, in order, with a bounded number in flight.
 
-    Pass-through files are read here; the rest go to a process pool (started on first
-    use, spawned so that no thread state of the caller is forked).
+    Pass-through files are read here; the rest go to the pool (or are decoded here when
+    there is none).
     """
 
-    def __init__(self, size: int, graham: bool, workers: int):
-        self.size, self.graham, self.workers = size, graham, workers
-        self._pool: ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> _Preparer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def _submit(self, paths: list[str]) -> Future | list:
-        if self.workers <= 1:
-            return _prepare_task(paths, self.size, self.graham)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
-        return self._pool.submit(_prepare_task, paths, self.size, self.graham)
+    def __init__(self, size: int, graham: bool, pool: ProcessPoolExecutor | None, workers: int):
+        self.size, self.graham, self.pool, self.workers = size, graham, pool, workers
 
     def run(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, bytes | None, str | None]]:
         pending: deque = deque()
         for batch in _batched(samples, TASK_SIZE):
             ready = [None if self.graham else passthrough_bytes(s.path, self.size) for s in batch]
             paths = [str(s.path) for s, data in zip(batch, ready, strict=True) if data is None]
-            pending.append((batch, ready, self._submit(paths) if paths else []))
+            pending.append((batch, ready, _start(self.pool, _prepare_task, paths, self.size, self.graham) if paths else None))
             while len(pending) > self.workers * TASKS_AHEAD:
                 yield from _resolve(*pending.popleft())
         while pending:
             yield from _resolve(*pending.popleft())
 
 
-def _resolve(batch, ready, work) -> Iterator[tuple[Sample, bytes | None, str | None]]:
-    results = iter(work.result() if isinstance(work, Future) else work)
+def _resolve(batch, ready, job) -> Iterator[tuple[Sample, bytes | None, str | None]]:
+    results = iter(_result(job) if job else ())
     for sample, data in zip(batch, ready, strict=True):
         yield (sample, data, None) if data is not None else (sample, *next(results))
+
+
+@contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A process pool of ``workers``, or None for one worker (everything runs here).
+
+    Forked when this process runs no other thread: a forked worker starts in milliseconds,
+    a spawned one re-imports numpy and PIL (about a second). Every forked worker is started
+    here, before the progress bar starts its thread. With other threads about (a caller's),
+    forking could copy a lock some thread holds, so the workers are spawned.
+    """
+    if workers <= 1:
+        yield None
+        return
+    if sys.platform == "linux" and threading.active_count() == 1:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
+        # The workers never collect what they inherit: garbage of this process (a DALI
+        # pipeline left unreachable) finalised in a worker, where its threads don't exist, hangs.
+        gc.freeze()
+        try:
+            pool.submit(int)  # a fork pool forks all its workers at its first task
+        finally:
+            gc.unfreeze()
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start(pool: ProcessPoolExecutor | None, fn, *args) -> Future | partial:
+    """``fn(*args)`` in the pool, or, without one, a call made here when its result is asked for."""
+    return pool.submit(fn, *args) if pool else partial(fn, *args)
+
+
+def _result(job: Future | partial):
+    return job.result() if isinstance(job, Future) else job()
 
 
 def _batched(items: Iterable, n: int) -> Iterator[list]:
@@ -283,6 +328,31 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
 
 
 # ---------------------------------------------------------------- writing
+
+
+class _NeedsDecoding(Exception):
+    pass
+
+
+def _pack_originals(path: Path, chunk: _Chunk, size: int) -> dict | None:
+    """Pool task: the chunk's shard from its files' bytes as they are, and its record entry.
+
+    None, and no shard written, as soon as an image is not pass-through: the chunk then
+    goes image by image through the pool, so one odd file in a shard never leaves a whole
+    shard's decoding to one worker. What was read until then is all that is lost.
+    """
+
+    def originals():
+        for sample in chunk.samples:
+            data = passthrough_bytes(sample.path, size)
+            if data is None:
+                raise _NeedsDecoding
+            yield sample, data, None
+
+    try:
+        return _write_chunk(path, chunk, originals())
+    except _NeedsDecoding:
+        return None
 
 
 def _write_chunk(path: Path, chunk: _Chunk, prepared: Iterator) -> dict:

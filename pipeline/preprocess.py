@@ -24,6 +24,7 @@ MAX_PIXELS = 100_000_000  # raw EyePACS tops out at 5184x3456 = 18 Mpx
 JPEG_QUALITY = 95
 BORDER_THRESHOLD = 20  # brightest channel, 0-255: darker counts as the black frame
 GRAHAM_MASK = 0.9  # keep this fraction of the circle's radius, grey outside
+PROBE_BYTES = 1 << 16  # first read of a possible pass-through file: most 512 px JPEGs whole
 
 _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
@@ -120,17 +121,32 @@ def passthrough_bytes(path: str | os.PathLike, size: int) -> bytes | None:
     """The file's bytes if it is already a complete baseline 3-channel JPEG of size x size.
 
     Never raises: anything doubtful returns None and goes through the full decode, which
-    gives the reason if the file is bad.
+    gives the reason if the file is bad. Reads the first ``PROBE_BYTES`` and stops there
+    unless the frame header says the file passes (so a raw photo costs one small read);
+    small files are read whole by that first read.
     """
     try:
-        with open(path, "rb") as f:
-            frame = jpeg_frame(f)
-            if frame != (0xC0, size, size, 3):
-                return None
-            f.seek(0)
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        head = os.read(fd, PROBE_BYTES)
+        frame = jpeg_frame(io.BytesIO(head))
+        if frame is None and len(head) == PROBE_BYTES:  # the frame header may lie further on
+            os.lseek(fd, 0, os.SEEK_SET)
+            with open(fd, "rb", closefd=False) as f:
+                frame = jpeg_frame(f)
+            os.lseek(fd, len(head), os.SEEK_SET)
+        if frame != (0xC0, size, size, 3):
+            return None
+        parts = [head]
+        while block := os.read(fd, 1 << 20):
+            parts.append(block)
     except (OSError, struct.error):
         return None
+    finally:
+        os.close(fd)
+    data = head if len(parts) == 1 else b"".join(parts)
     # A file cut short almost never ends in the end-of-image marker; such files are decoded.
     return data if data.rstrip(b"\x00").endswith(_JPEG_EOI) else None
 

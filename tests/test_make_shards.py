@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import os
 import subprocess
 import sys
 import tarfile
@@ -199,11 +200,17 @@ def eye_jpeg(seed: int, size: int = SIZE, **save) -> bytes:
     return buf.getvalue()
 
 
-def lab_folder(root: Path, extra: list[tuple[str, str, bytes | None]] = (), ext: str = ".jpeg") -> Path:
-    """Four good train images and one test image, plus ``extra`` train rows (id, label, file bytes)."""
+def lab_folder(
+    root: Path, extra: list[tuple[str, str, bytes | None]] = (), ext: str = ".jpeg", square: bool = False
+) -> Path:
+    """Four good train images and one test image, plus ``extra`` train rows (id, label, file bytes).
+
+    The five are 3:2 photos (decoded and cropped), or with ``square`` already SIZE x SIZE.
+    """
     images = root / "images"
     images.mkdir(parents=True)
-    rows = {"train": [(f"{i}_left", str(i), eye_jpeg(i)) for i in range(4)], "test": [("9_left", "1", eye_jpeg(9))]}
+    image = square_jpeg if square else eye_jpeg
+    rows = {"train": [(f"{i}_left", str(i), image(i)) for i in range(4)], "test": [("9_left", "1", image(9))]}
     rows["train"] += list(extra)
     for split, entries in rows.items():
         (root / f"{split}_img.csv").write_text("".join(f"{key}\n" for key, _, _ in entries))
@@ -214,8 +221,16 @@ def lab_folder(root: Path, extra: list[tuple[str, str, bytes | None]] = (), ext:
     return root
 
 
+def square_jpeg(seed: int, size: int = SIZE, **save) -> bytes:
+    """A baseline RGB JPEG already ``size`` x ``size``: packed as its original bytes."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
 def run_pack(data: Path, out: Path, **kw) -> packing.PackResult:
-    cfg = PackConfig(data, out, size=SIZE, shard_size=kw.pop("shard_size", 3), workers=1, quiet=True, **kw)
+    cfg = PackConfig(data, out, size=SIZE, shard_size=kw.pop("shard_size", 3), workers=kw.pop("workers", 1), quiet=True, **kw)
     return pack(cfg, console=Console(file=io.StringIO()))
 
 
@@ -373,22 +388,49 @@ def test_rerun_rebuilds_what_changed_and_removes_stale_shards(tmp_path):
     assert {k: lab for k, lab, _ in read_webdataset(tmp_path / "out", "train")}["5_right"] == 4
 
 
-def test_interrupted_run_leaves_no_manifest_and_no_partial_shard(tmp_path, monkeypatch, wds2idx):
-    data = lab_folder(tmp_path / "data", [(f"{i}_right", "1", eye_jpeg(20 + i)) for i in range(6)])
+def test_parallel_pass_through_gives_the_same_bytes_and_rejects(tmp_path):
+    """Pass-through shards written by worker processes equal those of one process, even when
+    a shard's chunk holds files that need decoding or are rejected (the worker gives it back)."""
+    extra = [(f"{i}_right", str(i % 5), square_jpeg(30 + i)) for i in range(14)]
+    extra[5] = ("5_right", "0", eye_jpeg(5))  # not square: decoded, in the middle of a chunk
+    extra[8] = ("8_right", "1", square_jpeg(8)[:-300])  # cut short: rejected as truncated
+    extra[9] = ("9_right", "2", None)  # missing
+    extra[11] = ("11_right", "3", square_jpeg(11, icc_profile=bytes(100_000)))  # the frame after 100 KB
+    data = lab_folder(tmp_path / "data", extra)
+    one = run_pack(data, tmp_path / "one", shard_size=4)
+    two = run_pack(data, tmp_path / "two", shard_size=4, workers=2)
+    assert shard_bytes(tmp_path / "two") == shard_bytes(tmp_path / "one") and len(shard_bytes(tmp_path / "one")) == 12
+    assert rejects_of(tmp_path / "two") == rejects_of(tmp_path / "one") == [("9_right", "missing"), ("8_right", "truncated")]
+    assert without_created(two.manifest) | {"config": None} == without_created(one.manifest) | {"config": None}
+    packed = {k: jpeg for k, _, jpeg in read_webdataset(tmp_path / "two", "train")}
+    for key, _, original in extra:
+        if key not in ("5_right", "8_right", "9_right"):
+            assert packed[key] == original
+    assert packed["5_right"] != extra[5][2] and jpeg_frame(io.BytesIO(packed["5_right"])) == (0xC0, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupted_run_leaves_no_manifest_and_no_partial_shard(tmp_path, monkeypatch, wds2idx, workers):
+    # every image passes through: with two workers, each shard is written in a worker process
+    data = lab_folder(tmp_path / "data", [(f"{i}_right", "1", square_jpeg(20 + i)) for i in range(6)], square=True)
     out = tmp_path / "out"
     run_pack(data, out)
     assert (out / "manifest.json").exists()
 
     real_write = packing.write_shard
+    cut_in = tmp_path / "cut-in-process"
 
     def dies_halfway(path, samples, **kwargs):
         if path.name == "train-000001.tar":  # the source fails in the middle of the second shard
+            cut_in.write_text(str(os.getpid()))
             samples = itertools.chain(itertools.islice(samples, 2), _power_cut())
         return real_write(path, samples, **kwargs)
 
+    # forked workers inherit the patched function (spawned ones would not: nothing would fail)
     monkeypatch.setattr(packing, "write_shard", dies_halfway)
     with pytest.raises(RuntimeError, match="power cut"):
-        run_pack(data, out, shard_size=4, seed=1)
+        run_pack(data, out, shard_size=4, seed=1, workers=workers)
+    assert (cut_in.read_text() == str(os.getpid())) == (workers == 1)  # with 2, the cut hit a worker
     assert not (out / "manifest.json").exists()  # the earlier run's manifest no longer lies
     assert not [p for p in out.iterdir() if "partial" in p.name]
     for tar in out.glob("*.tar"):  # whatever is there is whole and indexed

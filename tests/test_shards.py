@@ -88,7 +88,11 @@ def test_bytes_equal_tarfile_gnu_format(tmp_path):
     import io
     import tarfile
 
-    samples = [("10_left", b"\xff\xd8" + bytes(range(256)) * 7, 3), ("10_right", b"\xff\xd8x", 0)]
+    samples = [
+        ("10_left", b"\xff\xd8" + bytes(range(256)) * 7, 3),
+        ("10_right", b"\xff\xd8x", 0),
+        ("k" * 90, b"\xff\xd8" + bytes(range(256)) * 300, 4),  # the longest key, a 77 KB payload
+    ]
     info = write_shard(tmp_path / "train-000000.tar", samples, fsync=False)
     ref = io.BytesIO()
     with tarfile.open(fileobj=ref, mode="w", format=tarfile.GNU_FORMAT) as tar:
