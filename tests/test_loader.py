@@ -197,6 +197,31 @@ def test_resize_and_channels_last(tiny_shards, test_ref, backend):
     assert (denormalise(images) - expected).abs().mean() < 4.0
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_workers_uint8_path_matches_their_normalised_path(tiny_shards, channels_last):
+    """A CPU target gets float batches normalised in the workers; a GPU target gets uint8 ones,
+    normalised on the device. Both must give the same pixels (the uint8 path checked on CPU)."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.torch_loader import ShardSlice, chunked
+
+    ld = loader(tiny_shards, "train", backend="torch", channels_last=channels_last)
+    chunks = chunked(ld.spec.samples(0, 40))
+
+    def batches(normalize):
+        data = ShardSlice(ld.spec, chunks, epoch=0, normalize=normalize)
+        return list(DataLoader(data, batch_size=None, num_workers=2))
+
+    floats, uint8s = batches(True), batches(False)
+    assert len(floats) == len(uint8s) and sum(len(b[1]) for b in floats) == 40  # raw worker batches
+    for (f, fl, fk), (u, ul, uk) in zip(floats, uint8s, strict=True):
+        assert f.dtype == torch.float32 and u.dtype == torch.uint8 and fk == uk and torch.equal(fl, ul)
+        assert f.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        images, _ = ld.normalize(u, ul)
+        assert torch.allclose(images, f, atol=1e-5)
+        assert torch.allclose(denormalise(f), u.float(), atol=1e-3)
+
+
 @pytest.mark.parametrize("backend", ["torch", "dali", "auto"])
 def test_backend_choice(tiny_shards, backend, monkeypatch):
     if not HAVE_DALI and backend != "torch":
