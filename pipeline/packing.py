@@ -62,6 +62,7 @@ from pipeline.constants import (
     SPLITS,
 )
 from pipeline.errors import UserError
+from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
 from pipeline.shards import (
     ShardInfo,
@@ -409,10 +410,7 @@ def _load_record(out: Path) -> dict:
 
 
 def _save_record(out: Path, shards: dict) -> None:
-    path = out / PROGRESS_NAME
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps({"version": PREPROCESS_VERSION, "shards": shards}))
-    os.replace(tmp, path)
+    atomic_write_json(out / PROGRESS_NAME, {"version": PREPROCESS_VERSION, "shards": shards}, indent=None)
 
 
 def _open_out_dir(out: Path) -> Path:
@@ -437,13 +435,13 @@ def _remove_stale(out: Path, keep: set[str]) -> None:
 
 
 def _write_rejects(out: Path, rejects: list[tuple[str, str]]) -> None:
-    path = out / REJECTS_NAME
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "reason"])
-        writer.writerows(rejects)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "reason"])
+            writer.writerows(rejects)
+
+    atomic_write(out / REJECTS_NAME, write)
 
 
 def _strict_error(rejects: list, out: Path) -> UserError:

@@ -45,6 +45,7 @@ from pipeline.constants import (
     SPLITS,
 )
 from pipeline.errors import UserError
+from pipeline.fileio import atomic_write_json, partial_path
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tar writes whole records of 20 blocks
@@ -134,8 +135,7 @@ def write_shard(
     """
     tar_path = Path(tar_path)
     idx_path = tar_path.with_suffix(INDEX_SUFFIX)
-    tmp_tar = tar_path.with_name(f".{tar_path.name}.partial")
-    tmp_idx = idx_path.with_name(f".{idx_path.name}.partial")
+    tmp_tar, tmp_idx = partial_path(tar_path), partial_path(idx_path)
     lines: list[str] = []
     digest = hashlib.sha256()
     offset = 0
@@ -200,11 +200,7 @@ def fsync_files(paths: Iterable[Path]) -> None:
 
 def write_manifest(root: Path, manifest: dict) -> Path:
     """Write ``manifest.json`` atomically."""
-    path = Path(root) / MANIFEST_NAME
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(Path(root) / MANIFEST_NAME, manifest)
 
 
 def split_entry(shards: list[ShardInfo], class_counts: list[int]) -> dict:

@@ -31,6 +31,7 @@ import torch
 
 from pipeline.constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from pipeline.errors import UserError
+from pipeline.fileio import atomic_write, atomic_write_text
 from trainer.model import build_model
 
 CHECKPOINTS = "checkpoints"
@@ -139,9 +140,7 @@ def truncate_metrics(run_dir: str | Path, epochs: int) -> None:
             continue  # a line cut short by a kill
         if isinstance(row, dict) and row.get("epoch", 0) <= epochs:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 # ---------------------------------------------------------------- best.pt
@@ -162,10 +161,7 @@ def save_best(path: str | Path, model_state: dict, *, arch: str, image_size: int
         "metrics": metrics,
         "config": config,
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def repair_best(run_dir: str | Path, state: dict) -> None:

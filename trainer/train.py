@@ -42,6 +42,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from pipeline.errors import UserError, run_cli
+from pipeline.fileio import atomic_write_json
 from pipeline.loader import build_loader
 from pipeline.shards import read_manifest
 from trainer.checkpoint import (
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if state:
         start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, out)
     if accelerator.is_main_process:
-        write_json(out / "config.json", {"config": cfg.to_dict(), "environment": env,
+        atomic_write_json(out / "config.json", {"config": cfg.to_dict(), "environment": env,
                                          "resumed_after_epoch": start if state else None})
     accelerator.print(HEADER)
     progress = EpochProgress(enabled=accelerator.is_main_process and not cfg.quiet and sys.stdout.isatty())
@@ -350,18 +351,12 @@ def stopped_message(err: Exception, epoch: int, out: Path) -> str:
 
 def write_summary(out: Path, cfg, env, best, checksums) -> None:
     rows = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
-    write_json(out / "summary.json", {
+    atomic_write_json(out / "summary.json", {
         "arch": cfg.arch, "epochs": cfg.epochs, "best_epoch": best["epoch"], "best": best,
         "last": rows[-1], "world_size": env["world_size"], "backend": env["backend"],
         "device": env["device"], "weights_sha256_per_rank": checksums,
         "best_checkpoint": str(out / BEST_FILE),
     })
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class EpochProgress:
