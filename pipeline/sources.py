@@ -211,7 +211,7 @@ def _cell(row: list[str], col: int) -> str:
 def detect_layout(root: Path) -> str:
     """``lab`` or ``kaggle`` from the files in ``root``; UserError naming what was looked for."""
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist")
+        raise UserError(f"data folder {root} does not exist (for a synthetic one: python tools/make_synthetic.py {root})")
     lab_present = [name for pair in LAB_FILES.values() for name in pair if (root / name).is_file()]
     if lab_present:
         for split, pair in LAB_FILES.items():
@@ -229,7 +229,7 @@ def read_source(data_dir: str | os.PathLike, labels: str | os.PathLike | None = 
     root = Path(data_dir).resolve()
     if labels is not None:
         if not root.is_dir():
-            raise UserError(f"data folder {root} does not exist")
+            raise UserError(f"data folder {root} does not exist (for a synthetic one: python tools/make_synthetic.py {root})")
         labels_path = Path(labels)
         if not labels_path.is_file():
             raise UserError(f"labels file {labels_path} does not exist")
