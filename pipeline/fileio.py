@@ -35,3 +35,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def make_writable_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and prove a file can be written in it; OSError if not."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
+    return path

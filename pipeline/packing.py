@@ -62,7 +62,7 @@ from pipeline.constants import (
     SPLITS,
 )
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write, atomic_write_json
+from pipeline.fileio import atomic_write, atomic_write_json, make_writable_dir
 from pipeline.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
 from pipeline.shards import (
     ShardInfo,
@@ -416,10 +416,7 @@ def _save_record(out: Path, shards: dict) -> None:
 def _open_out_dir(out: Path) -> Path:
     """Create the output folder, check that it is writable, remove what would mislead."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_dir(out)
         (out / MANIFEST_NAME).unlink(missing_ok=True)
         for leftover in out.glob(".*.partial"):  # from a run that was killed
             leftover.unlink()

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.constants import EYEPACS_CLASS_MIX, NUM_CLASSES
 from pipeline.errors import UserError, run_cli
+from pipeline.fileio import make_writable_dir
 
 LAYOUTS = ("lab", "kaggle")
 EYES = ("left", "right")
@@ -372,10 +373,7 @@ def _check_options(n, size, layout, width, class_mix, test_fraction) -> None:
 
 def _writable_dir(path: Path) -> Path:
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_dir(path)
     except OSError as err:
         raise UserError(f"cannot write to {path}: {err.strerror or err}") from None
     return path
