@@ -1,1 +1,5 @@
-"""Data side of the DR grader: shard writing and reading, and the batch loaders."""
+"""Shards: writing them (``pipeline.writing``) and reading them (``pipeline.loading``).
+
+The two halves share only the shard format (``pipeline.shardformat``) and the manifest
+(``pipeline.manifest``), plus constants, file helpers and the command-line helper.
+"""

@@ -6,6 +6,7 @@ leftover ``.NAME.partial`` files are from runs that were killed mid-write.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -44,3 +45,11 @@ def make_writable_dir(path: Path) -> Path:
     probe.write_bytes(b"")
     probe.unlink()
     return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline.constants import NUM_CLASSES, SHARD_NAME
-from pipeline.shards import split_entry, write_manifest, write_shard
+from pipeline.manifest import Manifest, SplitInfo
+from pipeline.shardformat import write_shard
 
 
 @pytest.fixture(autouse=True)
@@ -47,26 +48,22 @@ def build_shard_dir(
     splits = {}
     for split, n in counts.items():
         labels = [int(x) for x in rng.permutation(np.arange(n) % NUM_CLASSES)]
-        samples = [(f"{split}{i}_left", class_image(lab, size, rng), lab) for i, lab in enumerate(labels)]
+        samples = [
+            (f"{split}{i}_left", class_image(lab, size, rng), lab) for i, lab in enumerate(labels)
+        ]
         shards = []
         for index, start in enumerate(range(0, n, shard_size)):
             path = root / SHARD_NAME.format(split=split, index=index)
             shards.append(write_shard(path, samples[start : start + shard_size]))
-        class_counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
-        splits[split] = split_entry(shards, class_counts)
-    write_manifest(
+        splits[split] = SplitInfo.of(shards, np.bincount(labels, minlength=NUM_CLASSES))
+    Manifest(
         root,
-        {
-            "format_version": 1,
-            "created": "test",
-            "source": {"layout": "test", "path": str(root)},
-            "preprocess": {"size": size, "graham": False},
-            "image_size": size,
-            "seed": seed,
-            "splits": splits,
-            "rejected": 0,
-        },
-    )
+        image_size=size,
+        splits=splits,
+        preprocess={"size": size, "graham": False},
+        source={"layout": "test", "path": str(root)},
+        seed=seed,
+    ).write()
     return root
 
 

@@ -11,16 +11,29 @@ from tools import bench_loader
 
 
 def test_bench_writes_every_path(tiny_shards, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    argv = ["--shards", str(tiny_shards), "--batch-size", "4", "--batches", "3", "--warmup", "1",
-            "--json", str(out)]
+    argv = [
+        "--shards",
+        str(tiny_shards),
+        "--batch-size",
+        "4",
+        "--batches",
+        "3",
+        "--warmup",
+        "1",
+        "--out",
+        str(tmp_path / "bench"),
+    ]
     assert bench_loader.main(argv) == 0
-    report = json.loads(out.read_text())
+    report = json.loads((tmp_path / "bench" / "bench_loader.json").read_text())
     results = {r["path"]: r for r in report["results"]}
-    expected = {"baseline", "torch"} | ({"dali-cpu", "decode-cpu"} if report["machine"]["dali"] else set())
+    expected = {"baseline", "torch"} | (
+        {"dali-cpu", "decode-cpu"} if report["machine"]["dali"] else set()
+    )
     assert expected <= set(results)
     assert all(r["images_per_s"] > 0 for r in results.values())
-    shapes = {tuple(r["batch_shape"]) for name, r in results.items() if not name.startswith("decode")}
+    shapes = {
+        tuple(r["batch_shape"]) for name, r in results.items() if not name.startswith("decode")
+    }
     assert shapes == {(4, 3, 64, 64)}  # every path yields the same normalised float batches
     assert results["baseline"]["vs_baseline"] == 1.0
     assert report["machine"]["cores_available"] >= 1 and report["config"]["samples"] == 40

@@ -18,9 +18,9 @@ from trainer.checkpoint import (
     save_last,
     set_rng_state,
     state_checksum,
-    truncate_metrics,
 )
 from trainer.model import build_model
+from trainer.runfiles import truncate_metrics
 
 
 def draws():
@@ -42,7 +42,9 @@ def test_last_is_replaced_atomically_and_survives_a_crash_between_renames(tmp_pa
         load_last(tmp_path)
     model = build_model("resnet18")
     for epoch in (1, 2):
-        save_last(tmp_path, {"epoch": epoch, "model": model.state_dict(), "config": {"arch": "resnet18"}})
+        save_last(
+            tmp_path, {"epoch": epoch, "model": model.state_dict(), "config": {"arch": "resnet18"}}
+        )
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["last"]
     assert load_last(tmp_path)["epoch"] == 2
@@ -60,11 +62,27 @@ def test_best_is_enough_to_predict(tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet18").eval()
     row = {"epoch": 4, "test_qwk": 0.5}
-    save_best(tmp_path / BEST_FILE, model.state_dict(), arch="resnet18", image_size=64, epoch=4,
-              metrics=row, config={"arch": "resnet18", "image_size": 64})
+    save_best(
+        tmp_path / BEST_FILE,
+        model.state_dict(),
+        arch="resnet18",
+        image_size=64,
+        epoch=4,
+        metrics=row,
+        config={"arch": "resnet18", "image_size": 64},
+    )
     loaded, info = load_best(tmp_path / BEST_FILE)
-    assert {"arch", "num_classes", "class_names", "image_size", "mean", "std", "epoch", "metrics",
-            "config"} <= set(info)
+    assert {
+        "arch",
+        "num_classes",
+        "class_names",
+        "image_size",
+        "mean",
+        "std",
+        "epoch",
+        "metrics",
+        "config",
+    } <= set(info)
     assert info["image_size"] == 64 and info["metrics"] == row and len(info["mean"]) == 3
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -76,10 +94,21 @@ def test_best_is_enough_to_predict(tmp_path):
 def test_repair_best_after_a_kill_between_last_and_best(tmp_path):
     model = build_model("resnet18")
     config = {"arch": "resnet18", "image_size": 64}
-    state = {"epoch": 2, "model": model.state_dict(), "config": config,
-             "best": {"epoch": 2, "test_qwk": 0.7}}
-    save_best(tmp_path / BEST_FILE, build_model("resnet18").state_dict(), arch="resnet18",
-              image_size=64, epoch=1, metrics={"epoch": 1}, config=config)
+    state = {
+        "epoch": 2,
+        "model": model.state_dict(),
+        "config": config,
+        "best": {"epoch": 2, "test_qwk": 0.7},
+    }
+    save_best(
+        tmp_path / BEST_FILE,
+        build_model("resnet18").state_dict(),
+        arch="resnet18",
+        image_size=64,
+        epoch=1,
+        metrics={"epoch": 1},
+        config=config,
+    )
     repair_best(tmp_path, state)
     _, info = load_best(tmp_path / BEST_FILE)
     assert info["epoch"] == 2 and info["metrics"]["test_qwk"] == 0.7

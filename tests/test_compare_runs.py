@@ -12,17 +12,31 @@ from tools.compare_runs import load_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fake_run(path: Path, arch: str, pretrained: bool, epochs: int, planned: int, partial_line=False):
+def fake_run(
+    path: Path, arch: str, pretrained: bool, epochs: int, planned: int, partial_line=False
+):
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"arch": arch, "pretrained": pretrained, "epochs": planned}))
+    (path / "config.json").write_text(
+        json.dumps({"arch": arch, "pretrained": pretrained, "epochs": planned})
+    )
     lines = []
     for e in range(1, epochs + 1):
-        lines.append(json.dumps({
-            "epoch": e, "train_loss": 1.5 / e, "train_acc": 0.5 + 0.04 * e,
-            "test_loss": 1.6 / e, "test_acc": 0.45 + 0.05 * e - (0.2 if e == 2 else 0),
-            "test_qwk": 0.1 * e, "test_recall": [0.9, 0.1, 0.2 * e / epochs, 0.0, 0.05],
-            "images_per_s": 100.0, "epoch_s": 3.0, "lr": 0.01,
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "epoch": e,
+                    "train_loss": 1.5 / e,
+                    "train_acc": 0.5 + 0.04 * e,
+                    "test_loss": 1.6 / e,
+                    "test_acc": 0.45 + 0.05 * e - (0.2 if e == 2 else 0),
+                    "test_qwk": 0.1 * e,
+                    "test_recall": [0.9, 0.1, 0.2 * e / epochs, 0.0, 0.05],
+                    "images_per_s": 100.0,
+                    "epoch_s": 3.0,
+                    "lr": 0.01,
+                }
+            )
+        )
     text = "\n".join(lines) + "\n"
     if partial_line:
         text += '{"epoch": ' + str(epochs + 1) + ', "train_lo'
@@ -35,27 +49,33 @@ def fake_run(path: Path, arch: str, pretrained: bool, epochs: int, planned: int,
 def test_compare_two_runs(tmp_path):
     a = fake_run(tmp_path / "r18", "resnet18", True, 3, 3)
     b = fake_run(tmp_path / "r50", "resnet50", False, 2, 5, partial_line=True)
-    out = tmp_path / "fig" / "compare.png"
+    out = tmp_path / "fig"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools/compare_runs.py"), str(a), str(b), "--out", str(out)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    assert Image.open(out).size[0] > 1000
-    table = out.with_suffix(".md").read_text()
+    assert Image.open(out / "compare.png").size[0] > 1000
+    table = (out / "compare.md").read_text()
     assert table.strip() in proc.stdout
     rows = [line for line in table.splitlines() if line.startswith("| resnet")]
     assert rows[0].startswith("| resnet18, pretrained | 3/3 | 60.0 % (3) | 0.300 (3) |")
     # best accuracy of the in-progress run is epoch 1 (epoch 2 dips), its last line is ignored
-    assert rows[1].startswith("| resnet50, from scratch | 2/5 (in progress) | 50.0 % (1) | 0.200 (2) |")
+    assert rows[1].startswith(
+        "| resnet50, from scratch | 2/5 (in progress) | 50.0 % (1) | 0.200 (2) |"
+    )
 
 
 def test_same_label_gets_folder_names(tmp_path):
     a = fake_run(tmp_path / "cosine", "resnet18", False, 2, 2)
     b = fake_run(tmp_path / "constant", "resnet18", False, 2, 2)
-    out = tmp_path / "c.png"
+    out = tmp_path / "c"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools/compare_runs.py"), str(a), str(b), "--out", str(out)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "resnet18, from scratch (cosine)" in proc.stdout
     assert "resnet18, from scratch (constant)" in proc.stdout
@@ -65,21 +85,33 @@ def test_bad_inputs(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/compare_runs.py"), str(empty), "--out", str(tmp_path / "x.png")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "tools/compare_runs.py"),
+            str(empty),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {empty} has no metrics.jsonl; is it a run folder written by trainer/train.py?"
+    assert (
+        proc.stderr.strip()
+        == f"error: {empty} has no metrics.jsonl; is it a run folder written by trainer/train.py?"
+    )
     bad = fake_run(tmp_path / "bad", "resnet18", False, 3, 3)
     lines = (bad / "metrics.jsonl").read_text().splitlines()
     lines[0] = "garbage"
     (bad / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/compare_runs.py"), str(bad)], capture_output=True, text=True,
+        [sys.executable, str(ROOT / "tools/compare_runs.py"), str(bad)],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2 and "line 1 is not JSON" in proc.stderr
 
 
 def test_run_without_epochs_is_listed(tmp_path):
     run = fake_run(tmp_path / "new", "resnet50", True, 0, 4)
-    assert load_run(run).rows == []
+    assert load_run(run).metrics.empty

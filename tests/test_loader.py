@@ -1,4 +1,4 @@
-"""The loading contract (DESIGN.md section 3) on both CPU backends, against the tiny fixture.
+"""The loading contract on both CPU backends, against the tiny fixture.
 
 References are read independently of the loader: Python's tarfile + PIL decode each
 sample, and the manifest's order gives the expected keys.
@@ -19,7 +19,9 @@ from PIL import Image
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
-from pipeline.loader import AugmentConfig, build_loader, rank_range
+from pipeline.loading.augment import NO_AUGMENT, AugmentConfig
+from pipeline.loading.contract import rank_range
+from pipeline.loading.loader import build_loader
 from tests.conftest import build_shard_dir
 
 try:
@@ -31,9 +33,11 @@ except ImportError:
 
 BACKENDS = [
     "torch",
-    pytest.param("dali-cpu", marks=pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")),
+    pytest.param(
+        "dali-cpu", marks=pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
+    ),
 ]
-NO_FLIPS = AugmentConfig(hflip=False, vflip=False)
+NO_FLIPS = NO_AUGMENT
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -55,7 +59,13 @@ def reference(root: Path, split: str) -> dict[str, tuple[np.ndarray, int]]:
 
 def loader(root, split="test", *, backend, keys=True, **kw):
     """build_loader, with the sample keys added to every batch (the backends' test option)."""
-    opts = {"batch_size": 4, "image_size": 64, "train": split == "train", "workers": 2, "backend": backend}
+    opts = {
+        "batch_size": 4,
+        "image_size": 64,
+        "train": split == "train",
+        "workers": 2,
+        "backend": backend,
+    }
     built = build_loader(root, split, **{**opts, **kw})
     return type(built)(built.spec, with_keys=True) if keys else built
 
@@ -87,7 +97,9 @@ def test_eval_batches_match_the_jpegs_and_the_manifest(tiny_shards, test_ref, ba
         assert images.dtype == torch.float32 and images.shape[1:] == (3, 64, 64)
         assert labels.dtype == torch.int64 and images.device.type == "cpu"
         assert labels.tolist() == [test_ref[k][1] for k in keys]
-        expected = torch.stack([torch.from_numpy(test_ref[k][0]).permute(2, 0, 1) for k in keys]).float()
+        expected = torch.stack(
+            [torch.from_numpy(test_ref[k][0]).permute(2, 0, 1) for k in keys]
+        ).float()
         diff = (denormalise(images) - expected).abs()
         assert diff.mean() < 1.0 and diff.max() < 16, f"{backend}: decoded pixels differ from PIL's"
     # normalised with the ImageNet statistics: recovering the mean brightness of the split
@@ -131,7 +143,9 @@ def test_train_gives_equal_full_steps_on_every_rank(tiny_shards, backend):
     for ep in range(2):  # two consecutive epochs through the same loaders
         keys = []
         for rank in range(world):
-            ld = loader(tiny_shards, "train", backend=backend, rank=rank, world_size=world, batch_size=batch)
+            ld = loader(
+                tiny_shards, "train", backend=backend, rank=rank, world_size=world, batch_size=batch
+            )
             ld.set_epoch(ep)
             batches = epoch(ld)
             assert len(ld) == len(batches) == 40 // (world * batch) == 3
@@ -150,7 +164,10 @@ def test_consecutive_epochs_differ_and_the_seed_reproduces_them(tiny_shards, bac
     again.set_epoch(1)
     replay = epoch(again)
     assert all_keys(replay) == all_keys(second)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(replay, second, strict=True))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for a, b in zip(replay, second, strict=True)
+    )
     other = loader(tiny_shards, "train", backend=backend, seed=4)
     assert all_keys(epoch(other)) != all_keys(first)
 
@@ -158,8 +175,11 @@ def test_consecutive_epochs_differ_and_the_seed_reproduces_them(tiny_shards, bac
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("flip", ["hflip", "vflip"])
 def test_flips_actually_flip(tiny_shards, backend, flip):
-    plain = {k: img for images, _, keys in epoch(loader(tiny_shards, "train", backend=backend, train=False))
-             for k, img in zip(keys, images, strict=True)}
+    plain = {
+        k: img
+        for images, _, keys in epoch(loader(tiny_shards, "train", backend=backend, train=False))
+        for k, img in zip(keys, images, strict=True)
+    }
     augment = AugmentConfig(hflip=flip == "hflip", vflip=flip == "vflip")
     dim = -1 if flip == "hflip" else -2
     flipped = same = 0
@@ -175,13 +195,18 @@ def test_flips_actually_flip(tiny_shards, backend, flip):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option", [{"rotate": 30.0}, {"scale": 0.5}, {"color": 0.4}])
 def test_augment_options_change_pixels(tiny_shards, backend, option):
-    plain = {k: img for images, _, keys in epoch(loader(tiny_shards, "train", backend=backend, train=False))
-             for k, img in zip(keys, images, strict=True)}
+    plain = {
+        k: img
+        for images, _, keys in epoch(loader(tiny_shards, "train", backend=backend, train=False))
+        for k, img in zip(keys, images, strict=True)
+    }
     augment = AugmentConfig(hflip=False, vflip=False, **option)
     changed = 0
     for images, _, keys in epoch(loader(tiny_shards, "train", backend=backend, augment=augment)):
         assert images.shape == (4, 3, 64, 64) and torch.isfinite(images).all()
-        changed += sum((img - plain[k]).abs().mean().item() > 0.05 for k, img in zip(keys, images, strict=True))
+        changed += sum(
+            (img - plain[k]).abs().mean().item() > 0.05 for k, img in zip(keys, images, strict=True)
+        )
     assert changed >= 36
 
 
@@ -189,11 +214,17 @@ def test_augment_options_change_pixels(tiny_shards, backend, option):
 def test_resize_and_channels_last(tiny_shards, test_ref, backend):
     small = epoch(loader(tiny_shards, backend=backend, image_size=32, channels_last=True))
     images, _, keys = small[0]
-    assert images.shape == (4, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
-    expected = torch.stack([
-        torch.from_numpy(np.asarray(Image.fromarray(test_ref[k][0]).resize((32, 32), Image.BILINEAR)))
-        .permute(2, 0, 1) for k in keys
-    ]).float()
+    assert images.shape == (4, 3, 32, 32) and images.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    expected = torch.stack(
+        [
+            torch.from_numpy(
+                np.asarray(Image.fromarray(test_ref[k][0]).resize((32, 32), Image.BILINEAR))
+            ).permute(2, 0, 1)
+            for k in keys
+        ]
+    ).float()
     assert (denormalise(images) - expected).abs().mean() < 4.0
 
 
@@ -203,7 +234,8 @@ def test_torch_workers_uint8_path_matches_their_normalised_path(tiny_shards, cha
     normalised on the device. Both must give the same pixels (the uint8 path checked on CPU)."""
     from torch.utils.data import DataLoader
 
-    from pipeline.torch_loader import ShardSlice, chunked
+    from pipeline.loading.samples import chunked
+    from pipeline.loading.torch_backend import ShardSlice
 
     ld = loader(tiny_shards, "train", backend="torch", channels_last=channels_last)
     chunks = chunked(ld.spec.samples(0, 40))
@@ -215,8 +247,12 @@ def test_torch_workers_uint8_path_matches_their_normalised_path(tiny_shards, cha
     floats, uint8s = batches(True), batches(False)
     assert len(floats) == len(uint8s) and sum(len(b[1]) for b in floats) == 40  # raw worker batches
     for (f, fl, fk), (u, ul, uk) in zip(floats, uint8s, strict=True):
-        assert f.dtype == torch.float32 and u.dtype == torch.uint8 and fk == uk and torch.equal(fl, ul)
-        assert f.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert (
+            f.dtype == torch.float32 and u.dtype == torch.uint8 and fk == uk and torch.equal(fl, ul)
+        )
+        assert f.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
         images, _ = ld.normalize(u, ul)
         assert torch.allclose(images, f, atol=1e-5)
         assert torch.allclose(denormalise(f), u.float(), atol=1e-3)
@@ -228,7 +264,7 @@ def test_backend_choice(tiny_shards, backend, monkeypatch):
         pytest.skip("nvidia-dali not installed")
     ld = loader(tiny_shards, backend=backend, keys=False)
     assert ld.backend == ("torch" if backend == "torch" else "dali-cpu")
-    monkeypatch.setattr("pipeline.loader.dali_available", lambda: False)
+    monkeypatch.setattr("pipeline.loading.loader.dali_available", lambda: False)
     if backend == "dali":
         with pytest.raises(UserError, match="--backend torch"):
             loader(tiny_shards, backend=backend)
@@ -243,7 +279,9 @@ def test_user_errors_at_build(tiny_shards, tmp_path):
         build_loader(tiny_shards, "test", batch_size=4, image_size=64, train=False, backend="jax")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA"):
-            build_loader(tiny_shards, "test", batch_size=4, image_size=64, train=False, device="cuda")
+            build_loader(
+                tiny_shards, "test", batch_size=4, image_size=64, train=False, device="cuda"
+            )
     root = shutil.copytree(tiny_shards, tmp_path / "missing")
     (root / "test-000001.tar").unlink()
     with pytest.raises(UserError, match="test-000001.tar"):
@@ -278,7 +316,9 @@ def test_a_corrupt_jpeg_is_one_clear_error(corrupt_shards, backend):
     ld = loader(root, backend=backend, keys=False)  # the size check passes
     with pytest.raises(UserError) as err:
         epoch(ld)
-    assert "test-000001.tar" in str(err.value) and key in str(err.value) and "\n" not in str(err.value)
+    assert (
+        "test-000001.tar" in str(err.value) and key in str(err.value) and "\n" not in str(err.value)
+    )
     with pytest.raises(UserError, match="sha256"):
         loader(root, backend=backend, verify=True)
 
@@ -295,11 +335,17 @@ def test_a_truncated_tar_is_one_clear_error(tiny_shards, tmp_path, backend):
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError) as err:
         epoch(loader(root, backend=backend, keys=False))
-    assert "test-000001.tar" in str(err.value) and "test" in str(err.value) and "\n" not in str(err.value)
+    assert (
+        "test-000001.tar" in str(err.value)
+        and "test" in str(err.value)
+        and "\n" not in str(err.value)
+    )
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and a CUDA GPU")
+@pytest.mark.skipif(
+    not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and a CUDA GPU"
+)
 def test_dali_gpu_meets_the_contract(tiny_shards, test_ref):
     seen = []
     for rank in range(2):
@@ -311,7 +357,9 @@ def test_dali_gpu_meets_the_contract(tiny_shards, test_ref):
             seen += keys
     assert sorted(seen) == sorted(test_ref)
     augment = AugmentConfig(rotate=20, scale=0.3, color=0.3)
-    ld = loader(tiny_shards, "train", backend="dali", device="cuda", augment=augment, channels_last=True)
+    ld = loader(
+        tiny_shards, "train", backend="dali", device="cuda", augment=augment, channels_last=True
+    )
     batches = epoch(ld)
     assert len(batches) == len(ld) == 10
     assert all(b[0].is_contiguous(memory_format=torch.channels_last) for b in batches)
@@ -321,14 +369,28 @@ def test_dali_gpu_meets_the_contract(tiny_shards, test_ref):
 def test_dali_gpu_graph_is_well_formed(tiny_shards):
     """The GPU graph (mixed decode, GPU augment, GPU->CPU contrast centre) defines and serialises
     without a GPU; only building it needs one (test_dali_gpu_meets_the_contract)."""
-    from pipeline.dali import shard_pipeline
+    from pipeline.loading.dali import shard_pipeline
 
-    spec = build_loader(tiny_shards, "train", batch_size=4, image_size=64, train=True, backend="dali").spec
+    spec = build_loader(
+        tiny_shards, "train", batch_size=4, image_size=64, train=True, backend="dali"
+    ).spec
     pipe = shard_pipeline(
-        [str(p) for p in spec.manifest.tar_paths("train")], [str(p) for p in spec.manifest.index_paths("train")],
-        shard_id=0, num_shards=1, train=True, gpu=True, size=48, stored_size=64,
-        augment=AugmentConfig(rotate=10, scale=0.2, color=0.2), channels_last=True, with_keys=True,
-        batch_size=4, num_threads=1, device_id=None, seed=1, exec_dynamic=True,
+        [str(p) for p in spec.manifest.tar_paths("train")],
+        [str(p) for p in spec.manifest.index_paths("train")],
+        shard_id=0,
+        num_shards=1,
+        train=True,
+        gpu=True,
+        size=48,
+        stored_size=64,
+        augment=AugmentConfig(rotate=10, scale=0.2, color=0.2),
+        channels_last=True,
+        with_keys=True,
+        batch_size=4,
+        num_threads=1,
+        device_id=None,
+        seed=1,
+        exec_dynamic=True,
     )
     graph = pipe.serialize()
     assert b"mixed" in graph and b"hw_decoder_load" in graph

@@ -18,11 +18,12 @@ import webdataset as wds
 from PIL import Image
 from rich.console import Console
 
-from pipeline import packing
-from pipeline.errors import run_cli
-from pipeline.packing import PackConfig, pack
-from pipeline.preprocess import jpeg_frame
-from pipeline.shards import file_sha256, read_manifest, verify_split
+from pipeline.cli import build_parser, run_cli
+from pipeline.fileio import file_sha256
+from pipeline.manifest import read_manifest, verify_split
+from pipeline.writing import packing
+from pipeline.writing.packing import PackConfig, pack
+from pipeline.writing.preprocess import jpeg_frame
 from tools import make_shards
 from tools.make_synthetic import generate
 
@@ -42,7 +43,9 @@ class Run:
 def run_tool(*args) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "tools" / "make_shards.py"), *map(str, args)],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
 
 
@@ -51,7 +54,18 @@ def kaggle_run(tmp_path_factory) -> Run:
     """40 synthetic 144x96 photos (black side borders) -> 64 px shards of 12, two workers."""
     root = tmp_path_factory.mktemp("kaggle")
     items = generate(root / "data", n=40, size=96, width=144, layout="kaggle", seed=1)
-    proc = run_tool(root / "data", root / "shards", "--size", SIZE, "--shard-size", 12, "--workers", 2, "--seed", 5)
+    proc = run_tool(
+        root / "data",
+        root / "shards",
+        "--size",
+        SIZE,
+        "--shard-size",
+        12,
+        "--workers",
+        2,
+        "--seed",
+        5,
+    )
     assert proc.returncode == 0, proc.stderr
     return Run(root / "data", root / "shards", dict(items), None, proc.stdout)
 
@@ -61,9 +75,13 @@ def lab_run(tmp_path_factory) -> Run:
     """30 synthetic photos already 64x64 -> packed as they are, in one process."""
     root = tmp_path_factory.mktemp("lab")
     items = generate(root / "data", n=30, size=SIZE, layout="lab", seed=2)
-    proc = run_tool(root / "data", root / "shards", "--size", SIZE, "--shard-size", 8, "--workers", 1)
+    proc = run_tool(
+        root / "data", root / "shards", "--size", SIZE, "--shard-size", 8, "--workers", 1
+    )
     assert proc.returncode == 0, proc.stderr
-    splits = {s: set((root / "data" / f"{s}_img.csv").read_text().split()) for s in ("train", "test")}
+    splits = {
+        s: set((root / "data" / f"{s}_img.csv").read_text().split()) for s in ("train", "test")
+    }
     return Run(root / "data", root / "shards", dict(items), splits, proc.stdout)
 
 
@@ -72,7 +90,9 @@ RUNS = ["kaggle_run", "lab_run"]
 
 def read_webdataset(out: Path, split: str) -> list[tuple[str, int, bytes]]:
     urls = [str(p) for p in read_manifest(out).tar_paths(split)]
-    return [(s["__key__"], int(s["cls"]), s["jpg"]) for s in wds.WebDataset(urls, shardshuffle=False)]
+    return [
+        (s["__key__"], int(s["cls"]), s["jpg"]) for s in wds.WebDataset(urls, shardshuffle=False)
+    ]
 
 
 def read_dali(out: Path, split: str) -> list[tuple[str, int, bytes]]:
@@ -87,7 +107,10 @@ def read_dali(out: Path, split: str) -> list[tuple[str, int, bytes]]:
         jpegs, labels = fn.readers.webdataset(
             paths=[str(p) for p in manifest.tar_paths(split)],
             index_paths=[str(p) for p in manifest.index_paths(split)],
-            ext=["jpg", "cls"], missing_component_behavior="error", pad_last_batch=True, name="wds",
+            ext=["jpg", "cls"],
+            missing_component_behavior="error",
+            pad_last_batch=True,
+            name="wds",
         )
         return jpegs, labels, fn.get_property(jpegs, key="source_info")
 
@@ -99,7 +122,13 @@ def read_dali(out: Path, split: str) -> list[tuple[str, int, bytes]]:
         jpegs, labels, info = pipe.run()
         for i in range(len(jpegs)):
             name = bytes(np.array(info[i])).decode().rsplit(":", 1)[1]  # "path:offset:key.jpg"
-            samples.append((name.removesuffix(".jpg"), int(bytes(np.array(labels[i])).decode()), bytes(np.array(jpegs[i]))))
+            samples.append(
+                (
+                    name.removesuffix(".jpg"),
+                    int(bytes(np.array(labels[i])).decode()),
+                    bytes(np.array(jpegs[i])),
+                )
+            )
     return samples[:n]
 
 
@@ -115,7 +144,10 @@ def test_every_sample_reads_back_with_its_key_and_label(request, run_name, reade
     for split in ("train", "test"):
         samples = reader(run.out, split)
         assert len(samples) == manifest.split(split).samples
-        assert tuple(np.bincount([lab for _, lab, _ in samples], minlength=5)) == manifest.split(split).class_counts
+        assert (
+            tuple(np.bincount([lab for _, lab, _ in samples], minlength=5))
+            == manifest.split(split).class_counts
+        )
         if run.splits is not None:
             assert {key for key, _, _ in samples} == run.splits[split]
         for key, label, jpeg in samples:
@@ -140,7 +172,9 @@ def test_manifest_counts_and_sha256_match_the_files(request, run_name):
     run: Run = request.getfixturevalue(run_name)
     manifest = read_manifest(run.out)
     on_disk = sorted(p.name for p in run.out.iterdir() if not p.name.startswith("."))
-    listed = sorted(n for s in manifest.raw["splits"].values() for sh in s["shards"] for n in (sh["file"], sh["index"]))
+    listed = sorted(
+        n for s in manifest.splits.values() for sh in s.shards for n in (sh.file, sh.index)
+    )
     assert on_disk == sorted([*listed, "manifest.json", "rejects.csv"])
     for split in ("train", "test"):
         verify_split(manifest, split, full=True)
@@ -149,15 +183,18 @@ def test_manifest_counts_and_sha256_match_the_files(request, run_name):
             assert file_sha256(tar) == shard.sha256 and tar.stat().st_size == shard.bytes
             with tarfile.open(tar) as t:
                 assert len(t.getnames()) == 2 * shard.samples
-    assert manifest.raw["rejected"] == 0 and manifest.raw["source"]["path"] == str(run.data.resolve())
+    assert manifest.report["rejected"] == 0 and manifest.source["path"] == str(run.data.resolve())
     assert manifest.split("train").samples + manifest.split("test").samples == len(run.labels)
     assert (run.out / "rejects.csv").read_text().strip() == "image,reason"
 
 
 def test_kaggle_split_shares_no_patient(kaggle_run):
     manifest = read_manifest(kaggle_run.out)
-    assert manifest.raw["source"]["layout"] == "kaggle" and manifest.raw["patients_in_both_splits"] == 0
-    patients = {split: {k.rsplit("_", 1)[0] for k, _, _ in read_webdataset(kaggle_run.out, split)} for split in ("train", "test")}
+    assert manifest.source["layout"] == "kaggle" and manifest.report["patients_in_both_splits"] == 0
+    patients = {
+        split: {k.rsplit("_", 1)[0] for k, _, _ in read_webdataset(kaggle_run.out, split)}
+        for split in ("train", "test")
+    }
     assert patients["train"] and patients["test"] and not patients["train"] & patients["test"]
 
 
@@ -183,8 +220,9 @@ def test_train_is_shuffled_test_sorted(kaggle_run):
 
 def test_summary_table_and_cli_matches_config(kaggle_run):
     assert "grade 4" in kaggle_run.stdout and "train" in kaggle_run.stdout
-    args = make_shards.build_parser().parse_args(["in", "out"])
-    assert set(vars(args)) == {f.name for f in fields(PackConfig)}
+    parser = build_parser(PackConfig, "make_shards.py", "")
+    options = {a.dest for a in parser._actions if a.dest != "help"}
+    assert options == {f.name for f in fields(PackConfig)}
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -194,14 +232,19 @@ def eye_jpeg(seed: int, size: int = SIZE, **save) -> bytes:
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 10, (size, size + size // 2, 3), dtype=np.uint8)
     yy, xx = np.ogrid[:size, : size + size // 2]
-    img[np.hypot(xx - (size * 1.5 - 1) / 2, yy - (size - 1) / 2) < size / 2 - 1] = rng.integers(60, 220, 3)
+    img[np.hypot(xx - (size * 1.5 - 1) / 2, yy - (size - 1) / 2) < size / 2 - 1] = rng.integers(
+        60, 220, 3
+    )
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "JPEG", quality=90, **save)
     return buf.getvalue()
 
 
 def lab_folder(
-    root: Path, extra: list[tuple[str, str, bytes | None]] = (), ext: str = ".jpeg", square: bool = False
+    root: Path,
+    extra: list[tuple[str, str, bytes | None]] = (),
+    ext: str = ".jpeg",
+    square: bool = False,
 ) -> Path:
     """Four good train images and one test image, plus ``extra`` train rows (id, label, file bytes).
 
@@ -210,7 +253,10 @@ def lab_folder(
     images = root / "images"
     images.mkdir(parents=True)
     image = square_jpeg if square else eye_jpeg
-    rows = {"train": [(f"{i}_left", str(i), image(i)) for i in range(4)], "test": [("9_left", "1", image(9))]}
+    rows = {
+        "train": [(f"{i}_left", str(i), image(i)) for i in range(4)],
+        "test": [("9_left", "1", image(9))],
+    }
     rows["train"] += list(extra)
     for split, entries in rows.items():
         (root / f"{split}_img.csv").write_text("".join(f"{key}\n" for key, _, _ in entries))
@@ -225,12 +271,22 @@ def square_jpeg(seed: int, size: int = SIZE, **save) -> bytes:
     """A baseline RGB JPEG already ``size`` x ``size``: packed as its original bytes."""
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90, **save)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+        buf, "JPEG", quality=90, **save
+    )
     return buf.getvalue()
 
 
 def run_pack(data: Path, out: Path, **kw) -> packing.PackResult:
-    cfg = PackConfig(data, out, size=SIZE, shard_size=kw.pop("shard_size", 3), workers=kw.pop("workers", 1), quiet=True, **kw)
+    cfg = PackConfig(
+        data,
+        out,
+        size=SIZE,
+        shard_size=kw.pop("shard_size", 3),
+        workers=kw.pop("workers", 1),
+        quiet=True,
+        **kw,
+    )
     return pack(cfg, console=Console(file=io.StringIO()))
 
 
@@ -258,20 +314,31 @@ def bomb() -> bytes:
         ("x", eye_jpeg(7), "bad label: 'x' is not an integer 0-4"),
         ("1.5", eye_jpeg(7), "bad label: '1.5' is not an integer 0-4"),
     ],
-    ids=["missing", "empty", "truncated", "not-an-image", "decompression-bomb", "label-7", "label-x", "label-1.5"],
+    ids=[
+        "missing",
+        "empty",
+        "truncated",
+        "not-an-image",
+        "decompression-bomb",
+        "label-7",
+        "label-x",
+        "label-1.5",
+    ],
 )
 def test_bad_input_is_rejected_with_its_reason(tmp_path, label, data, reason):
     out = tmp_path / "shards"
     result = run_pack(lab_folder(tmp_path / "data", [("5_left", label, data)]), out)
     assert rejects_of(out) == [("5_left", reason)]
-    assert result.manifest["rejected"] == 1 and result.manifest["splits"]["train"]["samples"] == 4
+    assert result.manifest.report["rejected"] == 1 and result.manifest.splits["train"].samples == 4
     assert read_manifest(out).split("train").samples == 4
 
 
 def test_duplicate_id_is_rejected_saying_which(tmp_path):
     out = tmp_path / "shards"
     run_pack(lab_folder(tmp_path / "data", [("2_left", "4", None)]), out)
-    assert rejects_of(out) == [("2_left", "duplicate: listed again at train_img.csv line 5, kept train_img.csv line 3")]
+    assert rejects_of(out) == [
+        ("2_left", "duplicate: listed again at train_img.csv line 5, kept train_img.csv line 3")
+    ]
     labels = {k: lab for k, lab, _ in read_webdataset(out, "train")}
     assert labels["2_left"] == 2
 
@@ -288,7 +355,11 @@ def test_unequal_csv_lengths_reject_the_unmatched_rows(tmp_path):
 def test_grayscale_cmyk_png_and_upper_case_extension_are_packed(tmp_path):
     rgb = Image.open(io.BytesIO(eye_jpeg(11)))
     encoded = {}
-    for key, mode, fmt in (("g_left", "L", "JPEG"), ("c_left", "CMYK", "JPEG"), ("p_left", "RGB", "PNG")):
+    for key, mode, fmt in (
+        ("g_left", "L", "JPEG"),
+        ("c_left", "CMYK", "JPEG"),
+        ("p_left", "RGB", "PNG"),
+    ):
         buf = io.BytesIO()
         rgb.convert(mode).save(buf, fmt)
         encoded[key] = buf.getvalue()
@@ -302,7 +373,11 @@ def test_grayscale_cmyk_png_and_upper_case_extension_are_packed(tmp_path):
     packed = {k: jpeg for k, _, jpeg in read_webdataset(out, "train")}
     for key in (*encoded, "u_left"):
         img = Image.open(io.BytesIO(packed[key]))
-        assert img.mode == "RGB" and img.size == (SIZE, SIZE) and jpeg_frame(io.BytesIO(packed[key]))[0] == 0xC0
+        assert (
+            img.mode == "RGB"
+            and img.size == (SIZE, SIZE)
+            and jpeg_frame(io.BytesIO(packed[key]))[0] == 0xC0
+        )
 
 
 def exit_of(argv, capsys) -> tuple[int, str]:
@@ -315,7 +390,11 @@ def test_empty_folder_exits_2_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_tool(tmp_path / "empty", tmp_path / "out", "--quiet")
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "looked for train_img.csv" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.count("\n") == 1
+        and "looked for train_img.csv" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -332,7 +411,11 @@ def test_unwritable_output_exits_2(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     code, err = exit_of([data, blocker / "shards", "--quiet"], capsys)
-    assert code == 2 and err.startswith("error: cannot write to output folder") and err.count("\n") == 1
+    assert (
+        code == 2
+        and err.startswith("error: cannot write to output folder")
+        and err.count("\n") == 1
+    )
 
 
 def test_strict_exits_nonzero_but_writes_rejects(tmp_path, capsys):
@@ -344,7 +427,11 @@ def test_strict_exits_nonzero_but_writes_rejects(tmp_path, capsys):
     assert not (out / "manifest.json").exists()
     (data / "images" / "5_left.jpeg").write_bytes(eye_jpeg(5))
     code, err = exit_of([data, out, "--quiet", "--strict", "--size", SIZE], capsys)
-    assert code == 2 and "1 input was rejected" in err and rejects_of(out) == [("6_left", "empty file")]
+    assert (
+        code == 2
+        and "1 input was rejected" in err
+        and rejects_of(out) == [("6_left", "empty file")]
+    )
     assert not (out / "manifest.json").exists()
 
 
@@ -355,12 +442,14 @@ def shard_bytes(out: Path) -> dict[str, str]:
     return {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.suffix in (".tar", ".idx")}
 
 
-def without_created(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k != "created"}
+def without_created(manifest) -> dict:
+    return {k: v for k, v in manifest.to_json().items() if k != "created"}
 
 
 def test_rerun_gives_identical_shards_and_reuses_them(tmp_path):
-    data = lab_folder(tmp_path / "data", [(f"{i}_right", str(i % 5), eye_jpeg(20 + i)) for i in range(6)])
+    data = lab_folder(
+        tmp_path / "data", [(f"{i}_right", str(i % 5), eye_jpeg(20 + i)) for i in range(6)]
+    )
     first = run_pack(data, tmp_path / "a")
     before = shard_bytes(tmp_path / "a")
     again = run_pack(data, tmp_path / "a")
@@ -381,8 +470,14 @@ def test_rerun_rebuilds_what_changed_and_removes_stale_shards(tmp_path):
     (data / "train_label.csv").write_text("\n".join(labels) + "\n")
     result = run_pack(data, tmp_path / "out", shard_size=4)
     assert sorted(shard_bytes(tmp_path / "out")) == [
-        "test-000000.idx", "test-000000.tar", "train-000000.idx", "train-000000.tar",
-        "train-000001.idx", "train-000001.tar", "train-000002.idx", "train-000002.tar",
+        "test-000000.idx",
+        "test-000000.tar",
+        "train-000000.idx",
+        "train-000000.tar",
+        "train-000001.idx",
+        "train-000001.tar",
+        "train-000002.idx",
+        "train-000002.tar",
     ]
     assert result.reused_shards == 1  # the test shard
     assert {k: lab for k, lab, _ in read_webdataset(tmp_path / "out", "train")}["5_right"] == 4
@@ -395,24 +490,46 @@ def test_parallel_pass_through_gives_the_same_bytes_and_rejects(tmp_path):
     extra[5] = ("5_right", "0", eye_jpeg(5))  # not square: decoded, in the middle of a chunk
     extra[8] = ("8_right", "1", square_jpeg(8)[:-300])  # cut short: rejected as truncated
     extra[9] = ("9_right", "2", None)  # missing
-    extra[11] = ("11_right", "3", square_jpeg(11, icc_profile=bytes(100_000)))  # the frame after 100 KB
+    extra[11] = (
+        "11_right",
+        "3",
+        square_jpeg(11, icc_profile=bytes(100_000)),
+    )  # the frame after 100 KB
     data = lab_folder(tmp_path / "data", extra)
     one = run_pack(data, tmp_path / "one", shard_size=4)
     two = run_pack(data, tmp_path / "two", shard_size=4, workers=2)
-    assert shard_bytes(tmp_path / "two") == shard_bytes(tmp_path / "one") and len(shard_bytes(tmp_path / "one")) == 12
-    assert rejects_of(tmp_path / "two") == rejects_of(tmp_path / "one") == [("9_right", "missing"), ("8_right", "truncated")]
-    assert without_created(two.manifest) | {"config": None} == without_created(one.manifest) | {"config": None}
+    assert (
+        shard_bytes(tmp_path / "two") == shard_bytes(tmp_path / "one")
+        and len(shard_bytes(tmp_path / "one")) == 12
+    )
+    assert (
+        rejects_of(tmp_path / "two")
+        == rejects_of(tmp_path / "one")
+        == [("9_right", "missing"), ("8_right", "truncated")]
+    )
+    assert without_created(two.manifest) | {"config": None} == without_created(one.manifest) | {
+        "config": None
+    }
     packed = {k: jpeg for k, _, jpeg in read_webdataset(tmp_path / "two", "train")}
     for key, _, original in extra:
         if key not in ("5_right", "8_right", "9_right"):
             assert packed[key] == original
-    assert packed["5_right"] != extra[5][2] and jpeg_frame(io.BytesIO(packed["5_right"])) == (0xC0, SIZE, SIZE, 3)
+    assert packed["5_right"] != extra[5][2] and jpeg_frame(io.BytesIO(packed["5_right"])) == (
+        0xC0,
+        SIZE,
+        SIZE,
+        3,
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_interrupted_run_leaves_no_manifest_and_no_partial_shard(tmp_path, monkeypatch, wds2idx, workers):
+def test_interrupted_run_leaves_no_manifest_and_no_partial_shard(
+    tmp_path, monkeypatch, wds2idx, workers
+):
     # every image passes through: with two workers, each shard is written in a worker process
-    data = lab_folder(tmp_path / "data", [(f"{i}_right", "1", square_jpeg(20 + i)) for i in range(6)], square=True)
+    data = lab_folder(
+        tmp_path / "data", [(f"{i}_right", "1", square_jpeg(20 + i)) for i in range(6)], square=True
+    )
     out = tmp_path / "out"
     run_pack(data, out)
     assert (out / "manifest.json").exists()
@@ -430,7 +547,9 @@ def test_interrupted_run_leaves_no_manifest_and_no_partial_shard(tmp_path, monke
     monkeypatch.setattr(packing, "write_shard", dies_halfway)
     with pytest.raises(RuntimeError, match="power cut"):
         run_pack(data, out, shard_size=4, seed=1, workers=workers)
-    assert (cut_in.read_text() == str(os.getpid())) == (workers == 1)  # with 2, the cut hit a worker
+    assert (cut_in.read_text() == str(os.getpid())) == (
+        workers == 1
+    )  # with 2, the cut hit a worker
     assert not (out / "manifest.json").exists()  # the earlier run's manifest no longer lies
     assert not [p for p in out.iterdir() if "partial" in p.name]
     for tar in out.glob("*.tar"):  # whatever is there is whole and indexed
@@ -440,7 +559,9 @@ def test_interrupted_run_leaves_no_manifest_and_no_partial_shard(tmp_path, monke
 
     monkeypatch.setattr(packing, "write_shard", real_write)
     result = run_pack(data, out, shard_size=4, seed=1)
-    assert result.reused_shards == 2  # train-000000, finished before the cut, and the unchanged test shard
+    assert (
+        result.reused_shards == 2
+    )  # train-000000, finished before the cut, and the unchanged test shard
     manifest = read_manifest(out)
     assert manifest.split("train").samples == 10 and manifest.split("test").samples == 1
     verify_split(manifest, "train", full=True)

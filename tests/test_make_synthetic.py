@@ -91,7 +91,18 @@ def test_same_seed_same_bytes(tmp_path):
 def test_cli_writes_and_summarises(tmp_path):
     out = tmp_path / "data"
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), "--n", "4", "--size", "40", "--layout", "kaggle"],
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--out",
+            str(out),
+            "--n",
+            "4",
+            "--size",
+            "40",
+            "--layout",
+            "kaggle",
+        ],
         capture_output=True,
         text=True,
     )
@@ -117,7 +128,7 @@ def test_cli_bad_options(tmp_path, args):
         (tmp_path / "file").write_text("x")
         out, args = tmp_path / "file" / "out", []
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), *args], capture_output=True, text=True
+        [sys.executable, str(SCRIPT), "--out", str(out), *args], capture_output=True, text=True
     )
     assert run.returncode == 2
     assert run.stderr.startswith("error: ") and len(run.stderr.strip().splitlines()) == 1, (

@@ -33,9 +33,13 @@ def test_weights_full_model_round_trip(tmp_path):
     assert same_state(source.state_dict(), loaded.state_dict())
     # a trainer checkpoint ({"model": ...}) and a DDP state dict ("module." keys) load too
     torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
-    assert same_state(source.state_dict(), build_model("resnet18", weights=tmp_path / "ckpt.pt").state_dict())
+    assert same_state(
+        source.state_dict(), build_model("resnet18", weights=tmp_path / "ckpt.pt").state_dict()
+    )
     torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "ddp.pt")
-    assert same_state(source.state_dict(), build_model("resnet18", weights=tmp_path / "ddp.pt").state_dict())
+    assert same_state(
+        source.state_dict(), build_model("resnet18", weights=tmp_path / "ddp.pt").state_dict()
+    )
 
 
 def test_weights_imagenet_backbone_drops_the_1000_way_head(tmp_path):

@@ -22,8 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    save_best(path, build_model("resnet18").state_dict(), arch="resnet18", image_size=64, epoch=1,
-              metrics={"test_qwk": 0.0}, config={"arch": "resnet18"})
+    save_best(
+        path,
+        build_model("resnet18").state_dict(),
+        arch="resnet18",
+        image_size=64,
+        epoch=1,
+        metrics={"test_qwk": 0.0},
+        config={"arch": "resnet18"},
+    )
     return path
 
 
@@ -35,16 +42,32 @@ def test_folder_with_a_corrupt_image(tmp_path, checkpoint):
         Image.fromarray(render_fundus(i, rng, 96, width=144)).save(photos / name)
     (photos / "3_left.jpeg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     (photos / "notes.txt").write_text("not a photo")
-    out = tmp_path / "preds.csv"
+    out = tmp_path / "preds"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/predict.py"), "--checkpoint", str(checkpoint),
-         str(photos), "--out", str(out), "--tta"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "tools/predict.py"),
+            "--checkpoint",
+            str(checkpoint),
+            str(photos),
+            "--out",
+            str(out),
+            "--tta",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: cannot grade {photos / '3_left.jpeg'}: truncated"]
-    rows = list(csv.DictReader(out.open()))
-    assert [Path(r["image"]).name for r in rows] == ["1_left.jpeg", "1_right.JPG", "3_left.jpeg", "2_left.png"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: cannot grade {photos / '3_left.jpeg'}: truncated"
+    ]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [Path(r["image"]).name for r in rows] == [
+        "1_left.jpeg",
+        "1_right.JPG",
+        "3_left.jpeg",
+        "2_left.png",
+    ]
     graded = [r for r in rows if not r["error"]]
     assert len(graded) == 3
     for r in graded:
@@ -56,8 +79,15 @@ def test_folder_with_a_corrupt_image(tmp_path, checkpoint):
 
 def test_no_images_is_one_clear_error(tmp_path, checkpoint):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/predict.py"), "--checkpoint", str(checkpoint), str(tmp_path)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "tools/predict.py"),
+            "--checkpoint",
+            str(checkpoint),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: no .jpeg/.jpg/.png images found in {tmp_path}"
@@ -65,8 +95,15 @@ def test_no_images_is_one_clear_error(tmp_path, checkpoint):
 
 def test_missing_checkpoint(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/predict.py"), "--checkpoint", str(tmp_path / "x.pt"), str(tmp_path)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(ROOT / "tools/predict.py"),
+            "--checkpoint",
+            str(tmp_path / "x.pt"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 

@@ -1,4 +1,4 @@
-"""pipeline.preprocess: safe opening, border crop, square padding, Graham, pass-through."""
+"""pipeline.writing.preprocess: safe opening, border crop, square padding, Graham, pass-through."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.preprocess import (
+from pipeline.writing.preprocess import (
     BadImage,
     crop_border,
     encode_jpeg,
-    graham,
+    graham_normalise,
     jpeg_frame,
     open_image,
     pad_square,
@@ -53,7 +53,12 @@ def jpeg_claiming(h: int, w: int) -> bytes:
 def png_claiming(h: int, w: int) -> bytes:
     """A PNG signature and IHDR (valid CRC) claiming h x w pixels, and nothing to decode."""
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    chunk = (
+        struct.pack(">I", len(ihdr))
+        + b"IHDR"
+        + ihdr
+        + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    )
     iend = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
     return b"\x89PNG\r\n\x1a\n" + chunk + iend
 
@@ -150,12 +155,12 @@ def test_preprocess_pads_a_3_2_photo_without_border():
 
 def test_graham_flat_is_grey_and_outside_masked():
     flat = Image.new("RGB", (64, 64), (150, 60, 30))
-    arr = np.asarray(graham(flat)).astype(int)
+    arr = np.asarray(graham_normalise(flat)).astype(int)
     assert np.abs(arr[32, 32] - 128).max() <= 2  # no local contrast: mid grey
     assert (arr[0, 0] == 128).all()
     spot = np.full((64, 64, 3), 100, np.uint8)
     spot[30:34, 30:34] = 160
-    out = np.asarray(graham(Image.fromarray(spot))).astype(int)
+    out = np.asarray(graham_normalise(Image.fromarray(spot))).astype(int)
     assert out[32, 32, 0] > 150 and abs(out[10, 32, 0] - 128) <= 2  # local detail kept, level gone
 
 
@@ -172,7 +177,11 @@ def test_prepare_passes_original_bytes_through(tmp_path):
     path.write_bytes(jpeg_bytes(eye_frame(64, 64)))
     assert prepare(path, 64) == path.read_bytes()
     assert passthrough_bytes(path, 64) == path.read_bytes()
-    for changed in (prepare(path, 64, force=True), prepare(path, 64, graham=True), prepare(path, 32)):
+    for changed in (
+        prepare(path, 64, force=True),
+        prepare(path, 64, graham=True),
+        prepare(path, 32),
+    ):
         assert changed != path.read_bytes() and changed[:2] == b"\xff\xd8"
     assert Image.open(io.BytesIO(prepare(path, 32))).size == (32, 32)
 

@@ -1,4 +1,4 @@
-"""Issue 5's tools on real tiny runs: evaluate reproduces the trainer, compare_runs reads runs."""
+"""The results tools on real tiny runs: evaluate reproduces the trainer, compare_runs reads runs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,17 @@ from PIL import Image
 from trainer.metrics import read_confusion_csv
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ["--image-size", "64", "--batch-size", "8", "--backend", "torch", "--workers", "0", "--quiet"]
+RECIPE = [
+    "--image-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--backend",
+    "torch",
+    "--workers",
+    "0",
+    "--quiet",
+]
 
 
 def run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
@@ -30,10 +40,38 @@ def run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
 def two_runs(tiny_shards, tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("runs")
     a, b = tmp / "constant", tmp / "cosine"
-    run([sys.executable, "trainer/train.py", "--shards", str(tiny_shards), "--out", str(a),
-         "--epochs", "2", *RECIPE], tmp)
-    run([sys.executable, "trainer/train.py", "--shards", str(tiny_shards), "--out", str(b),
-         "--epochs", "1", "--schedule", "cosine", "--class-weights", "sqrt", *RECIPE], tmp)
+    run(
+        [
+            sys.executable,
+            "trainer/train.py",
+            "--shards",
+            str(tiny_shards),
+            "--out",
+            str(a),
+            "--epochs",
+            "2",
+            *RECIPE,
+        ],
+        tmp,
+    )
+    run(
+        [
+            sys.executable,
+            "trainer/train.py",
+            "--shards",
+            str(tiny_shards),
+            "--out",
+            str(b),
+            "--epochs",
+            "1",
+            "--schedule",
+            "cosine",
+            "--class-weights",
+            "sqrt",
+            *RECIPE,
+        ],
+        tmp,
+    )
     return a, b
 
 
@@ -47,12 +85,34 @@ def best_row(run_dir: Path) -> dict:
 def test_evaluate_reproduces_the_trainers_numbers(two_runs, tiny_shards, tmp_path, processes):
     for run_dir in two_runs:  # the second run weights its loss by class
         out = tmp_path / f"eval-{run_dir.name}"
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--num_processes",
+            str(processes),
+        ]
         if processes > 1:
             launcher.insert(3, "--multi_gpu")
-        proc = run([*launcher, "trainer/evaluate.py", "--checkpoint", str(run_dir / "best.pt"),
-                    "--shards", str(tiny_shards), "--out", str(out)], tmp_path)
+        proc = run(
+            [
+                *launcher,
+                "trainer/evaluate.py",
+                "--checkpoint",
+                str(run_dir / "best.pt"),
+                "--shards",
+                str(tiny_shards),
+                "--out",
+                str(out),
+            ],
+            tmp_path,
+        )
         got = json.loads((out / "metrics.json").read_text())
         want = best_row(run_dir)
         assert got["samples"] == 13 and got["world_size"] == processes
@@ -67,19 +127,35 @@ def test_evaluate_reproduces_the_trainers_numbers(two_runs, tiny_shards, tmp_pat
 
 
 def test_evaluate_bad_split_is_one_sentence(two_runs, tiny_shards, tmp_path):
-    proc = subprocess.run([sys.executable, "trainer/evaluate.py", "--checkpoint", str(two_runs[0] / "best.pt"),
-                           "--shards", str(tiny_shards), "--split", "val"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "trainer/evaluate.py",
+            "--checkpoint",
+            str(two_runs[0] / "best.pt"),
+            "--shards",
+            str(tiny_shards),
+            "--split",
+            "val",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: split 'val' is empty or missing in {tiny_shards / 'manifest.json'}")
+        f"error: split 'val' is empty or missing in {tiny_shards / 'manifest.json'}"
+    )
 
 
 @pytest.mark.slow
 def test_compare_runs_on_two_real_runs(two_runs, tmp_path):
-    out = tmp_path / "compare.png"
-    proc = run([sys.executable, "tools/compare_runs.py", *map(str, two_runs), "--out", str(out)], tmp_path)
-    assert Image.open(out).size[0] > 1000
-    table = out.with_suffix(".md").read_text()
+    out = tmp_path / "compare"
+    proc = run(
+        [sys.executable, "tools/compare_runs.py", *map(str, two_runs), "--out", str(out)], tmp_path
+    )
+    assert Image.open(out / "compare.png").size[0] > 1000
+    table = (out / "compare.md").read_text()
     assert "| resnet18, from scratch (constant) | 2/2 |" in table
     assert "| resnet18, from scratch (cosine) | 1/1 |" in table
     assert table.strip() in proc.stdout

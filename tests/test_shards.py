@@ -7,7 +7,8 @@ import pytest
 import webdataset as wds
 
 from pipeline.errors import UserError
-from pipeline.shards import read_manifest, verify_split, write_shard
+from pipeline.manifest import read_manifest, verify_split
+from pipeline.shardformat import write_shard
 
 
 def test_index_equals_wds2idx(tiny_shards, wds2idx, tmp_path):

@@ -1,4 +1,4 @@
-"""pipeline.sources: the three layouts, header detection, rejects, the patient-grouped split."""
+"""pipeline.writing.sources: the three layouts, header detection, rejects, the patient-grouped split."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.sources import assign_splits, patient_of, read_source
+from pipeline.writing.sources import assign_splits, patient_of, read_source
 
 PLACEHOLDER = b"\xff\xd8 not decoded: the sources only look at file names"
 
@@ -44,7 +44,12 @@ ROWS = [("1_left", "0"), ("1_right", "2"), ("2_left", "4")]
 def test_lab_with_or_without_header_loses_no_sample(tmp_path, header):
     src = read_source(write_lab(tmp_path, ROWS, [("3_left", "1")], header=header))
     assert src.layout == "lab" and src.rejects == []
-    assert keys(src) == [("1_left", 0, "train"), ("1_right", 2, "train"), ("2_left", 4, "train"), ("3_left", 1, "test")]
+    assert keys(src) == [
+        ("1_left", 0, "train"),
+        ("1_right", 2, "train"),
+        ("2_left", 4, "train"),
+        ("3_left", 1, "test"),
+    ]
     assert src.samples[0].path == tmp_path / "images" / "1_left.jpeg"
 
 
@@ -62,12 +67,18 @@ def test_lab_first_row_with_bad_label_is_kept_and_rejected(tmp_path):
 
 
 def test_ids_with_extension_upper_case_and_nested(tmp_path):
-    root = write_lab(tmp_path, [("1_left.jpeg", "0"), ("1_right", "1"), ("2_left", "3")], images=False)
+    root = write_lab(
+        tmp_path, [("1_left.jpeg", "0"), ("1_right", "1"), ("2_left", "3")], images=False
+    )
     write_images(root / "a", ["1_left.jpeg"])
     write_images(root / "a" / "b", ["1_right.JPEG", "2_left.JpG"])
     src = read_source(root)
     assert src.rejects == []
-    assert [s.path.relative_to(root).as_posix() for s in src.samples] == ["a/1_left.jpeg", "a/b/1_right.JPEG", "a/b/2_left.JpG"]
+    assert [s.path.relative_to(root).as_posix() for s in src.samples] == [
+        "a/1_left.jpeg",
+        "a/b/1_right.JPEG",
+        "a/b/2_left.JpG",
+    ]
 
 
 @pytest.mark.parametrize("label", ["7", "x", "1.5", "-1", "2.0", "5"])
@@ -144,7 +155,9 @@ def test_generic_labels_need_a_header(tmp_path):
         read_source(tmp_path, labels)
 
 
-@pytest.mark.parametrize("contents", [[], ["photo.jpeg", "notes.txt"]], ids=["empty", "unrecognised"])
+@pytest.mark.parametrize(
+    "contents", [[], ["photo.jpeg", "notes.txt"]], ids=["empty", "unrecognised"]
+)
 def test_empty_or_unrecognised_folder_says_what_was_looked_for(tmp_path, contents):
     for name in contents:
         (tmp_path / name).write_bytes(b"x")
@@ -169,7 +182,7 @@ def test_patient_of():
 
 
 def _kaggle_like(n_patients: int, seed: int = 0):
-    from pipeline.sources import Sample
+    from pipeline.writing.sources import Sample
 
     rng = np.random.default_rng(seed)
     grades = rng.choice(5, size=n_patients, p=[0.735, 0.07, 0.151, 0.025, 0.019])
@@ -191,7 +204,11 @@ def test_split_is_grouped_by_patient_stratified_and_seeded():
     total = Counter(s.label for s in split)
     test = Counter(s.label for s in split if s.split == "test")
     for grade in range(5):
-        assert abs(test[grade] - 0.2 * total[grade]) <= max(2, 0.05 * total[grade]), (grade, test, total)
+        assert abs(test[grade] - 0.2 * total[grade]) <= max(2, 0.05 * total[grade]), (
+            grade,
+            test,
+            total,
+        )
     assert split == assign_splits(samples, 0.2, seed=3)
     assert split != assign_splits(samples, 0.2, seed=4)
     assert all(s.split == "train" for s in assign_splits(samples, 0.0, seed=3))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.shards import read_manifest
+from pipeline.errors import RunError, UserError
+from pipeline.manifest import read_manifest
 from tests.conftest import build_shard_dir
 from trainer.checkpoint import load_best, load_last, state_checksum
 from trainer.config import TrainConfig, merge_for_resume, parse_args
@@ -31,31 +32,83 @@ from trainer.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "trainer" / "train.py")
-KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_qwk", "test_recall",
-        "images_per_s", "epoch_s", "lr"}
+KEYS = {
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "test_qwk",
+    "test_recall",
+    "images_per_s",
+    "epoch_s",
+    "lr",
+}
 TIMING = ("images_per_s", "epoch_s")
 # the straight run: cosine with warmup and class weights, so resume must restore the schedule
-RECIPE = ["--image-size", "64", "--batch-size", "8", "--epochs", "2", "--backend", "torch",
-          "--workers", "0", "--schedule", "cosine", "--warmup-epochs", "0.5",
-          "--class-weights", "sqrt", "--quiet"]
+RECIPE = [
+    "--image-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--backend",
+    "torch",
+    "--workers",
+    "0",
+    "--schedule",
+    "cosine",
+    "--warmup-epochs",
+    "0.5",
+    "--class-weights",
+    "sqrt",
+    "--augment",
+    "strong",
+    "--rotate",
+    "90",
+    "--quiet",
+]
+STRONG_90 = {"hflip": True, "vflip": True, "rotate": 90.0, "scale": 0.25, "color": 0.2}
 
 
 def run_env(tmp: Path, **extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf"), PYTHONUNBUFFERED="1", **extra)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf"), PYTHONUNBUFFERED="1", **extra
+    )
     env.pop("ACCELERATE_MIXED_PRECISION", None)
     return env
 
 
 def launch(args, tmp: Path, processes: int = 1, **kw) -> subprocess.CompletedProcess:
     multi = ["--multi_gpu"] if processes > 1 else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *multi,
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        TRAIN,
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=run_env(tmp), capture_output=True, text=True, **kw)
 
 
 def python(args, tmp: Path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, env=run_env(tmp, **env),
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, TRAIN, *args],
+        cwd=ROOT,
+        env=run_env(tmp, **env),
+        capture_output=True,
+        text=True,
+    )
 
 
 def rows(run: Path) -> list[dict]:
@@ -102,9 +155,20 @@ def test_one_process_launch_writes_every_file(straight_run, tiny_shards):
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["arch"] == "resnet18" and config["config"]["out"] == str(run)
     env = config["environment"]
-    for key in ("git_commit", "torch", "torchvision", "accelerate", "dali", "device", "world_size", "backend"):
+    for key in (
+        "git_commit",
+        "torch",
+        "torchvision",
+        "accelerate",
+        "dali",
+        "device",
+        "world_size",
+        "backend",
+    ):
         assert key in env
-    assert env["world_size"] == 1 and env["backend"] == "torch" and env["torch"] == torch.__version__
+    assert (
+        env["world_size"] == 1 and env["backend"] == "torch" and env["torch"] == torch.__version__
+    )
 
     state = load_last(run)
     assert state["epoch"] == 2 and state["config"]["epochs"] == 2
@@ -113,6 +177,8 @@ def test_one_process_launch_writes_every_file(straight_run, tiny_shards):
     assert info["epoch"] == best["epoch"] and info["metrics"] == best
     assert (info["arch"], info["num_classes"], info["image_size"]) == ("resnet18", 5, 64)
     assert info["preprocess"]["size"] == 64
+    # --augment strong with one knob overridden reached the loader and is recorded
+    assert info["augment"] == config["augment"] == STRONG_90
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
 
@@ -125,8 +191,29 @@ def test_one_process_launch_writes_every_file(straight_run, tiny_shards):
 def test_two_ranks_count_every_test_sample_once_and_agree_on_the_weights(tiny_shards, tmp_path):
     run = tmp_path / "ddp"
     # batch 3: the ranks' test slices (6 and 7 samples) take 2 and 3 batches
-    ok(launch(["--shards", str(tiny_shards), "--out", str(run), "--image-size", "64", "--batch-size", "3",
-               "--epochs", "2", "--backend", "dali", "--workers", "1", "--quiet"], tmp_path, processes=2))
+    ok(
+        launch(
+            [
+                "--shards",
+                str(tiny_shards),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--batch-size",
+                "3",
+                "--epochs",
+                "2",
+                "--backend",
+                "dali",
+                "--workers",
+                "1",
+                "--quiet",
+            ],
+            tmp_path,
+            processes=2,
+        )
+    )
     env = json.loads((run / "config.json").read_text())["environment"]
     assert env["world_size"] == 2 and env["backend"] == "dali-cpu"
     test_count = read_manifest(tiny_shards).split("test").samples  # 13: uneven over 2 ranks
@@ -143,8 +230,9 @@ def test_two_ranks_count_every_test_sample_once_and_agree_on_the_weights(tiny_sh
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(straight_run, tiny_shards, tmp_path):
     run = tmp_path / "killed"
     cmd = [sys.executable, TRAIN, "--shards", str(tiny_shards), "--out", str(run), *RECIPE]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=run_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     checkpoint = run / "checkpoints" / "last" / "state.pt"
     while proc.poll() is None and not checkpoint.exists():
         time.sleep(0.01)
@@ -166,12 +254,33 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(straight_run, tiny_
 
 @pytest.mark.slow
 def test_a_short_run_beats_the_majority_class(tmp_path):
-    shards = build_shard_dir(tmp_path / "shards", {"train": 100, "test": 40}, size=64, shard_size=16, seed=1)
+    shards = build_shard_dir(
+        tmp_path / "shards", {"train": 100, "test": 40}, size=64, shard_size=16, seed=1
+    )
     counts = read_manifest(shards).split("test").class_counts
     majority = max(counts) / sum(counts)  # 0.2: grades cycle 0-4
-    ok(python(["--shards", str(shards), "--out", str(tmp_path / "run"), "--image-size", "64",
-               "--batch-size", "8", "--epochs", "3", "--backend", "dali", "--workers", "1", "--quiet"],
-              tmp_path))
+    ok(
+        python(
+            [
+                "--shards",
+                str(shards),
+                "--out",
+                str(tmp_path / "run"),
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+                "--epochs",
+                "3",
+                "--backend",
+                "dali",
+                "--workers",
+                "1",
+                "--quiet",
+            ],
+            tmp_path,
+        )
+    )
     lines = rows(tmp_path / "run")
     assert max(r["test_acc"] for r in lines) >= majority + 0.3
     assert max(r["test_qwk"] for r in lines) > 0.5
@@ -182,11 +291,34 @@ def test_weights_file_starts_the_run(tiny_shards, tmp_path):
     from torchvision import models
 
     torch.manual_seed(5)
-    backbone = models.resnet18(num_classes=1000).state_dict()  # ImageNet-shaped: its head is dropped
+    backbone = models.resnet18(
+        num_classes=1000
+    ).state_dict()  # ImageNet-shaped: its head is dropped
     torch.save(backbone, tmp_path / "backbone.pt")
-    ok(python(["--shards", str(tiny_shards), "--out", str(tmp_path / "run"), "--weights",
-               str(tmp_path / "backbone.pt"), "--lr", "1e-9", "--epochs", "1", "--image-size", "64",
-               "--backend", "torch", "--workers", "0", "--quiet"], tmp_path))
+    ok(
+        python(
+            [
+                "--shards",
+                str(tiny_shards),
+                "--out",
+                str(tmp_path / "run"),
+                "--weights",
+                str(tmp_path / "backbone.pt"),
+                "--lr",
+                "1e-9",
+                "--epochs",
+                "1",
+                "--image-size",
+                "64",
+                "--backend",
+                "torch",
+                "--workers",
+                "0",
+                "--quiet",
+            ],
+            tmp_path,
+        )
+    )
     trained = load_last(tmp_path / "run")["model"]
     torch.testing.assert_close(trained["conv1.weight"], backbone["conv1.weight"], rtol=0, atol=1e-6)
     assert trained["fc.weight"].shape == (5, 512)
@@ -195,10 +327,26 @@ def test_weights_file_starts_the_run(tiny_shards, tmp_path):
 @pytest.mark.slow
 def test_pretrained_offline_is_one_sentence_naming_weights(tiny_shards, tmp_path):
     torch_home = tmp_path / "torch"
-    proc = python(["--shards", str(tiny_shards), "--out", str(tmp_path / "run"), "--pretrained",
-                   "--image-size", "64", "--backend", "torch", "--quiet"], tmp_path,
-                  TORCH_HOME=str(torch_home), https_proxy="http://127.0.0.1:9",
-                  HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    proc = python(
+        [
+            "--shards",
+            str(tiny_shards),
+            "--out",
+            str(tmp_path / "run"),
+            "--pretrained",
+            "--image-size",
+            "64",
+            "--backend",
+            "torch",
+            "--quiet",
+        ],
+        tmp_path,
+        TORCH_HOME=str(torch_home),
+        https_proxy="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+        no_proxy="",
+        NO_PROXY="",
+    )
     assert proc.returncode == 2, proc.stderr
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("error: could not download the ImageNet weights for resnet18")
@@ -208,8 +356,12 @@ def test_pretrained_offline_is_one_sentence_naming_weights(tiny_shards, tmp_path
 
 @pytest.mark.slow
 def test_user_errors_on_two_ranks_end_both(tmp_path):
-    proc = launch(["--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--quiet"],
-                  tmp_path, processes=2, timeout=600)  # the timeout only guards against a hang
+    proc = launch(
+        ["--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--quiet"],
+        tmp_path,
+        processes=2,
+        timeout=600,
+    )  # the timeout only guards against a hang
     assert proc.returncode != 0
     assert proc.stderr.count("error: shard folder") == 2
 
@@ -218,7 +370,8 @@ def test_missing_shards_exit_2_with_one_line(tmp_path):
     proc = python(["--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "run")], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: shard folder {tmp_path / 'missing'} does not exist; build it with tools/make_shards.py"]
+        f"error: shard folder {tmp_path / 'missing'} does not exist; build it with tools/make_shards.py"
+    ]
 
 
 # ---------------------------------------------------------------- quicker, in this process
@@ -228,20 +381,31 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(straight_run, 
     run = tmp_path / "run"
     shutil.copytree(straight_run, run)
     before = (run / "metrics.jsonl").read_text()
-    with pytest.raises(NonFiniteLossError, match=r"became (nan|inf).* of epoch 3.*checkpoints/last, is kept"):
-        main(["--out", str(run), "--resume", "--epochs", "3", "--lr", "1e6", "--quiet"])
-    assert isinstance(NonFiniteLossError("x"), UserError)  # so run_cli exits 2
+    proc = python(
+        ["--out", str(run), "--resume", "--epochs", "3", "--lr", "1e6", "--quiet"], tmp_path
+    )
+    # a diverged run is not a user error: exit 1, one line
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert re.match(
+        r"error: the training loss became (nan|inf).* of epoch 3.*checkpoints/last, is kept", line
+    )
+    assert isinstance(NonFiniteLossError("x"), RunError)
     assert load_last(run)["epoch"] == 2
     assert (run / "metrics.jsonl").read_text() == before
     assert not (run / "confusion" / "epoch_003.csv").exists()
 
 
-def test_unknown_or_invalid_options_exit_2(capsys):
-    for argv in (["--bogus"], ["--arch", "vgg16"], ["--epochs", "two"]):
-        with pytest.raises(SystemExit) as exit_:
+def test_unknown_or_invalid_options_exit_2():
+    for argv, message in (
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--arch", "vgg16"], "invalid choice: 'vgg16'"),
+        (["--epochs", "two"], "invalid int value: 'two'"),
+        (["--augment", "wild"], "invalid choice: 'wild'"),
+        (["--augment", "strong", "--rotate", "200"], "rotation must be between 0 and 180"),
+    ):
+        with pytest.raises(UserError, match=message):  # run_cli: one line, exit 2
             main(argv)
-        assert exit_.value.code == 2
-    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
     with pytest.raises(UserError, match="--batch-size must be positive"):
         main(["--batch-size", "0"])
 
@@ -262,14 +426,28 @@ def test_run_folder_and_resume_errors(tiny_shards, tmp_path):
 
 def test_config_defaults_are_the_reference_recipe_and_resume_merging():
     cfg, given = parse_args([])
-    assert (cfg.arch, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.image_size,
-            cfg.schedule, cfg.class_weights, cfg.pretrained) == (
-        "resnet18", 0.01, 0.9, 5e-4, 8, 10, 512, "constant", "none", False)
+    assert (
+        cfg.arch,
+        cfg.lr,
+        cfg.momentum,
+        cfg.weight_decay,
+        cfg.batch_size,
+        cfg.epochs,
+        cfg.image_size,
+        cfg.schedule,
+        cfg.class_weights,
+        cfg.pretrained,
+    ) == ("resnet18", 0.01, 0.9, 5e-4, 8, 10, 512, "constant", "none", False)
     assert given == set()
     saved = TrainConfig(arch="resnet50", lr=0.02, image_size=256, out="runs/x").to_dict()
     cli, given = parse_args(["--resume", "--out", "runs/x", "--epochs", "20", "--lr", "0.001"])
     merged = merge_for_resume(saved, cli, given)
-    assert (merged.arch, merged.image_size, merged.epochs, merged.lr) == ("resnet50", 256, 20, 0.001)
+    assert (merged.arch, merged.image_size, merged.epochs, merged.lr) == (
+        "resnet50",
+        256,
+        20,
+        0.001,
+    )
     cli, given = parse_args(["--resume", "--out", "runs/x", "--arch", "resnet18"])
     with pytest.raises(UserError, match="--arch resnet18 differs from the run being resumed"):
         merge_for_resume(saved, cli, given)
@@ -289,26 +467,75 @@ def test_schedule_and_class_weights():
     assert lrs[4] == pytest.approx(0.1) and lrs[-1] < 0.002
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
     weights = class_weights_for([60, 20, 10, 5, 5], "inverse")
-    assert (weights * torch.tensor([60, 20, 10, 5, 5.0])).sum() == pytest.approx(100)  # mean 1 per sample
+    assert (weights * torch.tensor([60, 20, 10, 5, 5.0])).sum() == pytest.approx(
+        100
+    )  # mean 1 per sample
     assert weights[4] / weights[0] == pytest.approx(12)
     assert class_weights_for([60, 20, 10, 5, 5], "sqrt")[4] / class_weights_for(
-        [60, 20, 10, 5, 5], "sqrt")[0] == pytest.approx(12**0.5)
+        [60, 20, 10, 5, 5], "sqrt"
+    )[0] == pytest.approx(12**0.5)
     assert class_weights_for([60, 0, 10, 5, 5], "inverse")[1] == 0
     assert class_weights_for([1, 1, 1, 1, 1], "none") is None
 
 
 @pytest.mark.slow
 def test_gpu_train_bench_runs_on_the_cpu(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "gpu_train_bench.py"), "--device", "cpu", "--arch", "resnet18",
-         "--steps", "2", "--warmup", "1", "--image-size", "64", "--batch-size", "4", "--backend", "torch",
-         "--workers", "0", "--work", str(tmp_path / "work"), "--out", str(out)],
-        cwd=ROOT, env=run_env(tmp_path), capture_output=True, text=True)
+        [
+            sys.executable,
+            str(ROOT / "tools" / "gpu_train_bench.py"),
+            "--device",
+            "cpu",
+            "--arch",
+            "resnet18",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--backend",
+            "torch",
+            "--workers",
+            "0",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     ok(proc)
-    report = json.loads(out.read_text())
+    report = json.loads((out / "gpu_train_bench.json").read_text())
     assert report["backend"] == "torch" and report["image_size"] == 64
     (row,) = report["results"]
-    assert row["arch"] == "resnet18" and row["loader_images_per_s"] > 0 and row["resident_images_per_s"] > 0
-    assert row["loader_overhead"] == pytest.approx(1 - row["loader_images_per_s"] / row["resident_images_per_s"])
+    assert (
+        row["arch"] == "resnet18"
+        and row["loader_images_per_s"] > 0
+        and row["resident_images_per_s"] > 0
+    )
+    assert row["loader_overhead"] == pytest.approx(
+        1 - row["loader_images_per_s"] / row["resident_images_per_s"]
+    )
     assert "images/s with the loader" in proc.stdout
+
+
+def test_augment_options_reach_the_train_loader(tiny_shards):
+    from accelerate import Accelerator
+
+    from pipeline.loading.augment import AugmentConfig
+    from trainer.train import build_loaders
+
+    cfg = TrainConfig(
+        shards=str(tiny_shards), image_size=64, augment="strong", color_jitter=0.1, workers=0
+    )
+    train, test = build_loaders(cfg, Accelerator(cpu=True), channels_last=False)
+    assert train.spec.augment == AugmentConfig(rotate=180.0, scale=0.25, color=0.1)
+    assert train.spec.train and not test.spec.train  # evaluation never augments
+    assert TrainConfig().augment_config() == AugmentConfig()  # the reference recipe: flips only

@@ -1,9 +1,9 @@
 """Shard-builder benchmark: pass-through packing vs ``tar cf``, draft vs full JPEG decoding.
 
-    python tools/bench_shards.py --json bench_shards.json
+    python tools/bench_shards.py --out bench/
 
 1. ``--n`` synthetic 512x512 JPEGs (copies of ``--unique`` rendered ones) in the kaggle
-   layout, packed by ``pipeline.packing.pack`` (already the target size: pass-through,
+   layout, packed by ``pipeline.writing.packing.pack`` (already the target size: pass-through,
    original bytes) vs ``tar cf`` of the same files; goal: packing >= 0.8x tar's throughput.
    Both read from a warm page cache; the packer also hashes (sha256) and fsyncs its shards,
    so the table also compares with ``tar cf`` followed by an fsync of its output.
@@ -12,21 +12,13 @@
    JPEGs weigh) preprocessed to 512 px on one core, with DCT-domain draft decoding vs a full
    decode and then the same crop/pad/resize/encode; goal: draft >= 3x faster.
 
-Results are printed as a table and written with ``--json``. The defaults take about 35 s
-on 2 cores. Measured on a shared 2-core x86_64 box (Pillow 13, libjpeg-turbo, GNU tar 1.34,
-ext4), two runs: pass-through packing 0.43-0.48x ``tar cf`` (0.71-0.73x ``tar cf`` + fsync),
-goal missed; before shards were written in parallel worker processes, the same box gave
-0.20-0.30x (0.36-0.44x). What is left: reading the source (folder walk, CSV, split; about
-0.15 s of 0.4 s, before any shard starts), sha256 of every byte, the page-cache writes and
-the final fsync, which ``tar cf`` alone does not pay. Draft decoding 4.2-4.3x faster than
-a full decode (goal met), mean pixel difference 2.2/255.
+Results are printed as a table and written to ``OUT/bench_shards.json``. The defaults
+take about 35 s on 2 cores; measured figures are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
 import platform
 import shutil
@@ -34,7 +26,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +35,12 @@ from PIL import Image, features
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import DEFAULT_SHARD_SIZE
-from pipeline.errors import UserError, run_cli
-from pipeline.packing import PackConfig, pack
-from pipeline.preprocess import encode_jpeg, open_image, preprocess
+from pipeline.errors import UserError
+from pipeline.fileio import atomic_write_json
+from pipeline.writing.packing import PackConfig, pack
+from pipeline.writing.preprocess import encode_jpeg, open_image, preprocess
 from tools.make_synthetic import generate, image_ids, render_fundus
 
 PASS_GOAL = 0.8
@@ -55,17 +49,21 @@ DRAFT_GOAL = 3.0
 
 @dataclass
 class BenchConfig:
-    n: int = 3000  # pass-through images packed
-    shard_size: int = DEFAULT_SHARD_SIZE
-    unique: int = 40  # of which rendered (the rest are copies)
-    size: int = 512
-    raw_n: int = 16
-    raw_width: int = 3888
-    raw_height: int = 2592
-    repeats: int = 3  # best of
-    seed: int = 0
-    work_dir: Path | None = None  # default: a temporary folder, removed afterwards
-    json: Path | None = None
+    n: int = arg(3000, "pass-through images packed")
+    shard_size: int = arg(DEFAULT_SHARD_SIZE, "samples per shard")
+    unique: int = arg(40, "of the --n images, how many are rendered (the rest are copies)")
+    size: int = arg(512, "side of the pass-through images")
+    raw_n: int = arg(16, "raw-camera photos preprocessed")
+    raw_width: int = arg(3888, "raw photo width")
+    raw_height: int = arg(2592, "raw photo height")
+    repeats: int = arg(3, "timings per figure (the best is kept)")
+    seed: int = arg(0, "seed of the synthetic photos")
+    work_dir: Path | None = arg(None, "where to build the inputs (default: a temporary folder)")
+    out: Path | None = arg(None, "folder to write bench_shards.json into", metavar="DIR")
+
+    def __post_init__(self):
+        if self.n < self.unique or self.unique < 2 or self.raw_n < 1 or self.repeats < 1:
+            raise UserError("need --n >= --unique >= 2, --raw-n >= 1 and --repeats >= 1")
 
 
 def best_time(fn, repeats: int, before=None) -> float:
@@ -89,7 +87,9 @@ def make_pass_through_set(folder: Path, n: int, unique: int, size: int, seed: in
         source = rendered[k % unique]
         shutil.copyfile(folder / "train" / f"{source}.jpeg", folder / "train" / f"{image_id}.jpeg")
         labels[image_id] = labels[source]
-    (folder / "trainLabels.csv").write_text("image,level\n" + "".join(f"{i},{labels[i]}\n" for i in ids))
+    (folder / "trainLabels.csv").write_text(
+        "image,level\n" + "".join(f"{i},{labels[i]}\n" for i in ids)
+    )
     return sum(p.stat().st_size for p in (folder / "train").iterdir())
 
 
@@ -98,13 +98,17 @@ def make_raw_set(folder: Path, n: int, width: int, height: int, seed: int) -> li
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     bases = [
-        Image.fromarray(render_fundus(g, rng, height // 2, eye, width=width // 2)).resize((width, height), Image.Resampling.BICUBIC)
+        Image.fromarray(render_fundus(g, rng, height // 2, eye, width=width // 2)).resize(
+            (width, height), Image.Resampling.BICUBIC
+        )
         for g, eye in ((0, "left"), (2, "right"), (3, "left"), (4, "right"))[: max(1, min(4, n))]
     ]
     out = []
     for i in range(n):
         arr = np.asarray(bases[i % len(bases)], np.int16)
-        noisy = np.clip(arr + rng.normal(0, 2.0, arr.shape[:2] + (1,)).astype(np.int16), 0, 255).astype(np.uint8)
+        noisy = np.clip(
+            arr + rng.normal(0, 2.0, arr.shape[:2] + (1,)).astype(np.int16), 0, 255
+        ).astype(np.uint8)
         path = folder / f"{i}_left.jpeg"
         Image.fromarray(noisy).save(path, "JPEG", quality=92)
         out.append(path.read_bytes())
@@ -127,7 +131,10 @@ def bench_pass_through(cfg: BenchConfig, work: Path, console: Console) -> dict:
             os.fsync(f.fileno())
 
     def run_pack():
-        pack(PackConfig(data, shards, size=cfg.size, shard_size=cfg.shard_size, quiet=True), console=Console(file=io.StringIO()))
+        pack(
+            PackConfig(data, shards, size=cfg.size, shard_size=cfg.shard_size, quiet=True),
+            console=Console(file=io.StringIO()),
+        )
 
     def clean():  # every repeat builds from scratch (a rerun would reuse the shards)
         shutil.rmtree(shards, ignore_errors=True)
@@ -156,7 +163,10 @@ def bench_draft(cfg: BenchConfig, work: Path) -> dict:
     raw = make_raw_set(work / "raw", cfg.raw_n, cfg.raw_width, cfg.raw_height, cfg.seed)
 
     def run(draft: bool) -> list[bytes]:
-        return [encode_jpeg(preprocess(open_image(d, draft_size=cfg.size if draft else None), cfg.size)) for d in raw]
+        return [
+            encode_jpeg(preprocess(open_image(d, draft_size=cfg.size if draft else None), cfg.size))
+            for d in raw
+        ]
 
     t_draft = best_time(lambda: run(True), cfg.repeats)
     t_full = best_time(lambda: run(False), cfg.repeats)
@@ -180,7 +190,9 @@ def environment() -> dict:
         "python": platform.python_version(),
         "pillow": PIL.__version__,
         "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
-        "tar": subprocess.run(["tar", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+        "tar": subprocess.run(
+            ["tar", "--version"], capture_output=True, text=True
+        ).stdout.splitlines()[0],
     }
 
 
@@ -191,17 +203,24 @@ def report(result: dict) -> Table:
         table.add_column(col, justify="left" if col == "measure" else "right")
     table.add_row(
         f"pass-through packing, {p['images']} x {p['megabytes'] / p['images'] * 1000:.0f} KB",
-        f"{p['pack_mb_s']} MB/s pack", f"{p['tar_mb_s']} MB/s tar cf",
-        f"{p['ratio_pack_vs_tar']:.2f}x", _goal(p["ratio_pack_vs_tar"], PASS_GOAL),
+        f"{p['pack_mb_s']} MB/s pack",
+        f"{p['tar_mb_s']} MB/s tar cf",
+        f"{p['ratio_pack_vs_tar']:.2f}x",
+        _goal(p["ratio_pack_vs_tar"], PASS_GOAL),
     )
     table.add_row(
-        "  same, baseline fsyncs its tar", "", f"{p['tar_fsync_mb_s']} MB/s tar cf+fsync",
-        f"{p['ratio_pack_vs_tar_fsync']:.2f}x", _goal(p["ratio_pack_vs_tar_fsync"], PASS_GOAL),
+        "  same, baseline fsyncs its tar",
+        "",
+        f"{p['tar_fsync_mb_s']} MB/s tar cf+fsync",
+        f"{p['ratio_pack_vs_tar_fsync']:.2f}x",
+        _goal(p["ratio_pack_vs_tar_fsync"], PASS_GOAL),
     )
     table.add_row(
         f"{d['source']} -> 512 preprocessing, {d['images']} photos",
-        f"{d['draft_ms_per_image']} ms draft", f"{d['full_ms_per_image']} ms full decode",
-        f"{d['ratio_full_vs_draft']:.2f}x", _goal(d["ratio_full_vs_draft"], DRAFT_GOAL),
+        f"{d['draft_ms_per_image']} ms draft",
+        f"{d['full_ms_per_image']} ms full decode",
+        f"{d['ratio_full_vs_draft']:.2f}x",
+        _goal(d["ratio_full_vs_draft"], DRAFT_GOAL),
     )
     return table
 
@@ -210,35 +229,33 @@ def _goal(value: float, goal: float) -> str:
     return f"[green]>= {goal}x ok[/]" if value >= goal else f"[red]>= {goal}x missed[/]"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(message)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(description=__doc__.splitlines()[0])
-    defaults = BenchConfig()
-    for f in fields(BenchConfig):
-        kind = Path if f.name in ("work_dir", "json") else type(getattr(defaults, f.name))
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
-    if cfg.n < cfg.unique or cfg.unique < 2 or cfg.raw_n < 1 or cfg.repeats < 1:
-        raise UserError("need --n >= --unique >= 2, --raw-n >= 1 and --repeats >= 1")
+    cfg = parse_config(
+        BenchConfig, argv, prog="bench_shards.py", description=__doc__.splitlines()[0]
+    )
     console = Console()
     console.print(f"[bold]bench_shards[/] {asdict(cfg)}")
     with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
         work = Path(cfg.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}}
+        result = {
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+        }
         result["environment"] = environment()
         result["pass_through"] = bench_pass_through(cfg, work, console)
         result["draft"] = bench_draft(cfg, work)
     console.print(report(result))
-    if cfg.json:
-        cfg.json.write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {cfg.json}")
+    if cfg.out:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cfg.out / "bench_shards.json", result)
+        console.print(f"wrote {cfg.out / 'bench_shards.json'}")
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``dr-bench-shards`` console command."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,24 +1,37 @@
 """Compare training runs: accuracy/loss/kappa curves per epoch and a results table.
 
-    python tools/compare_runs.py runs/resnet18 runs/resnet50 --out runs/compare.png
+    python tools/compare_runs.py runs/resnet18 runs/resnet50 --out runs/compare
 
-Writes FIG.png (train dashed, test solid, one colour per run; a loss panel and a
-kappa panel) and FIG.md (the markdown table it also prints). Runs of different
-lengths and runs still in progress are fine: each is drawn as far as it got.
+Writes ``OUT/compare.png`` (train dashed, test solid, one colour per run; a loss panel and
+a kappa panel) and ``OUT/compare.md`` (the markdown table it also prints). Runs of
+different lengths and runs still in progress are fine: each is drawn as far as it got.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.constants import NUM_CLASSES
-from pipeline.errors import UserError, run_cli
+import pandas as pd
 
-METRICS_FILE = "metrics.jsonl"
+from pipeline.cli import arg, parse_config, run_cli
+from pipeline.constants import NUM_CLASSES
+from pipeline.errors import UserError
+from trainer.runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+
+FIGURE_FILE = "compare.png"
+TABLE_FILE = "compare.md"
+
+
+@dataclass
+class CompareConfig:
+    runs: list[Path] = arg(
+        help="run folders written by trainer/train.py", positional=True, metavar="RUN"
+    )
+    out: Path = arg(Path("."), "folder to write compare.png and compare.md into", metavar="DIR")
 
 
 @dataclass
@@ -27,24 +40,14 @@ class Run:
     name: str
     epochs_planned: int | None
     finished: bool
-    rows: list[dict]
+    metrics: pd.DataFrame  # one row per finished epoch
 
-    def column(self, key: str) -> list[float]:
-        return [row[key] for row in self.rows]
-
-    def best(self, key: str) -> dict | None:
-        return max(self.rows, key=lambda r: r[key]) if self.rows else None
-
-
-def _config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    def best(self, key: str) -> pd.Series | None:
+        return None if self.metrics.empty else self.metrics.loc[self.metrics[key].idxmax()]
 
 
 def run_label(config: dict, fallback: str) -> str:
-    """"resnet50, pretrained" from a run's config; the folder name when there is none."""
+    """ "resnet50, pretrained" from a run's config; the folder name when there is none."""
     cfg = config.get("config", config)
     arch = cfg.get("arch")
     if not arch:
@@ -53,42 +56,28 @@ def run_label(config: dict, fallback: str) -> str:
     return f"{arch}, {init}"
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The epochs logged so far; a half-written last line (run in progress) is ignored."""
-    rows = []
-    lines = (path / METRICS_FILE).read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if number == len(lines):
-                break
-            raise UserError(f"{path / METRICS_FILE} line {number} is not JSON") from None
-    return rows
-
-
 def load_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     if not (path / METRICS_FILE).is_file():
-        raise UserError(f"{path} has no {METRICS_FILE}; is it a run folder written by trainer/train.py?")
-    config = _config(path)
-    cfg = config.get("config", config)
+        raise UserError(
+            f"{path} has no {METRICS_FILE}; is it a run folder written by trainer/train.py?"
+        )
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        config = {}
     return Run(
         path=path,
         name=run_label(config, path.name),
-        epochs_planned=cfg.get("epochs"),
-        finished=(path / "summary.json").is_file(),
-        rows=read_metrics(path),
+        epochs_planned=config.get("config", config).get("epochs"),
+        finished=(path / SUMMARY_FILE).is_file(),
+        metrics=pd.DataFrame(read_metrics(path)),
     )
 
 
 def _unique_names(runs: list[Run]) -> None:
     """Two runs with the same label (e.g. two schedules) get their folder names added."""
-    seen: dict[str, int] = {}
-    for run in runs:
-        seen[run.name] = seen.get(run.name, 0) + 1
+    seen = Counter(run.name for run in runs)
     for run in runs:
         if seen[run.name] > 1:
             run.name = f"{run.name} ({run.path.name})"
@@ -98,16 +87,15 @@ def results_table(runs: list[Run]) -> str:
     header = "| run | epochs | best test acc (epoch) | best test kappa (epoch) | final recall per grade 0-4 |"
     lines = [header, "|---|---|---|---|---|"]
     for run in runs:
-        done = len(run.rows)
-        planned = run.epochs_planned
-        epochs = f"{done}/{planned}" if planned else str(done)
+        done = len(run.metrics)
+        epochs = f"{done}/{run.epochs_planned}" if run.epochs_planned else str(done)
         if not run.finished:
             epochs += " (in progress)"
-        if not run.rows:
+        if run.metrics.empty:
             lines.append(f"| {run.name} | {epochs} | - | - | - |")
             continue
         acc, qwk = run.best("test_acc"), run.best("test_qwk")
-        recall = " / ".join(f"{r:.2f}" for r in run.rows[-1]["test_recall"][:NUM_CLASSES])
+        recall = " / ".join(f"{r:.2f}" for r in run.metrics["test_recall"].iloc[-1][:NUM_CLASSES])
         lines.append(
             f"| {run.name} | {epochs} | {100 * acc['test_acc']:.1f} % ({acc['epoch']}) "
             f"| {qwk['test_qwk']:.3f} ({qwk['epoch']}) | {recall} |"
@@ -123,17 +111,28 @@ def plot_runs(runs: list[Run], out: Path) -> None:
 
     fig, (ax_acc, ax_loss, ax_qwk) = plt.subplots(1, 3, figsize=(16, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, run in enumerate(r for r in runs if r.rows):
+    for i, run in enumerate(r for r in runs if not r.metrics.empty):
         colour = colours[i % len(colours)]
-        epochs = run.column("epoch")
-        marker = "o" if len(epochs) < 30 else None
-        for ax, key in ((ax_acc, "acc"), (ax_loss, "loss")):
-            scale = 100 if key == "acc" else 1
-            ax.plot(epochs, [scale * v for v in run.column(f"test_{key}")], color=colour,
-                    marker=marker, label=f"{run.name} test")
-            ax.plot(epochs, [scale * v for v in run.column(f"train_{key}")], color=colour,
-                    linestyle="--", marker=marker, alpha=0.8, label=f"{run.name} train")
-        ax_qwk.plot(epochs, run.column("test_qwk"), color=colour, marker=marker, label=run.name)
+        m = run.metrics
+        marker = "o" if len(m) < 30 else None
+        for ax, key, scale in ((ax_acc, "acc", 100), (ax_loss, "loss", 1)):
+            ax.plot(
+                m["epoch"],
+                scale * m[f"test_{key}"],
+                color=colour,
+                marker=marker,
+                label=f"{run.name} test",
+            )
+            ax.plot(
+                m["epoch"],
+                scale * m[f"train_{key}"],
+                color=colour,
+                linestyle="--",
+                marker=marker,
+                alpha=0.8,
+                label=f"{run.name} train",
+            )
+        ax_qwk.plot(m["epoch"], m["test_qwk"], color=colour, marker=marker, label=run.name)
     ax_acc.set(title="Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
     ax_loss.set(title="Cross-entropy loss", xlabel="epoch", ylabel="loss")
     ax_qwk.set(title="Test quadratic weighted kappa", xlabel="epoch", ylabel="kappa")
@@ -148,26 +147,26 @@ def plot_runs(runs: list[Run], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run folders written by trainer/train.py")
-    parser.add_argument("--out", default="compare.png", help="figure file (.png); the table goes beside it as .md")
-    args = parser.parse_args(argv)
-
-    runs = [load_run(p) for p in args.runs]
-    if not any(run.rows for run in runs):
+    cfg = parse_config(
+        CompareConfig, argv, prog="compare_runs.py", description=__doc__.splitlines()[0]
+    )
+    runs = [load_run(p) for p in cfg.runs]
+    if all(run.metrics.empty for run in runs):
         raise UserError("none of the runs has a finished epoch yet; nothing to compare")
     _unique_names(runs)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out {out} should end in .png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_runs(runs, out)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    plot_runs(runs, cfg.out / FIGURE_FILE)
     table = results_table(runs)
-    out.with_suffix(".md").write_text(table + "\n")
+    (cfg.out / TABLE_FILE).write_text(table + "\n")
     print(table)
-    print(f"\nfigure: {out}\ntable:  {out.with_suffix('.md')}")
+    print(f"\nfigure: {cfg.out / FIGURE_FILE}\ntable:  {cfg.out / TABLE_FILE}")
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``dr-compare`` console command."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -22,7 +22,7 @@ if [ -d data ] && [ -n "$(ls -A data 2>/dev/null)" ]; then
     python tools/make_shards.py data "$DEMO/shards" --size "$SIZE"
 else
     step "no data/ here: $N synthetic fundus photographs into $DEMO/data"
-    python tools/make_synthetic.py "$DEMO/data" --n "$N" --size 256 --width 384 --layout kaggle --seed 0
+    python tools/make_synthetic.py --out "$DEMO/data" --n "$N" --size 256 --width 384 --layout kaggle --seed 0
     step "packing them into WebDataset shards ($SIZE px) in $DEMO/shards"
     python tools/make_shards.py "$DEMO/data" "$DEMO/shards" --size "$SIZE" --shard-size 64
 fi
@@ -42,7 +42,7 @@ python trainer/evaluate.py --checkpoint "$DEMO/runs/resnet18-cosine/best.pt" \
 
 step "comparing the two runs"
 python tools/compare_runs.py "$DEMO/runs/resnet18-constant" "$DEMO/runs/resnet18-cosine" \
-    --out "$DEMO/compare.png"
+    --out "$DEMO"
 
 step "grading a folder of photographs (six synthetic, one real: scikit-image's retina)"
 mkdir -p "$DEMO/photos"
@@ -60,7 +60,7 @@ except ImportError:
     pass
 PY
 python tools/predict.py --checkpoint "$DEMO/runs/resnet18-cosine/best.pt" --tta \
-    --out "$DEMO/predictions.csv" "$DEMO/photos"
+    --out "$DEMO" "$DEMO/photos"
 column -s, -t < "$DEMO/predictions.csv" 2>/dev/null || cat "$DEMO/predictions.csv"
 
 step "done; look at:"

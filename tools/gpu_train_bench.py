@@ -1,26 +1,25 @@
 """Training throughput on one GPU, and what the loader costs of it.
 
-    python tools/gpu_train_bench.py --out gpu_train_bench.json          # on a GPU machine
+    python tools/gpu_train_bench.py --out bench/                        # on a GPU machine
     python tools/gpu_train_bench.py --device cpu --steps 3 --warmup 1 \\
-        --image-size 64 --batch-size 4 --images 32 --out /tmp/bench.json  # CPU smoke test
+        --image-size 64 --batch-size 4 --images 32 --out /tmp/bench        # CPU smoke test
 
 For each --arch, the trainer's own step (``trainer.engine.train_step``: bf16 autocast,
 channels_last, cudnn.benchmark, SGD) runs twice after --warmup steps: fed by
 ``build_loader`` (DALI decoding on the GPU) from a synthetic fundus-like shard folder
 at --image-size, and fed one GPU-resident random batch over and over. Prints and writes
-images/s of each and ``loader_overhead = 1 - loader/resident``. Goal (issue 4) on one
-H100 at 512 px: resnet50 >= 700 images/s with the loader costing <= 5 %.
+images/s of each and ``loader_overhead = 1 - loader/resident`` to ``OUT/gpu_train_bench.json``.
+Goal on one H100/H200 at 512 px: resnet50 >= 700 images/s with the loader costing <= 5 %.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,13 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import NUM_CLASSES, SHARD_NAME
-from pipeline.errors import UserError, run_cli
-from pipeline.loader import build_loader
-from pipeline.shards import split_entry, write_manifest, write_shard
+from pipeline.errors import UserError
+from pipeline.fileio import atomic_write_json
+from pipeline.loading.loader import build_loader
+from pipeline.manifest import Manifest, SplitInfo
+from pipeline.shardformat import write_shard
 from trainer.engine import build_optimizer, build_scheduler, train_step
 from trainer.model import build_model
 
@@ -70,12 +72,14 @@ def make_shards(root: Path, images: int, size: int, distinct: int = 256) -> Path
         ids = range(start, min(start + SHARD_SIZE, images))
         samples = [(f"bench{i}", jpegs[i % distinct], i % NUM_CLASSES) for i in ids]
         shards.append(write_shard(root / SHARD_NAME.format(split="train", index=index), samples))
-    counts = np.bincount(np.arange(images) % NUM_CLASSES, minlength=NUM_CLASSES).tolist()
-    write_manifest(root, {
-        "format_version": 1, "created": "gpu_train_bench", "source": {"layout": "synthetic", "path": ""},
-        "preprocess": {"size": size, "graham": False}, "image_size": size, "seed": 0,
-        "splits": {"train": split_entry(shards, counts)}, "rejected": 0,
-    })
+    counts = np.bincount(np.arange(images) % NUM_CLASSES, minlength=NUM_CLASSES)
+    Manifest(
+        root,
+        image_size=size,
+        splits={"train": SplitInfo.of(shards, counts)},
+        preprocess={"size": size, "graham": False},
+        source={"layout": "synthetic"},
+    ).write()
     return root
 
 
@@ -121,23 +125,32 @@ def time_steps(batches, arch: str, args, accelerator) -> float:
     return args.steps * args.batch_size / seconds
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
-    p.add_argument("--steps", type=int, default=300, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=30, help="untimed steps first (cudnn autotuning, DALI start)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=512)
-    p.add_argument("--images", type=int, default=None,
-                   help="samples in the synthetic shard folder (default: one epoch covers all steps)")
-    p.add_argument("--shards", type=Path, default=None, help="shard folder (default: made in --work)")
-    p.add_argument("--work", type=Path, default=Path("/tmp/gpu_train_bench"))
-    p.add_argument("--backend", default="auto", choices=("auto", "dali", "torch"))
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("gpu_train_bench.json"))
-    args = p.parse_args(argv)
+@dataclass
+class GpuBenchConfig:
+    device: str = arg("cuda", "where to train", choices=("cuda", "cpu"))
+    arch: list[str] = arg(
+        ["resnet18", "resnet50"], "networks to time", choices=("resnet18", "resnet50")
+    )
+    steps: int = arg(300, "timed steps per measurement")
+    warmup: int = arg(30, "untimed steps first (cudnn autotuning, DALI start)")
+    batch_size: int = arg(64, "images per step")
+    image_size: int = arg(512, "square input size")
+    images: int | None = arg(
+        None, "samples in the synthetic shard folder (default: one epoch covers all steps)"
+    )
+    shards: Path | None = arg(None, "shard folder (default: made in --work)", metavar="DIR")
+    work: Path = arg(
+        Path("/tmp/gpu_train_bench"), "where the synthetic shards are made", metavar="DIR"
+    )
+    backend: str = arg("auto", "loader backend", choices=("auto", "dali", "torch"))
+    workers: int | None = arg(None, "loader workers (default: the loader's choice)")
+    out: Path = arg(Path("."), "folder to write gpu_train_bench.json into", metavar="DIR")
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_config(
+        GpuBenchConfig, argv, prog="gpu_train_bench.py", description=__doc__.splitlines()[0]
+    )
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise UserError("no CUDA GPU here; run with --device cpu (and tiny settings) to smoke-test")
@@ -145,30 +158,62 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
     torch.backends.cudnn.benchmark = cuda
     images = args.images or (args.warmup + args.steps) * args.batch_size
-    shards = args.shards or make_shards(args.work / f"shards-{args.image_size}-{images}", images,
-                                        args.image_size)
-    loader = build_loader(shards, "train", batch_size=args.batch_size, image_size=args.image_size,
-                          train=True, backend=args.backend, device=accelerator.device,
-                          workers=args.workers, channels_last=cuda)
-    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
-    print(f"{device_name}: {args.image_size} px, batch {args.batch_size}, {precision}, "
-          f"loader {loader.backend}, {args.steps} timed steps after {args.warmup}")
+    shards = args.shards or make_shards(
+        args.work / f"shards-{args.image_size}-{images}", images, args.image_size
+    )
+    loader = build_loader(
+        shards,
+        "train",
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        train=True,
+        backend=args.backend,
+        device=accelerator.device,
+        workers=args.workers,
+        channels_last=cuda,
+    )
+    device_name = (
+        torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    )
+    print(
+        f"{device_name}: {args.image_size} px, batch {args.batch_size}, {precision}, "
+        f"loader {loader.backend}, {args.steps} timed steps after {args.warmup}"
+    )
     results = []
     for arch in args.arch:
         real = time_steps(batches_from_loader(loader), arch, args, accelerator)
-        resident = time_steps(resident_batches(args.batch_size, args.image_size, accelerator.device, cuda),
-                              arch, args, accelerator)
-        row = {"arch": arch, "loader_images_per_s": real, "resident_images_per_s": resident,
-               "loader_overhead": 1 - real / resident}
+        resident = time_steps(
+            resident_batches(args.batch_size, args.image_size, accelerator.device, cuda),
+            arch,
+            args,
+            accelerator,
+        )
+        row = {
+            "arch": arch,
+            "loader_images_per_s": real,
+            "resident_images_per_s": resident,
+            "loader_overhead": 1 - real / resident,
+        }
         results.append(row)
-        print(f"{arch:>9}: {real:8.1f} images/s with the loader, {resident:8.1f} with a resident batch, "
-              f"loader overhead {100 * row['loader_overhead']:5.1f} %")
+        print(
+            f"{arch:>9}: {real:8.1f} images/s with the loader, {resident:8.1f} with a resident batch, "
+            f"loader overhead {100 * row['loader_overhead']:5.1f} %"
+        )
     loader.close()
-    report = {"device": device_name, "torch": torch.__version__, "image_size": args.image_size,
-              "batch_size": args.batch_size, "precision": precision, "backend": loader.backend,
-              "steps": args.steps, "warmup": args.warmup, "results": results}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "precision": precision,
+        "backend": loader.backend,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "gpu_train_bench.json", report)
+    print(f"wrote {args.out / 'gpu_train_bench.json'}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Synthetic colour fundus photographs with diabetic-retinopathy lesions that grow with the grade.
 
-    python tools/make_synthetic.py data/ --n 200 --size 512 --layout lab --seed 0
+    python tools/make_synthetic.py --out data/ --n 200 --size 512 --layout lab --seed 0
 
 Each picture is a black frame holding an orange-red retina (darker towards the rim), a bright
 optic disc (left in a left eye, right in a right eye), a branching vessel tree and, by grade:
@@ -9,7 +9,7 @@ optic disc (left in a left eye, right in a right eye), a branching vessel tree a
 the grade stays learnable at 64-128 px. Images come in left/right pairs per patient
 (`10_left`, `10_right`) whose grades differ by at most one, with the EyePACS class mix.
 
-Layouts (DESIGN.md section 1): `lab` writes train/test_img.csv + train/test_label.csv (no
+Layouts (those tools/make_shards.py reads): `lab` writes train/test_img.csv + train/test_label.csv (no
 header, split by patient here) and images/<id>.jpeg; `kaggle` writes trainLabels.csv
 (`image,level`) and train/<id>.jpeg. `--width 768 --size 512` makes 3:2 raw-camera-like frames
 with wide black side borders. 200 images at 256 px take a few seconds on one core.
@@ -17,17 +17,18 @@ with wide black side borders. 200 images at 256 px take a few seconds on one cor
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import EYEPACS_CLASS_MIX, NUM_CLASSES
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import UserError
 from pipeline.fileio import make_writable_dir
 
 LAYOUTS = ("lab", "kaggle")
@@ -423,44 +424,44 @@ def generate(
     return items
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 through run_cli, not argparse's usage dump
-        raise UserError(message)
+@dataclass
+class SynthConfig:
+    out: Path = arg(help="folder to write the images and label files into (created)", metavar="DIR")
+    n: int = arg(200, "number of images")
+    size: int = arg(512, "image height in px")
+    width: int | None = arg(None, "image width in px (default: square)")
+    layout: str = arg("lab", "label files to write", choices=LAYOUTS)
+    seed: int = arg(0, "seed of the grades and the pictures")
+    test_fraction: float = arg(0.2, "lab layout: share of patients in test")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path, help="output folder (created)")
-    parser.add_argument("--n", type=int, default=200, help="number of images (default 200)")
-    parser.add_argument("--size", type=int, default=512, help="image height in px (default 512)")
-    parser.add_argument(
-        "--width", type=int, default=None, help="image width in px (default: square)"
+    cfg = parse_config(
+        SynthConfig, argv, prog="make_synthetic.py", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--layout", default="lab", help="lab or kaggle (default lab)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--test-fraction", type=float, default=0.2, help="lab layout: share of patients in test"
-    )
-    args = parser.parse_args(argv)
-
     items = generate(
-        args.out_dir,
-        n=args.n,
-        size=args.size,
-        layout=args.layout,
-        seed=args.seed,
-        test_fraction=args.test_fraction,
-        width=args.width,
+        cfg.out,
+        n=cfg.n,
+        size=cfg.size,
+        layout=cfg.layout,
+        seed=cfg.seed,
+        test_fraction=cfg.test_fraction,
+        width=cfg.width,
         progress=True,
     )
     counts = np.bincount([g for _, g in items], minlength=NUM_CLASSES)
     per_grade = ", ".join(f"{g}: {c}" for g, c in enumerate(counts))
-    frame = f"{args.width or args.size}x{args.size}"
+    frame = f"{cfg.width or cfg.size}x{cfg.size}"
     print(
-        f"wrote {len(items)} {frame} images (per grade {per_grade}) to {os.fspath(args.out_dir)} ({args.layout} layout)"
+        f"wrote {len(items)} {frame} images (per grade {per_grade}) to {os.fspath(cfg.out)} ({cfg.layout} layout)"
     )
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``dr-make-synthetic`` console command."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,18 +1,17 @@
 """Grade fundus photographs with a trained checkpoint.
 
     python tools/predict.py --checkpoint runs/resnet18/best.pt photos/ [more.jpeg ...] \
-        --out predictions.csv [--tta]
+        --out predictions/ [--tta]
 
 Each image gets the shard builder's preprocessing (black border cropped, padded to a
 square, resized; Ben Graham's normalisation if the shards had it), so raw camera photos
-work as they are. Writes one CSV row per image: the predicted grade, the five
-probabilities, or the reason it could not be read. An unreadable image is reported and
+work as they are. Writes ``OUT/predictions.csv``, one row per image: the predicted grade,
+the five probabilities, or the reason it could not be read. An unreadable image is reported and
 skipped; the exit status is 1 when any was, 0 when all were graded.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from dataclasses import dataclass
@@ -22,12 +21,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES
-from pipeline.errors import UserError, run_cli
-from pipeline.preprocess import BadImage, open_image, preprocess
+from pipeline.errors import UserError
+from pipeline.writing.preprocess import BadImage, open_image, preprocess
 from trainer.checkpoint import load_best
 
 PHOTO_EXTENSIONS = (*IMAGE_EXTENSIONS, ".png")
+PREDICTIONS_FILE = "predictions.csv"
+
+
+@dataclass
+class PredictConfig:
+    inputs: list[Path] = arg(
+        help="photos, or folders searched for .jpeg/.jpg/.png",
+        positional=True,
+        metavar="IMAGE_OR_DIR",
+    )
+    checkpoint: Path = arg(help="best.pt written by trainer/train.py", metavar="FILE")
+    out: Path = arg(Path("."), "folder to write predictions.csv into", metavar="DIR")
+    tta: bool = arg(False, "average over horizontal/vertical flips")
+    batch_size: int = arg(16, "images per forward pass")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 @dataclass
@@ -38,16 +57,18 @@ class Prediction:
     error: str | None = None
 
 
-def find_images(inputs: list[str]) -> list[Path]:
+def find_images(inputs: list[Path]) -> list[Path]:
     """Files named directly, and every photo (.jpeg/.jpg/.png, any case) below named folders."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in PHOTO_EXTENSIONS and p.is_file())
+            found += sorted(
+                p for p in item.rglob("*") if p.suffix.lower() in PHOTO_EXTENSIONS and p.is_file()
+            )
         else:
             found.append(item)  # a missing file is reported per image, like an unreadable one
     if not found:
-        raise UserError(f"no .jpeg/.jpg/.png images found in {', '.join(inputs)}")
+        raise UserError(f"no .jpeg/.jpg/.png images found in {', '.join(map(str, inputs))}")
     return found
 
 
@@ -56,13 +77,25 @@ def load_for_model(path: Path, shard_size: int, image_size: int, graham: bool) -
     img = preprocess(open_image(path, draft_size=shard_size), shard_size, graham=graham)
     array = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
     if shard_size != image_size:
-        array = F.interpolate(array[None].float(), size=(image_size, image_size), mode="bilinear",
-                              antialias=True, align_corners=False)[0].round().clamp(0, 255).byte()
+        array = (
+            F.interpolate(
+                array[None].float(),
+                size=(image_size, image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0]
+            .round()
+            .clamp(0, 255)
+            .byte()
+        )
     return array
 
 
 @torch.no_grad()
-def predict_batch(model, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, tta: bool) -> torch.Tensor:
+def predict_batch(
+    model, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, tta: bool
+) -> torch.Tensor:
     """Class probabilities (N, 5); with ``tta`` averaged over the four flips."""
     x = (images.float() - mean) / std
     views = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)] if tta else [x]
@@ -70,16 +103,7 @@ def predict_batch(model, images: torch.Tensor, mean: torch.Tensor, std: torch.Te
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    parser.add_argument("--checkpoint", required=True, help="best.pt written by trainer/train.py")
-    parser.add_argument("--out", default="predictions.csv", help="CSV file to write")
-    parser.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    args = parse_config(PredictConfig, argv, prog="predict.py", description=__doc__.splitlines()[0])
 
     model, info = load_best(args.checkpoint, device=args.device)
     image_size = int(info["image_size"])
@@ -94,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def flush():
         if pending:
-            probs = predict_batch(model, torch.stack([t for _, t in pending]).to(args.device), mean, std, args.tta)
+            probs = predict_batch(
+                model, torch.stack([t for _, t in pending]).to(args.device), mean, std, args.tta
+            )
             for (pred, _), p in zip(pending, probs.cpu().tolist(), strict=True):
                 pred.probs, pred.grade = p, int(np.argmax(p))
             pending.clear()
@@ -112,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             flush()
     flush()
 
-    write_csv(Path(args.out), results)
+    out = args.out / PREDICTIONS_FILE
+    write_csv(out, results)
     failed = sum(r.error is not None for r in results)
     graded = len(results) - failed
     counts = np.bincount([r.grade for r in results if r.grade is not None], minlength=NUM_CLASSES)
-    print(f"graded {graded} image(s), {failed} unreadable; predicted grades 0-4: "
-          f"{' / '.join(map(str, counts))}; wrote {args.out}")
+    print(
+        f"graded {graded} image(s), {failed} unreadable; predicted grades 0-4: "
+        f"{' / '.join(map(str, counts))}; wrote {out}"
+    )
     if graded == 0:
         raise UserError("none of the images could be read")
     return 1 if failed else 0
@@ -130,8 +159,15 @@ def write_csv(path: Path, results: list[Prediction]) -> None:
         writer.writerow(["image", "grade", *[f"p{g}" for g in range(NUM_CLASSES)], "error"])
         for r in results:
             probs = [f"{p:.4f}" for p in r.probs] if r.probs else [""] * NUM_CLASSES
-            writer.writerow([str(r.path), "" if r.grade is None else r.grade, *probs, r.error or ""])
+            writer.writerow(
+                [str(r.path), "" if r.grade is None else r.grade, *probs, r.error or ""]
+            )
+
+
+def cli() -> None:
+    """The ``dr-predict`` console command."""
+    run_cli(main)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

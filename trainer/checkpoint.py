@@ -12,7 +12,7 @@ prediction need, with nothing else::
     {"model": state dict, "arch", "num_classes", "class_names", "image_size",
      "mean", "std" (ImageNet, on the 0-255 pixel scale), "preprocess" (the shard
      manifest's: size, graham, ... -- how new photographs must be prepared),
-     "epoch", "metrics", "config"}
+     "augment" (the training augmentation), "epoch", "metrics", "config"}
 
 Both load with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
 """
@@ -31,14 +31,13 @@ import torch
 
 from pipeline.constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write, atomic_write_text
+from pipeline.fileio import atomic_write
 from trainer.model import build_model
 
 CHECKPOINTS = "checkpoints"
 LAST = "last"
 STATE_FILE = "state.pt"
 BEST_FILE = "best.pt"
-METRICS_FILE = "metrics.jsonl"
 
 
 # ---------------------------------------------------------------- RNG
@@ -113,10 +112,14 @@ def load_last(run_dir: str | Path) -> dict:
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:
-                raise UserError(f"cannot read the checkpoint {path} ({type(err).__name__}: "
-                                f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
-    raise UserError(f"nothing to resume: {root / LAST} does not exist "
-                    f"(has a run with --out {run_dir} finished an epoch?)")
+                raise UserError(
+                    f"cannot read the checkpoint {path} ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:200] if str(err) else ''})"
+                ) from None
+    raise UserError(
+        f"nothing to resume: {root / LAST} does not exist "
+        f"(has a run with --out {run_dir} finished an epoch?)"
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,27 +130,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def truncate_metrics(run_dir: str | Path, epochs: int) -> None:
-    """Keep the metrics lines of epochs 1..``epochs``: those of a killed epoch go."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if isinstance(row, dict) and row.get("epoch", 0) <= epochs:
-            kept.append(line)
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
 # ---------------------------------------------------------------- best.pt
 
 
-def save_best(path: str | Path, model_state: dict, *, arch: str, image_size: int, epoch: int,
-              metrics: dict, config: dict, preprocess: dict | None = None) -> None:
+def save_best(
+    path: str | Path,
+    model_state: dict,
+    *,
+    arch: str,
+    image_size: int,
+    epoch: int,
+    metrics: dict,
+    config: dict,
+    preprocess: dict | None = None,
+    augment: dict | None = None,
+) -> None:
     payload = {
         "model": {k: v.detach().cpu() for k, v in model_state.items()},
         "arch": arch,
@@ -157,6 +154,7 @@ def save_best(path: str | Path, model_state: dict, *, arch: str, image_size: int
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "preprocess": preprocess or {},
+        "augment": augment or {},  # what training did to its images (evaluation does none of it)
         "epoch": epoch,
         "metrics": metrics,
         "config": config,
@@ -174,11 +172,23 @@ def repair_best(run_dir: str | Path, state: dict) -> None:
     if not best or best["epoch"] != state["epoch"]:
         return
     path = Path(run_dir) / BEST_FILE
-    if path.is_file() and torch.load(path, map_location="cpu", weights_only=True).get("epoch") == state["epoch"]:
+    if (
+        path.is_file()
+        and torch.load(path, map_location="cpu", weights_only=True).get("epoch") == state["epoch"]
+    ):
         return
     config = state["config"]
-    save_best(path, state["model"], arch=config["arch"], image_size=config["image_size"],
-              epoch=state["epoch"], metrics=best, config=config, preprocess=state.get("preprocess"))
+    save_best(
+        path,
+        state["model"],
+        arch=config["arch"],
+        image_size=config["image_size"],
+        epoch=state["epoch"],
+        metrics=best,
+        config=config,
+        preprocess=state.get("preprocess"),
+        augment=state.get("augment"),
+    )
 
 
 def load_best(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:

@@ -9,22 +9,27 @@ collectives below (loss checks, the epoch's sums) line up on every rank.
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 from pipeline.constants import NUM_CLASSES
-from pipeline.errors import UserError
+from pipeline.errors import RunError, UserError
 from trainer.metrics import accuracy, confusion_matrix, quadratic_kappa, recall_per_class
 
 CHECK_EVERY = 50  # steps between cross-rank loss checks (a sync point; also feeds the progress bar)
 
 
-class NonFiniteLossError(UserError):
+class NonFiniteLossError(RunError):
     """The training loss became inf or nan."""
 
 
@@ -57,11 +62,31 @@ class EvalResult:
 # ---------------------------------------------------------------- builders
 
 
-def build_optimizer(model, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+def resolve_precision(requested: str, cuda: bool) -> str:
+    """auto: the launcher's bf16/fp16 (bf16 unless unsupported) on a GPU, fp32 on the CPU.
+
+    fp16 autocast on the CPU does nothing at all, so it is refused rather than ignored.
+    """
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    if requested == "auto":
+        if not cuda:
+            return "no"
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16")
+        return "fp16" if launcher == "fp16" or not bf16_ok else "bf16"
+    if requested == "fp16" and not cuda:
+        raise UserError("fp16 autocast has no effect on the CPU; use --precision bf16 or no")
+    if requested == "bf16" and cuda and not bf16_ok:
+        raise UserError("this GPU does not support bf16; use --precision fp16")
+    return requested
+
+
+def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> Optimizer:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def build_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+def build_scheduler(
+    optimizer: Optimizer, schedule: str, warmup_steps: int, total_steps: int
+) -> LambdaLR:
     """Per-step LambdaLR: linear warmup to the peak, then constant or cosine down to 0."""
 
     def factor(step: int) -> float:
@@ -77,7 +102,7 @@ def build_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def set_peak_lr(optimizer, scheduler, lr: float) -> None:
+def set_peak_lr(optimizer: Optimizer, scheduler: LambdaLR, lr: float) -> None:
     """A new --lr for a resumed run (loading the optimizer and scheduler restored the old one)."""
     scheduler.base_lrs = [lr] * len(optimizer.param_groups)
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
@@ -85,7 +110,9 @@ def set_peak_lr(optimizer, scheduler, lr: float) -> None:
         group["lr"] = lr * factor(scheduler.last_epoch)
 
 
-def class_weights_for(counts, mode: str, device=None) -> torch.Tensor | None:
+def class_weights_for(
+    counts: Sequence[int], mode: str, device: torch.device | None = None
+) -> Tensor | None:
     """Loss weights per grade from the train split's counts, averaging 1 per training sample.
 
     inverse: 1/n_c; sqrt: 1/sqrt(n_c) (milder); none: None. An absent grade gets 0.
@@ -102,15 +129,28 @@ def class_weights_for(counts, mode: str, device=None) -> torch.Tensor | None:
 # ---------------------------------------------------------------- train and evaluate
 
 
-def cross_entropy_sums(logits, labels, class_weights):
+def cross_entropy_sums(
+    logits: Tensor, labels: Tensor, class_weights: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """(weighted) loss summed over the batch, and the weights summed: their ratio is the mean."""
     loss_sum = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="sum")
-    weight_sum = class_weights[labels].sum() if class_weights is not None else labels.new_tensor(
-        len(labels), dtype=torch.float32)
+    weight_sum = (
+        class_weights[labels].sum()
+        if class_weights is not None
+        else labels.new_tensor(len(labels), dtype=torch.float32)
+    )
     return loss_sum, weight_sum
 
 
-def train_step(model, images, labels, optimizer, scheduler, accelerator, class_weights=None):
+def train_step(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    optimizer: Optimizer,
+    scheduler: LambdaLR,
+    accelerator: Accelerator,
+    class_weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """One optimizer step; the detached logits, loss sum and weight sum (for the epoch's means)."""
     with accelerator.autocast():
         logits = model(images)
@@ -122,16 +162,24 @@ def train_step(model, images, labels, optimizer, scheduler, accelerator, class_w
     return logits.detach(), loss_sum.detach(), weight_sum
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, accelerator, class_weights=None,
-                    on_step: Callable[[float | None], None] | None = None) -> TrainResult:
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    optimizer: Optimizer,
+    scheduler: LambdaLR,
+    accelerator: Accelerator,
+    class_weights: Tensor | None = None,
+    on_step: Callable[[float | None], None] | None = None,
+) -> TrainResult:
     model.train()
     totals = torch.zeros(3, device=accelerator.device)  # loss sum, weight sum, correct
     seen, lr = 0, optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     for step, (images, labels) in enumerate(loader, 1):
         lr = optimizer.param_groups[0]["lr"]
-        logits, loss_sum, weight_sum = train_step(model, images, labels, optimizer, scheduler,
-                                                  accelerator, class_weights)
+        logits, loss_sum, weight_sum = train_step(
+            model, images, labels, optimizer, scheduler, accelerator, class_weights
+        )
         correct = (logits.argmax(1) == labels).sum()
         totals += torch.stack([loss_sum, weight_sum, correct.float()])
         seen += len(labels)
@@ -142,10 +190,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, class_weig
     totals = accelerator.reduce(totals, "sum").tolist()
     seconds = time.perf_counter() - start
     images = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum"))
-    return TrainResult(loss=loss, accuracy=totals[2] / max(images, 1), images=images, seconds=seconds, lr=lr)
+    return TrainResult(
+        loss=loss, accuracy=totals[2] / max(images, 1), images=images, seconds=seconds, lr=lr
+    )
 
 
-def check_finite(accelerator, totals: torch.Tensor, step: int) -> float:
+def check_finite(accelerator: Accelerator, totals: Tensor, step: int) -> float:
     """The mean loss so far over all ranks; every rank raises together if it is not finite."""
     summed = accelerator.reduce(totals[:2].clone(), "sum").tolist()
     loss = summed[0] / max(summed[1], 1e-12)
@@ -154,7 +204,13 @@ def check_finite(accelerator, totals: torch.Tensor, step: int) -> float:
     return loss
 
 
-def evaluate(model, loader, accelerator, class_weights=None, expected: int | None = None) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    accelerator: Accelerator,
+    class_weights: Tensor | None = None,
+    expected: int | None = None,
+) -> EvalResult:
     """Loss, accuracy, kappa, recall and the confusion matrix over every rank's slice.
 
     ``expected``: the split's sample count; a matrix with another total means samples were
@@ -176,14 +232,20 @@ def evaluate(model, loader, accelerator, class_weights=None, expected: int | Non
     confusion = accelerator.reduce(confusion, "sum").cpu().numpy()
     sums = accelerator.reduce(sums, "sum").tolist()
     if expected is not None and confusion.sum() != expected:
-        raise RuntimeError(f"evaluation saw {confusion.sum()} samples over all ranks, the split has "
-                           f"{expected}: the loader dropped or repeated samples")
-    return EvalResult(loss=sums[0] / max(sums[1], 1e-12), accuracy=accuracy(confusion),
-                      kappa=quadratic_kappa(confusion), recall=recall_per_class(confusion),
-                      confusion=confusion)
+        raise RuntimeError(
+            f"evaluation saw {confusion.sum()} samples over all ranks, the split has "
+            f"{expected}: the loader dropped or repeated samples"
+        )
+    return EvalResult(
+        loss=sums[0] / max(sums[1], 1e-12),
+        accuracy=accuracy(confusion),
+        kappa=quadratic_kappa(confusion),
+        recall=recall_per_class(confusion),
+        confusion=confusion,
+    )
 
 
-def sync_batchnorm_stats(model, accelerator) -> None:
+def sync_batchnorm_stats(model: nn.Module, accelerator: Accelerator) -> None:
     """Average BatchNorm running statistics over ranks.
 
     DDP keeps parameters identical but each rank's running mean/var follows its own last

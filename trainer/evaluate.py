@@ -12,58 +12,72 @@ numbers logged for that epoch.
 
 from __future__ import annotations
 
-import argparse
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from pipeline.errors import UserError, run_cli
-from pipeline.loader import build_loader
-from pipeline.shards import read_manifest
+from pipeline.cli import arg, parse_config, run_cli
+from pipeline.errors import UserError
+from pipeline.fileio import atomic_write_json
+from pipeline.loading.loader import build_loader
+from pipeline.manifest import read_manifest
 from trainer.checkpoint import load_best
 from trainer.config import BACKENDS
-from trainer.engine import class_weights_for, evaluate
+from trainer.engine import class_weights_for, evaluate, resolve_precision
 from trainer.metrics import plot_confusion, write_confusion_csv
-from trainer.train import resolve_precision
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="trainer/evaluate.py", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
-    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="best.pt written by trainer/train.py")
-    parser.add_argument("--shards", required=True, metavar="DIR", help="shard folder")
-    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument("--out", metavar="DIR", help="write metrics.json and the confusion matrix here")
-    parser.add_argument("--batch-size", type=int, help="per process (default: the checkpoint's)")
-    parser.add_argument("--backend", choices=BACKENDS, help="loader backend (default: the checkpoint's)")
-    parser.add_argument("--workers", type=int, help="loader workers per process")
-    return parser.parse_args(argv)
+@dataclass
+class EvalConfig:
+    checkpoint: Path = arg(help="best.pt written by trainer/train.py", metavar="FILE")
+    shards: Path = arg(help="shard folder", metavar="DIR")
+    split: str = arg("test", "split to evaluate")
+    out: Path | None = arg(
+        None, "write metrics.json and the confusion matrix into this folder", metavar="DIR"
+    )
+    batch_size: int | None = arg(None, "per process (default: the checkpoint's)")
+    backend: str | None = arg(None, "loader backend (default: the checkpoint's)", choices=BACKENDS)
+    workers: int | None = arg(None, "loader workers per process")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_config(
+        EvalConfig, argv, prog="trainer/evaluate.py", description=__doc__.splitlines()[0]
+    )
     model, info = load_best(args.checkpoint)
     cfg = info.get("config", {})
     batch_size = args.batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=resolve_precision(cfg.get("precision", "auto"), cuda))
+    accelerator = Accelerator(
+        cpu=not cuda, mixed_precision=resolve_precision(cfg.get("precision", "auto"), cuda)
+    )
     manifest = read_manifest(args.shards)
     expected = manifest.split(args.split).samples
     gpu = accelerator.device.type == "cuda"
     loader = build_loader(
-        args.shards, args.split, train=False, batch_size=batch_size, image_size=int(info["image_size"]),
-        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.get("seed", 0),
-        backend=args.backend or cfg.get("backend", "auto"), device=accelerator.device,
-        workers=args.workers, channels_last=gpu,
+        args.shards,
+        args.split,
+        train=False,
+        batch_size=batch_size,
+        image_size=int(info["image_size"]),
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.get("seed", 0),
+        backend=args.backend or cfg.get("backend", "auto"),
+        device=accelerator.device,
+        workers=args.workers,
+        channels_last=gpu,
     )
     # the trainer's test loss is weighted as its training loss was, by the train split's counts
     weights_mode = cfg.get("class_weights", "none")
     train_counts = manifest.splits["train"].class_counts if "train" in manifest.splits else None
-    class_weights = class_weights_for(train_counts, weights_mode, accelerator.device) if train_counts else None
+    class_weights = (
+        class_weights_for(train_counts, weights_mode, accelerator.device) if train_counts else None
+    )
     model = model.to(accelerator.device)
     if gpu:
         model = model.to(memory_format=torch.channels_last)
@@ -95,14 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and accelerator.is_main_process:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_json(out / "metrics.json", metrics)
         write_confusion_csv(result.confusion, out / f"confusion_{args.split}.csv")
-        plot_confusion(result.confusion, out / f"confusion_{args.split}.png", title=(
-            f"{info['arch']} on {args.split}: accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}"))
+        plot_confusion(
+            result.confusion,
+            out / f"confusion_{args.split}.png",
+            title=(
+                f"{info['arch']} on {args.split}: accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}"
+            ),
+        )
         accelerator.print(f"wrote {out / 'metrics.json'} and confusion_{args.split}.csv/.png")
     accelerator.end_training()
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``dr-evaluate`` console command."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -18,7 +18,9 @@ from sklearn.metrics import cohen_kappa_score
 from pipeline.constants import CLASS_NAMES, NUM_CLASSES
 
 
-def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+def confusion_matrix(
+    labels: torch.Tensor, preds: torch.Tensor, num_classes: int = NUM_CLASSES
+) -> torch.Tensor:
     """Counts (int64, on the inputs' device): ``[true, predicted]``."""
     flat = labels.long() * num_classes + preds.long()
     return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
@@ -77,20 +79,35 @@ def plot_confusion(cm: np.ndarray, path: Path, title: str = "") -> None:
     normalised = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
     names = CLASS_NAMES[: len(cm)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
-    panels = ((axes[0], cm, "counts", "{:d}"), (axes[1], normalised, "row-normalised (recall)", "{:.2f}"))
+    panels = (
+        (axes[0], cm, "counts", "{:d}"),
+        (axes[1], normalised, "row-normalised (recall)", "{:.2f}"),
+    )
     for ax, values, label, fmt in panels:
         image = ax.imshow(values, cmap="Blues", vmin=0, vmax=max(values.max(), 1e-9))
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-        ax.set(title=label, xlabel="predicted grade", ylabel="true grade",
-               xticks=range(len(names)), yticks=range(len(names)))
+        ax.set(
+            title=label,
+            xlabel="predicted grade",
+            ylabel="true grade",
+            xticks=range(len(names)),
+            yticks=range(len(names)),
+        )
         ax.set_xticklabels(names, rotation=30, ha="right")
         ax.set_yticklabels(names)
         threshold = values.max() / 2
         for i in range(len(names)):
             for j in range(len(names)):
                 value = int(values[i, j]) if fmt == "{:d}" else float(values[i, j])
-                ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=9,
-                        color="white" if values[i, j] > threshold else "black")
+                ax.text(
+                    j,
+                    i,
+                    fmt.format(value),
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if values[i, j] > threshold else "black",
+                )
     if title:
         fig.suptitle(title)
     fig.tight_layout()

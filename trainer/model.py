@@ -28,11 +28,14 @@ MODELS = {
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
 }
 HEAD = ("fc.weight", "fc.bias")
-DOWNLOAD_TIMEOUT_S = 20  # per socket operation: an offline machine fails fast, a slow one still works
+DOWNLOAD_TIMEOUT_S = (
+    20  # per socket operation: an offline machine fails fast, a slow one still works
+)
 
 
-def build_model(arch: str, num_classes: int = NUM_CLASSES, pretrained: bool = False,
-                weights: str | None = None) -> nn.Module:
+def build_model(
+    arch: str, num_classes: int = NUM_CLASSES, pretrained: bool = False, weights: str | None = None
+) -> nn.Module:
     """A ResNet with a ``num_classes``-way head: random, ImageNet-initialised, or from a file."""
     if arch not in MODELS:
         raise UserError(f"unknown architecture '{arch}'; choose one of {', '.join(MODELS)}")
@@ -97,7 +100,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     load_backbone(model, read_state_dict(path), source=f"--weights {path}")
 
 
-def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the weights") -> None:
+def load_backbone(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = "the weights"
+) -> None:
     """Copy ``state`` into ``model``; a head of another width (ImageNet's 1000) is left out.
 
     Every other tensor must be present with the model's shape: a mismatch is a UserError
@@ -106,7 +111,12 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str 
     own = model.state_dict()
     in_features = own[HEAD[0]].shape[1]
     fc = state.get(HEAD[0])
-    if fc is not None and fc.ndim == 2 and fc.shape[1] == in_features and fc.shape[0] != own[HEAD[0]].shape[0]:
+    if (
+        fc is not None
+        and fc.ndim == 2
+        and fc.shape[1] == in_features
+        and fc.shape[0] != own[HEAD[0]].shape[0]
+    ):
         state = {k: v for k, v in state.items() if k not in HEAD}
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
     missing = [k for k in own if k not in state and k not in HEAD]
@@ -114,13 +124,17 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str 
     problems = []
     if mismatched:
         k = mismatched[0]
-        problems.append(f"{len(mismatched)} tensor(s) of another shape, e.g. {k}: "
-                        f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model")
+        problems.append(
+            f"{len(mismatched)} tensor(s) of another shape, e.g. {k}: "
+            f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+        )
     if missing:
         problems.append(f"{len(missing)} missing, e.g. {missing[0]}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
     if problems:
-        raise UserError(f"{source} does not fit this {type(model).__name__} "
-                        f"({'; '.join(problems)}); is it the same --arch?")
+        raise UserError(
+            f"{source} does not fit this {type(model).__name__} "
+            f"({'; '.join(problems)}); is it the same --arch?"
+        )
     model.load_state_dict(state, strict=False)  # strict apart from a dropped head

@@ -23,8 +23,9 @@ is training plus evaluation.
 ``--resume --out DIR`` continues from ``DIR/checkpoints/last/`` with the run's saved
 config and ends in the state an uninterrupted run ends in; only --epochs, --lr,
 --workers, --backend, --shards and --quiet may be given anew. A user error (no shards,
-bad --weights, ...) is one line and exit 2; ``accelerate launch`` then adds its own
-traceback and exits 1 (for one process ``accelerate launch --quiet`` keeps it to the line).
+bad --weights, ...) is one line and exit 2, a run that fails (the loss diverged) one line
+and exit 1; ``accelerate launch`` then adds its own traceback and exits 1 (for one
+process ``accelerate launch --quiet`` keeps it to the line).
 """
 
 from __future__ import annotations
@@ -35,19 +36,25 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from torch.optim.lr_scheduler import LRScheduler
 
-from pipeline.errors import UserError, run_cli
+from pipeline.cli import run_cli
+from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
-from pipeline.loader import build_loader
-from pipeline.shards import read_manifest
+from pipeline.loading.contract import Loader
+from pipeline.loading.loader import build_loader
+from pipeline.manifest import read_manifest
 from trainer.checkpoint import (
     BEST_FILE,
-    METRICS_FILE,
     last_dir,
     load_last,
     repair_best,
@@ -56,30 +63,46 @@ from trainer.checkpoint import (
     save_last,
     set_rng_state,
     state_checksum,
-    truncate_metrics,
 )
 from trainer.config import TrainConfig, merge_for_resume, parse_args
 from trainer.engine import (
+    EvalResult,
     NonFiniteLossError,
+    TrainResult,
     build_optimizer,
     build_scheduler,
     class_weights_for,
     evaluate,
+    resolve_precision,
     set_peak_lr,
     train_one_epoch,
 )
 from trainer.metrics import plot_confusion, write_confusion_csv
 from trainer.model import build_model, imagenet_state_dict
+from trainer.runfiles import (
+    CONFIG_FILE,
+    CONFUSION_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    append_metrics,
+    read_metrics,
+    truncate_metrics,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-HEADER = (f"{'epoch':>7} {'train loss':>10} {'train acc':>9} {'test loss':>9} {'test acc':>8} "
-          f"{'kappa':>6} {'img/s':>8} {'time':>7} {'lr':>9}  recall 0-4")
+T = TypeVar("T")
+HEADER = (
+    f"{'epoch':>7} {'train loss':>10} {'train acc':>9} {'test loss':>9} {'test acc':>8} "
+    f"{'kappa':>6} {'img/s':>8} {'time':>7} {'lr':>9}  recall 0-4"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, given = parse_args(argv)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=resolve_precision(cfg.precision, torch.cuda.is_available()))
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=resolve_precision(cfg.precision, torch.cuda.is_available()),
+    )
     out = choose_run_folder(cfg, accelerator)
     state = load_last(out) if cfg.resume else None
     if state:
@@ -97,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     steps = len(train_loader)  # per rank: the schedule steps once per optimizer step
-    scheduler = build_scheduler(optimizer, cfg.schedule, round(cfg.warmup_epochs * steps), cfg.epochs * steps)
-    class_weights = class_weights_for(manifest.split("train").class_counts, cfg.class_weights,
-                                      accelerator.device)
+    scheduler = build_scheduler(
+        optimizer, cfg.schedule, round(cfg.warmup_epochs * steps), cfg.epochs * steps
+    )
+    class_weights = class_weights_for(
+        manifest.split("train").class_counts, cfg.class_weights, accelerator.device
+    )
     model, optimizer = accelerator.prepare(model, optimizer)  # never the loaders
 
     env = environment(accelerator, train_loader.backend)
@@ -108,18 +134,34 @@ def main(argv: list[str] | None = None) -> int:
     if state:
         start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, out)
     if accelerator.is_main_process:
-        atomic_write_json(out / "config.json", {"config": cfg.to_dict(), "environment": env,
-                                         "resumed_after_epoch": start if state else None})
+        atomic_write_json(
+            out / CONFIG_FILE,
+            {
+                "config": cfg.to_dict(),
+                "augment": asdict(cfg.augment_config()),
+                "environment": env,
+                "resumed_after_epoch": start if state else None,
+            },
+        )
     accelerator.print(HEADER)
-    progress = EpochProgress(enabled=accelerator.is_main_process and not cfg.quiet and sys.stdout.isatty())
+    progress = EpochProgress(
+        enabled=accelerator.is_main_process and not cfg.quiet and sys.stdout.isatty()
+    )
 
     for epoch in range(start + 1, cfg.epochs + 1):
         begin = time.perf_counter()
         train_loader.set_epoch(epoch - 1)
         progress.start(f"epoch {epoch}/{cfg.epochs}", len(train_loader))
         try:
-            train = train_one_epoch(model, train_loader, optimizer, scheduler, accelerator,
-                                    class_weights, on_step=progress.advance)
+            train = train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                scheduler,
+                accelerator,
+                class_weights,
+                on_step=progress.advance,
+            )
         except NonFiniteLossError as err:
             raise NonFiniteLossError(stopped_message(err, epoch, out)) from None
         finally:
@@ -129,15 +171,28 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(format_row(row, cfg.epochs))
         is_best = best is None or row["test_qwk"] > best["test_qwk"]
         best = row if is_best else best
-        save_epoch(accelerator, out, cfg, model, optimizer, scheduler, row, test.confusion, best, is_best,
-                   preprocess=manifest.raw.get("preprocess", {}))
+        save_epoch(
+            accelerator,
+            out,
+            cfg,
+            model,
+            optimizer,
+            scheduler,
+            row,
+            test.confusion,
+            best,
+            is_best,
+            preprocess=manifest.preprocess,
+        )
 
     checksums = gather_object([state_checksum(accelerator.unwrap_model(model).state_dict())])
     if len(set(checksums)) > 1:
         raise RuntimeError(f"the ranks ended with different weights: {checksums}")
     if accelerator.is_main_process:
         write_summary(out, cfg, env, best, checksums)
-    accelerator.print(f"best test kappa {best['test_qwk']:.4f} at epoch {best['epoch']}; run folder {out}")
+    accelerator.print(
+        f"best test kappa {best['test_qwk']:.4f} at epoch {best['epoch']}; run folder {out}"
+    )
     train_loader.close()
     test_loader.close()
     accelerator.end_training()
@@ -147,25 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- set-up
 
 
-def resolve_precision(requested: str, cuda: bool) -> str:
-    """auto: the launcher's bf16/fp16 (bf16 unless unsupported) on a GPU, fp32 on the CPU.
-
-    fp16 autocast on the CPU does nothing at all, so it is refused rather than ignored.
-    """
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
-    if requested == "auto":
-        if not cuda:
-            return "no"
-        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16")
-        return "fp16" if launcher == "fp16" or not bf16_ok else "bf16"
-    if requested == "fp16" and not cuda:
-        raise UserError("fp16 autocast has no effect on the CPU; use --precision bf16 or no")
-    if requested == "bf16" and cuda and not bf16_ok:
-        raise UserError("this GPU does not support bf16; use --precision fp16")
-    return requested
-
-
-def on_leader(accelerator, fn, local: bool = False):
+def on_leader(accelerator: Accelerator, fn: Callable[[], T], local: bool = False) -> T | None:
     """Run ``fn`` on the main process (of each machine, if ``local``) and share its result.
 
     A UserError there is raised on every rank, so no rank waits for one that has left.
@@ -183,13 +220,15 @@ def on_leader(accelerator, fn, local: bool = False):
     return None if local else broadcast_object_list([result])[0]
 
 
-def choose_run_folder(cfg: TrainConfig, accelerator) -> Path:
+def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     """--out, or runs/ARCH-TIMESTAMP from rank 0's clock; a new run never appends to an old one."""
 
     def choose():
         out = Path(cfg.out or f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not cfg.resume and (out / METRICS_FILE).exists():
-            raise UserError(f"{out} already holds a run; add --resume to continue it, or pick another --out")
+            raise UserError(
+                f"{out} already holds a run; add --resume to continue it, or pick another --out"
+            )
         if not cfg.resume:
             out.mkdir(parents=True, exist_ok=True)
         return str(out)
@@ -199,24 +238,45 @@ def choose_run_folder(cfg: TrainConfig, accelerator) -> Path:
     return Path(on_leader(accelerator, choose))
 
 
-def build_loaders(cfg: TrainConfig, accelerator, channels_last: bool):
+def build_loaders(
+    cfg: TrainConfig, accelerator: Accelerator, channels_last: bool
+) -> tuple[Loader, Loader]:
     """This rank's train and test loaders: it reads its own slice (Accelerate shards neither)."""
-    args = dict(batch_size=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
-                rank=accelerator.process_index, world_size=accelerator.num_processes,
-                backend=cfg.backend, device=accelerator.device, workers=cfg.workers,
-                channels_last=channels_last)
-    return (build_loader(cfg.shards, "train", train=True, **args),
-            build_loader(cfg.shards, "test", train=False, **args))
+    args = dict(
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        backend=cfg.backend,
+        device=accelerator.device,
+        workers=cfg.workers,
+        channels_last=channels_last,
+    )
+    return (
+        build_loader(cfg.shards, "train", train=True, augment=cfg.augment_config(), **args),
+        build_loader(cfg.shards, "test", train=False, **args),
+    )
 
 
-def build_model_on_every_rank(cfg: TrainConfig, accelerator):
+def build_model_on_every_rank(cfg: TrainConfig, accelerator: Accelerator) -> torch.nn.Module:
     """With --pretrained the first process of each machine fills the hub cache; then all build."""
     if cfg.pretrained:
-        on_leader(accelerator, lambda: imagenet_state_dict(cfg.arch, progress=not cfg.quiet), local=True)
+        on_leader(
+            accelerator, lambda: imagenet_state_dict(cfg.arch, progress=not cfg.quiet), local=True
+        )
     return build_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights)
 
 
-def restore(state, cfg, accelerator, model, optimizer, scheduler, out) -> tuple[int, dict | None]:
+def restore(
+    state: dict,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    out: Path,
+) -> tuple[int, dict | None]:
     """Load last/ into the prepared objects; the epochs it completed and the best row so far."""
     accelerator.unwrap_model(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -227,8 +287,10 @@ def restore(state, cfg, accelerator, model, optimizer, scheduler, out) -> tuple[
         set_peak_lr(optimizer, scheduler, cfg.lr)
     rngs, rank = state["rng"], accelerator.process_index
     if len(rngs) != accelerator.num_processes:
-        accelerator.print(f"warning: resuming a run of {len(rngs)} process(es) on "
-                          f"{accelerator.num_processes}: it continues, but not bit for bit")
+        accelerator.print(
+            f"warning: resuming a run of {len(rngs)} process(es) on "
+            f"{accelerator.num_processes}: it continues, but not bit for bit"
+        )
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     if accelerator.is_main_process:
         truncate_metrics(out, state["epoch"])  # lines of an epoch killed before its checkpoint
@@ -237,7 +299,7 @@ def restore(state, cfg, accelerator, model, optimizer, scheduler, out) -> tuple[
     return state["epoch"], state["best"]
 
 
-def environment(accelerator, backend: str) -> dict:
+def environment(accelerator: Accelerator, backend: str) -> dict:
     import accelerate
     import torchvision
 
@@ -285,14 +347,15 @@ def git_commit() -> str | None:
 
 
 def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
 
 
 # ---------------------------------------------------------------- per epoch
 
 
-def metrics_row(epoch: int, train, test, epoch_s: float) -> dict:
+def metrics_row(epoch: int, train: TrainResult, test: EvalResult, epoch_s: float) -> dict:
     return {
         "epoch": epoch,
         "train_loss": train.loss,
@@ -309,54 +372,100 @@ def metrics_row(epoch: int, train, test, epoch_s: float) -> dict:
 
 def format_row(row: dict, epochs: int) -> str:
     recall = "/".join(f"{r:.2f}" for r in row["test_recall"])
-    return (f"{row['epoch']:>3}/{epochs:<3} {row['train_loss']:>10.4f} {100 * row['train_acc']:>8.1f}% "
-            f"{row['test_loss']:>9.4f} {100 * row['test_acc']:>7.1f}% {row['test_qwk']:>6.3f} "
-            f"{row['images_per_s']:>8.1f} {row['epoch_s']:>6.1f}s {row['lr']:>9.2e}  {recall}")
+    return (
+        f"{row['epoch']:>3}/{epochs:<3} {row['train_loss']:>10.4f} {100 * row['train_acc']:>8.1f}% "
+        f"{row['test_loss']:>9.4f} {100 * row['test_acc']:>7.1f}% {row['test_qwk']:>6.3f} "
+        f"{row['images_per_s']:>8.1f} {row['epoch_s']:>6.1f}s {row['lr']:>9.2e}  {recall}"
+    )
 
 
-def save_epoch(accelerator, out: Path, cfg, model, optimizer, scheduler, row, confusion, best, is_best,
-               preprocess: dict):
+def save_epoch(
+    accelerator: Accelerator,
+    out: Path,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    row: dict,
+    confusion: np.ndarray,
+    best: dict,
+    is_best: bool,
+    preprocess: dict,
+) -> None:
     """Rank 0 writes the epoch's files; the checkpoint goes last, so it marks the epoch complete."""
     rngs = gather_object([rng_state()])  # a collective: every rank takes part
     if not accelerator.is_main_process:
         return
-    with open(out / METRICS_FILE, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    folder = out / "confusion"
+    append_metrics(out, row)
+    folder = out / CONFUSION_DIR
     folder.mkdir(exist_ok=True)
     name = f"epoch_{row['epoch']:03d}"
     write_confusion_csv(confusion, folder / f"{name}.csv")
-    plot_confusion(confusion, folder / f"{name}.png", title=(
-        f"{cfg.arch} epoch {row['epoch']}: accuracy {100 * row['test_acc']:.1f} %, kappa {row['test_qwk']:.3f}"))
+    plot_confusion(
+        confusion,
+        folder / f"{name}.png",
+        title=(
+            f"{cfg.arch} epoch {row['epoch']}: accuracy {100 * row['test_acc']:.1f} %, kappa {row['test_qwk']:.3f}"
+        ),
+    )
     model_state = accelerator.unwrap_model(model).state_dict()
-    state = {"epoch": row["epoch"], "model": model_state, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "best": best, "rng": rngs,
-             "world_size": accelerator.num_processes, "config": cfg.to_dict(), "preprocess": preprocess}
+    state = {
+        "epoch": row["epoch"],
+        "model": model_state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "best": best,
+        "rng": rngs,
+        "world_size": accelerator.num_processes,
+        "config": cfg.to_dict(),
+        "preprocess": preprocess,
+        "augment": asdict(cfg.augment_config()),
+    }
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler.state_dict()
     save_last(out, state)
     if is_best:
-        save_best(out / BEST_FILE, model_state, arch=cfg.arch, image_size=cfg.image_size,
-                  epoch=row["epoch"], metrics=row, config=cfg.to_dict(), preprocess=preprocess)
+        save_best(
+            out / BEST_FILE,
+            model_state,
+            arch=cfg.arch,
+            image_size=cfg.image_size,
+            epoch=row["epoch"],
+            metrics=row,
+            config=cfg.to_dict(),
+            preprocess=preprocess,
+            augment=asdict(cfg.augment_config()),
+        )
 
 
 def stopped_message(err: Exception, epoch: int, out: Path) -> str:
     last = last_dir(out)
-    kept = f"the last good checkpoint, {last}, is kept" if last.exists() else "no epoch had finished"
-    return (f"{err} of epoch {epoch}; training stopped and {kept}. Lower --lr (or add "
-            "--warmup-epochs) and start again, or continue with --resume --lr SMALLER")
+    kept = (
+        f"the last good checkpoint, {last}, is kept" if last.exists() else "no epoch had finished"
+    )
+    return (
+        f"{err} of epoch {epoch}; training stopped and {kept}. Lower --lr (or add "
+        "--warmup-epochs) and start again, or continue with --resume --lr SMALLER"
+    )
 
 
-def write_summary(out: Path, cfg, env, best, checksums) -> None:
-    rows = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
-    atomic_write_json(out / "summary.json", {
-        "arch": cfg.arch, "epochs": cfg.epochs, "best_epoch": best["epoch"], "best": best,
-        "last": rows[-1], "world_size": env["world_size"], "backend": env["backend"],
-        "device": env["device"], "weights_sha256_per_rank": checksums,
-        "best_checkpoint": str(out / BEST_FILE),
-    })
+def write_summary(out: Path, cfg: TrainConfig, env: dict, best: dict, checksums: list[str]) -> None:
+    rows = read_metrics(out)
+    atomic_write_json(
+        out / SUMMARY_FILE,
+        {
+            "arch": cfg.arch,
+            "epochs": cfg.epochs,
+            "best_epoch": best["epoch"],
+            "best": best,
+            "last": rows[-1],
+            "world_size": env["world_size"],
+            "backend": env["backend"],
+            "device": env["device"],
+            "weights_sha256_per_rank": checksums,
+            "best_checkpoint": str(out / BEST_FILE),
+        },
+    )
 
 
 class EpochProgress:
@@ -367,9 +476,14 @@ class EpochProgress:
         if enabled:
             import rich.progress as rp
 
-            self.bar = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
-                                   rp.MofNCompleteColumn(), rp.TextColumn("loss {task.fields[loss]}"),
-                                   rp.TimeRemainingColumn(), transient=True)
+            self.bar = rp.Progress(
+                rp.TextColumn("{task.description}"),
+                rp.BarColumn(),
+                rp.MofNCompleteColumn(),
+                rp.TextColumn("loss {task.fields[loss]}"),
+                rp.TimeRemainingColumn(),
+                transient=True,
+            )
 
     def start(self, description: str, total: int) -> None:
         if self.bar:
@@ -387,5 +501,10 @@ class EpochProgress:
             self.bar.remove_task(self.task)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``dr-train`` console command."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

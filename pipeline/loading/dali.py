@@ -7,7 +7,7 @@ resume gives the same batches as the first run -- and a train epoch can stop aft
 ``steps`` batches without leaving a half-read epoch in the reader.
 
 Slicing: ``shard_id``/``num_shards`` give rank r the samples ``[r*N//w, (r+1)*N//w)``
-(``pipeline.loader.rank_range``; checked against DALI in the tests). With
+(``pipeline.loading.contract.rank_range``; checked against DALI in the tests). With
 ``pad_last_batch=True`` the reader pads the rank's slice with copies of its last
 sample; eval drops that padding using the rank's exact share, train stops before it.
 """
@@ -22,10 +22,11 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from pipeline.augment import GREY_WEIGHTS, AugmentConfig
 from pipeline.constants import IMAGE_EXT, IMAGENET_MEAN, IMAGENET_STD, LABEL_EXT
 from pipeline.errors import UserError
-from pipeline.loader import Loader, LoaderSpec, rank_range
+from pipeline.loading.augment import GREY_WEIGHTS, NO_AUGMENT, AugmentConfig
+from pipeline.loading.contract import Loader, LoaderSpec, rank_range
+from pipeline.loading.samples import find_bad_sample
 
 READER = "shards"
 SHUFFLE_FILL = 1024  # DALI's shuffle buffer (undecoded samples); shards are pre-shuffled on disk
@@ -66,7 +67,11 @@ def decode(jpegs, *, gpu: bool, size_hint: int, crop_area: float = 0.0):
         )
     if crop_area > 0:
         return fn.decoders.image_random_crop(
-            jpegs, random_area=[1.0 - crop_area, 1.0], random_aspect_ratio=[1.0, 1.0], num_attempts=16, **opts
+            jpegs,
+            random_area=[1.0 - crop_area, 1.0],
+            random_aspect_ratio=[1.0, 1.0],
+            num_attempts=16,
+            **opts,
         )
     return fn.decoders.image(jpegs, **opts)
 
@@ -78,10 +83,17 @@ def grey_mean(images, gpu: bool):
     return grey.cpu() if gpu else grey
 
 
-def decode_and_augment(jpegs, *, gpu: bool, size: int, stored_size: int, augment: AugmentConfig | None,
-                       channels_last: bool):
+def decode_and_augment(
+    jpegs,
+    *,
+    gpu: bool,
+    size: int,
+    stored_size: int,
+    augment: AugmentConfig | None,
+    channels_last: bool,
+):
     """JPEG bytes -> float normalised images; the steps and order of ``pipeline.augment``."""
-    aug = augment or AugmentConfig(hflip=False, vflip=False)
+    aug = augment or NO_AUGMENT
     images = decode(jpegs, gpu=gpu, size_hint=stored_size, crop_area=aug.scale)
     if aug.scale > 0 or size != stored_size:
         images = fn.resize(images, size=[size, size], antialias=True)
@@ -109,11 +121,29 @@ def decode_and_augment(jpegs, *, gpu: bool, size: int, stored_size: int, augment
 
 
 @pipeline_def
-def shard_pipeline(files, indexes, *, shard_id, num_shards, train, gpu, size, stored_size, augment,
-                   channels_last, with_keys):
-    jpegs, cls = read_shards(files, indexes, shard_id=shard_id, num_shards=num_shards, shuffle=train)
+def shard_pipeline(
+    files,
+    indexes,
+    *,
+    shard_id,
+    num_shards,
+    train,
+    gpu,
+    size,
+    stored_size,
+    augment,
+    channels_last,
+    with_keys,
+):
+    jpegs, cls = read_shards(
+        files, indexes, shard_id=shard_id, num_shards=num_shards, shuffle=train
+    )
     images = decode_and_augment(
-        jpegs, gpu=gpu, size=size, stored_size=stored_size, augment=augment if train else None,
+        jpegs,
+        gpu=gpu,
+        size=size,
+        stored_size=stored_size,
+        augment=augment if train else None,
         channels_last=channels_last,
     )
     labels = fn.cast(cls, dtype=types.INT64) - ord("0")  # grades are one ASCII digit
@@ -172,9 +202,17 @@ class DaliLoader(Loader):
         seed = int(np.random.SeedSequence(spec.seed_for(epoch)).generate_state(1)[0] & 0x7FFFFFFF)
         shard_id, num_shards = reader_slice(spec.total, spec.slice_id(epoch), spec.world_size)
         pipe = shard_pipeline(
-            self.files, self.indexes, shard_id=shard_id, num_shards=num_shards,
-            train=spec.train, gpu=self.gpu, size=spec.image_size, stored_size=spec.manifest.image_size,
-            augment=spec.augment, channels_last=spec.channels_last, with_keys=self.with_keys,
+            self.files,
+            self.indexes,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            train=spec.train,
+            gpu=self.gpu,
+            size=spec.image_size,
+            stored_size=spec.manifest.image_size,
+            augment=spec.augment,
+            channels_last=spec.channels_last,
+            with_keys=self.with_keys,
             **pipeline_kwargs(spec, seed),
         )
         pipe.build()
@@ -195,7 +233,11 @@ class DaliLoader(Loader):
                 images, labels = self.to_torch(outputs[0], outputs[1])
                 images, labels = self.normalize(images[:keep], labels[:keep])
                 if self.with_keys:
-                    yield images, labels, [source_key(np.asarray(outputs[2][i])) for i in range(keep)]
+                    yield (
+                        images,
+                        labels,
+                        [source_key(np.asarray(outputs[2][i])) for i in range(keep)],
+                    )
                 else:
                     yield images, labels
         except RuntimeError as err:
@@ -217,11 +259,13 @@ class DaliLoader(Loader):
 
     def explain(self, err: RuntimeError, lo: int, hi: int) -> str:
         """One sentence for a DALI failure: find the unreadable sample of this rank's slice."""
-        from pipeline.torch_loader import find_bad_sample
-
         bad = find_bad_sample(self.spec.manifest.root, self.spec.samples(lo, hi))
         if bad:
             return bad
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        detail = next((ln for ln in reversed(lines) if "no longer valid" not in ln), "unknown error")
-        return f"DALI failed reading split '{self.spec.split}' of {self.spec.manifest.root}: {detail}"
+        detail = next(
+            (ln for ln in reversed(lines) if "no longer valid" not in ln), "unknown error"
+        )
+        return (
+            f"DALI failed reading split '{self.spec.split}' of {self.spec.manifest.root}: {detail}"
+        )

@@ -19,7 +19,7 @@ global RNG, so a worker's images depend only on (seed, epoch, rank, worker).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -49,10 +49,25 @@ class AugmentConfig:
             raise UserError(f"colour jitter must be in [0, 1), got {self.color}")
 
 
-NO_AUGMENT = AugmentConfig(hflip=False, vflip=False)
+NO_AUGMENT = AugmentConfig(hflip=False, vflip=False)  # evaluation
+# --augment: the reference recipe's flips, or what DR needs besides -- a fundus has no "up",
+# so rotation through the full circle, plus a zoom and the exposure spread between cameras.
+PRESETS = {
+    "reference": AugmentConfig(),
+    "strong": AugmentConfig(rotate=180.0, scale=0.25, color=0.2),
+}
 
 
-def crop_box(height: int, width: int, scale: float, rng: np.random.Generator) -> tuple[int, int, int]:
+def augment_preset(name: str, **knobs: float | None) -> AugmentConfig:
+    """The preset ``name`` with any knob (``rotate``, ``scale``, ``color``) that is not None replaced."""
+    if name not in PRESETS:
+        raise UserError(f"unknown augmentation '{name}'; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in knobs.items() if v is not None})
+
+
+def crop_box(
+    height: int, width: int, scale: float, rng: np.random.Generator
+) -> tuple[int, int, int]:
     """(top, left, side) of a square crop covering a uniform [1 - scale, 1] fraction of the area."""
     area = rng.uniform(1.0 - scale, 1.0) * height * width
     side = max(1, min(height, width, round(math.sqrt(area))))

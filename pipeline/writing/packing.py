@@ -2,18 +2,18 @@
 
 The steps, in order:
 
-1. read the source layout (``pipeline.sources``), split kaggle/generic samples by patient;
+1. read the source layout (``pipeline.writing.sources``), split kaggle/generic samples by patient;
 2. order the samples: train in a seeded shuffle (DALI only shuffles inside a buffer, so
    the order on disk matters), test sorted by key; cut them into chunks of ``shard_size``,
    chunk ``i`` of a split becomes ``<split>-<i>.tar``;
 3. a chunk whose first file is already a ``size`` x ``size`` baseline JPEG goes whole to a
    worker process, which reads, hashes and writes its shard from the original bytes
    (shards in parallel; it gives the chunk back if a file needs decoding). The other
-   chunks' images are prepared (``pipeline.preprocess``) across the pool in small tasks,
+   chunks' images are prepared (``pipeline.writing.preprocess``) across the pool in small tasks,
    a bounded number ahead, and their shards written here; memory stays flat whatever the
    dataset size. Results are taken in chunk order, so the output does not depend on
    ``workers``;
-4. write each shard atomically with ``pipeline.shards.write_shard``, then ``rejects.csv``;
+4. write each shard atomically with ``pipeline.shardformat.write_shard``, then ``rejects.csv``;
    fsync the shards once all are written, then write ``manifest.json`` last.
 
 The manifest of an earlier run is deleted first, so a folder being rebuilt never has one
@@ -39,7 +39,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -50,55 +49,64 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from pipeline.cli import arg
 from pipeline.constants import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_SHARD_SIZE,
     INDEX_SUFFIX,
     MANIFEST_NAME,
-    MANIFEST_VERSION,
     NUM_CLASSES,
     REJECTS_NAME,
     SHARD_NAME,
     SPLITS,
 )
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write, atomic_write_json, make_writable_dir
-from pipeline.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
-from pipeline.shards import (
-    ShardInfo,
-    file_sha256,
-    fsync_files,
-    split_entry,
-    write_manifest,
-    write_shard,
-)
-from pipeline.sources import Sample, assign_splits, patients_in_both, read_source
+from pipeline.fileio import atomic_write, atomic_write_json, file_sha256, make_writable_dir
+from pipeline.manifest import Manifest, ShardInfo, SplitInfo
+from pipeline.shardformat import fsync_files, write_shard
+from pipeline.writing.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
+from pipeline.writing.sources import Sample, assign_splits, patients_in_both, read_source
 
 PROGRESS_NAME = ".progress.json"
 PREPROCESS_VERSION = 1  # bump when preprocessing changes, so reruns rebuild every shard
 TASK_SIZE = 8  # images per pool task
 TASKS_AHEAD = 4  # tasks in flight per worker
-_SHARD_FILE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}(\.tar|{re.escape(INDEX_SUFFIX)})$")  # SHARD_NAME
+_SHARD_FILE = re.compile(
+    rf"^({'|'.join(SPLITS)})-\d{{6}}(\.tar|{re.escape(INDEX_SUFFIX)})$"
+)  # SHARD_NAME
 
 
 @dataclass
 class PackConfig:
-    data_dir: Path
-    out_dir: Path
-    size: int = DEFAULT_IMAGE_SIZE
-    shard_size: int = DEFAULT_SHARD_SIZE
-    workers: int | None = None  # None: every core
-    seed: int = 0
-    test_fraction: float = 0.2
-    graham: bool = False
-    strict: bool = False
-    labels: Path | None = None
-    quiet: bool = False
+    """make_shards' options (``tools/make_shards.py --help``)."""
+
+    data_dir: Path = arg(help="folder with the images and label files", positional=True)
+    out_dir: Path = arg(help="shard folder to write (created)", positional=True)
+    size: int = arg(DEFAULT_IMAGE_SIZE, "side of the square images in px")
+    shard_size: int = arg(DEFAULT_SHARD_SIZE, "samples per shard")
+    workers: int | None = arg(None, "decoding processes (default: every core)")
+    seed: int = arg(0, "seeds the train order and the kaggle split")
+    test_fraction: float = arg(0.2, "test share for kaggle/--labels without a split column")
+    graham: bool = arg(False, "Ben Graham normalisation (local average subtracted)")
+    strict: bool = arg(False, "fail (exit 2) if any input is rejected")
+    labels: Path | None = arg(None, "CSV image,level[,split] for any other layout", metavar="FILE")
+    quiet: bool = arg(False, "no progress bar (for logs)")
+
+    def __post_init__(self):
+        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
+        if self.size < 16:
+            raise UserError(f"--size must be at least 16 px, got {self.size}")
+        if self.shard_size < 1:
+            raise UserError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if not 0 <= self.test_fraction < 1:
+            raise UserError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
 
 
 @dataclass
 class PackResult:
-    manifest: dict
+    manifest: Manifest
     rejects: list[tuple[str, str]]
     counts: dict[str, list[int]]  # split -> packed samples per grade
     reused_shards: int
@@ -115,7 +123,6 @@ class _Chunk:
 def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
     """Build the shard folder ``cfg.out_dir`` from ``cfg.data_dir``; UserError on bad input."""
     console = console or Console()
-    _check_config(cfg)
     if not cfg.quiet:
         console.print(f"[bold]make_shards[/] {_config_dict(cfg)}")
     source = read_source(cfg.data_dir, cfg.labels)
@@ -132,7 +139,11 @@ def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
     todo = [c for c in chunks if c.file not in reusable]
     # A chunk whose first image passes through is tried whole in one worker; the others
     # have their images decoded across the pool (raw photos: seconds of work per shard).
-    whole = {c.file for c in todo if not cfg.graham and passthrough_bytes(c.samples[0].path, cfg.size) is not None}
+    whole = {
+        c.file
+        for c in todo
+        if not cfg.graham and passthrough_bytes(c.samples[0].path, cfg.size) is not None
+    }
 
     shards: dict[str, list[ShardInfo]] = {split: [] for split in SPLITS}
     counts = {split: [0] * NUM_CLASSES for split in SPLITS}
@@ -140,7 +151,11 @@ def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
     workers = cfg.workers or os.cpu_count() or 1
     with _pool(workers if todo else 1) as pool, _progress(console, cfg.quiet) as bar:
         task = bar.add_task("packing", total=len(samples))
-        tried = {c.file: _start(pool, _pack_originals, out / c.file, c, cfg.size) for c in todo if c.file in whole}
+        tried = {
+            c.file: _start(pool, _pack_originals, out / c.file, c, cfg.size)
+            for c in todo
+            if c.file in whole
+        }
         preparer = _Preparer(cfg.size, cfg.graham, pool, workers)
         prepared = preparer.run(s for c in todo if c.file not in whole for s in c.samples)
         for chunk in chunks:
@@ -158,11 +173,15 @@ def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
                 _save_record(out, {**record, **new_record})  # an interrupted run resumes here
             if entry["shard"] is not None:
                 shards[chunk.split].append(ShardInfo(**entry["shard"]))
-            counts[chunk.split] = [a + b for a, b in zip(counts[chunk.split], entry["class_counts"], strict=True)]
+            counts[chunk.split] = [
+                a + b for a, b in zip(counts[chunk.split], entry["class_counts"], strict=True)
+            ]
             rejects.extend((key, reason) for key, reason in entry["rejects"])
             bar.advance(task, len(chunk.samples))
 
-    _remove_stale(out, keep={name for s in shards.values() for i in s for name in (i.file, i.index)})
+    _remove_stale(
+        out, keep={name for s in shards.values() for i in s for name in (i.file, i.index)}
+    )
     _save_record(out, new_record)
     _write_rejects(out, rejects)
     if cfg.strict and rejects:
@@ -170,26 +189,27 @@ def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
     if not any(shards.values()):
         raise UserError(f"no image could be packed; see {out / REJECTS_NAME} for the reasons")
 
-    manifest = {
-        "format_version": MANIFEST_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {
+    manifest = Manifest(
+        root=out,
+        image_size=cfg.size,
+        splits={split: SplitInfo.of(shards[split], counts[split]) for split in SPLITS},
+        preprocess=_settings(cfg),
+        source={
             "layout": source.layout,
             "path": str(source.root),
             "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
         },
-        "preprocess": _settings(cfg),
-        "image_size": cfg.size,
-        "seed": cfg.seed,
-        "splits": {split: split_entry(shards[split], counts[split]) for split in SPLITS},
-        "rejected": len(rejects),
-        "rejected_by_reason": dict(sorted(Counter(reason_kind(r) for _, r in rejects).items())),
-        "patients_in_both_splits": patients_in_both(samples),
-        "config": _config_dict(cfg),
-    }
+        seed=cfg.seed,
+        report={
+            "rejected": len(rejects),
+            "rejected_by_reason": dict(sorted(Counter(reason_kind(r) for _, r in rejects).items())),
+            "patients_in_both_splits": patients_in_both(samples),
+            "config": _config_dict(cfg),
+        },
+    )
     # the shards reach the disk before the manifest that vouches for them
     fsync_files(out / name for s in shards.values() for i in s for name in (i.file, i.index))
-    write_manifest(out, manifest)
+    manifest.write()
     result = PackResult(manifest, rejects, counts, reused_shards=len(reusable))
     console.print(summary_table(result, out))
     return result
@@ -241,7 +261,9 @@ def _settings(cfg: PackConfig) -> dict:
 # ---------------------------------------------------------------- preparing images
 
 
-def _prepare_one(path: str | os.PathLike, size: int, graham: bool) -> tuple[bytes | None, str | None]:
+def _prepare_one(
+    path: str | os.PathLike, size: int, graham: bool
+) -> tuple[bytes | None, str | None]:
     """(jpeg bytes, None) or (None, reason)."""
     try:
         return prepare(path, size, graham=graham, force=True), None
@@ -251,7 +273,9 @@ def _prepare_one(path: str | os.PathLike, size: int, graham: bool) -> tuple[byte
         return None, f"unreadable ({type(err).__name__}: {err})"
 
 
-def _prepare_task(paths: list[str], size: int, graham: bool) -> list[tuple[bytes | None, str | None]]:
+def _prepare_task(
+    paths: list[str], size: int, graham: bool
+) -> list[tuple[bytes | None, str | None]]:
     """Pool task: ``_prepare_one`` of each path."""
     return [_prepare_one(path, size, graham) for path in paths]
 
@@ -271,7 +295,15 @@ class _Preparer:
         for batch in _batched(samples, TASK_SIZE):
             ready = [None if self.graham else passthrough_bytes(s.path, self.size) for s in batch]
             paths = [str(s.path) for s, data in zip(batch, ready, strict=True) if data is None]
-            pending.append((batch, ready, _start(self.pool, _prepare_task, paths, self.size, self.graham) if paths else None))
+            pending.append(
+                (
+                    batch,
+                    ready,
+                    _start(self.pool, _prepare_task, paths, self.size, self.graham)
+                    if paths
+                    else None,
+                )
+            )
             while len(pending) > self.workers * TASKS_AHEAD:
                 yield from _resolve(*pending.popleft())
         while pending:
@@ -410,7 +442,9 @@ def _load_record(out: Path) -> dict:
 
 
 def _save_record(out: Path, shards: dict) -> None:
-    atomic_write_json(out / PROGRESS_NAME, {"version": PREPROCESS_VERSION, "shards": shards}, indent=None)
+    atomic_write_json(
+        out / PROGRESS_NAME, {"version": PREPROCESS_VERSION, "shards": shards}, indent=None
+    )
 
 
 def _open_out_dir(out: Path) -> Path:
@@ -443,18 +477,9 @@ def _write_rejects(out: Path, rejects: list[tuple[str, str]]) -> None:
 
 def _strict_error(rejects: list, out: Path) -> UserError:
     n = len(rejects)
-    return UserError(f"{n} input{'s were' if n != 1 else ' was'} rejected (--strict), see {out / REJECTS_NAME}")
-
-
-def _check_config(cfg: PackConfig) -> None:
-    if cfg.size < 16:
-        raise UserError(f"--size must be at least 16 px, got {cfg.size}")
-    if cfg.shard_size < 1:
-        raise UserError(f"--shard-size must be at least 1, got {cfg.shard_size}")
-    if cfg.workers is not None and cfg.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {cfg.workers}")
-    if not 0 <= cfg.test_fraction < 1:
-        raise UserError(f"--test-fraction must be in [0, 1), got {cfg.test_fraction}")
+    return UserError(
+        f"{n} input{'s were' if n != 1 else ' was'} rejected (--strict), see {out / REJECTS_NAME}"
+    )
 
 
 def _config_dict(cfg: PackConfig) -> dict:
@@ -490,9 +515,11 @@ def summary_table(result: PackResult, out: Path) -> Table:
     table.add_column("total", justify="right")
     table.add_column("shards", justify="right")
     for split in SPLITS:
-        entry = result.manifest["splits"][split]
-        table.add_row(split, *map(str, entry["class_counts"]), str(entry["samples"]), str(len(entry["shards"])))
-    for kind, n in result.manifest["rejected_by_reason"].items():
+        entry = result.manifest.splits[split]
+        table.add_row(
+            split, *map(str, entry.class_counts), str(entry.samples), str(len(entry.shards))
+        )
+    for kind, n in result.manifest.report["rejected_by_reason"].items():
         table.add_row(f"rejected: {kind}", *[""] * NUM_CLASSES, str(n), "", style="red")
     if result.reused_shards:
         table.caption = f"{result.reused_shards} shard(s) reused from an earlier run"

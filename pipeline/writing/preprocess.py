@@ -88,7 +88,9 @@ def open_image(
     try:
         img.load()
     except OSError as err:
-        raise BadImage("truncated" if "truncated" in str(err).lower() else "corrupt image data") from None
+        raise BadImage(
+            "truncated" if "truncated" in str(err).lower() else "corrupt image data"
+        ) from None
     except (SyntaxError, ValueError, struct.error, Image.DecompressionBombError):
         raise BadImage("corrupt image data") from None
     return img if img.mode == "RGB" else img.convert("RGB")
@@ -154,7 +156,9 @@ def passthrough_bytes(path: str | os.PathLike, size: int) -> bytes | None:
 # ---------------------------------------------------------------- geometry
 
 
-def crop_border(img: Image.Image, threshold: int = BORDER_THRESHOLD, min_fraction: float = 0.01) -> Image.Image:
+def crop_border(
+    img: Image.Image, threshold: int = BORDER_THRESHOLD, min_fraction: float = 0.01
+) -> Image.Image:
     """Crop the dark frame around the eye.
 
     A row or column belongs to the eye when more than ``min_fraction`` of it is brighter
@@ -192,7 +196,7 @@ def pad_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Imag
     return out
 
 
-def graham(img: Image.Image) -> Image.Image:
+def graham_normalise(img: Image.Image) -> Image.Image:
     """Ben Graham's normalisation (Kaggle DR 2015): 4*img - 4*blur(img) + 128, circle masked.
 
     The blur's sigma is the eye's radius / 30 as in his script; outside 90% of the circle
@@ -210,15 +214,14 @@ def graham(img: Image.Image) -> Image.Image:
     return Image.fromarray(out.astype(np.uint8))
 
 
-def preprocess(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE, graham: bool = False) -> Image.Image:
+def preprocess(
+    img: Image.Image, size: int = DEFAULT_IMAGE_SIZE, graham: bool = False
+) -> Image.Image:
     """Crop the frame, pad to square, resize to ``size`` x ``size``, optionally Graham-normalise."""
     img = pad_square(crop_border(img))
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.LANCZOS)
-    return _graham(img) if graham else img
-
-
-_graham = graham  # preprocess's keyword hides the function's name inside it
+    return graham_normalise(img) if graham else img
 
 
 def encode_jpeg(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:

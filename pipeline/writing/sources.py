@@ -1,4 +1,4 @@
-"""The three input layouts of DESIGN.md section 1, read into one list of samples.
+"""The three input layouts (lab, kaggle, generic ``--labels``), read into one list of samples.
 
 ``read_source(data_dir, labels=None)`` recognises the layout, finds every listed image
 with one walk of the folder, and returns the samples it can pack plus the rows it
@@ -9,7 +9,6 @@ seeded, stratified by grade and grouped by patient.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from collections import defaultdict
@@ -17,10 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES, SPLITS
 from pipeline.errors import UserError
-from pipeline.shards import MAX_KEY_BYTES
+from pipeline.shardformat import key_problem
 
 LAB_FILES = {split: (f"{split}_img.csv", f"{split}_label.csv") for split in SPLITS}
 KAGGLE_LABELS = "trainLabels.csv"
@@ -79,17 +79,6 @@ def find_images(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
-def _key_problem(key: str) -> str | None:
-    """Why ``key`` cannot be a WebDataset key (see pipeline.shards), or None."""
-    if not key:
-        return "empty id"
-    if "." in key or "/" in key or "\\" in key or key.startswith("_"):
-        return "id not usable as a shard key (contains '.', '/' or starts with '_')"
-    if len(key.encode()) > MAX_KEY_BYTES:
-        return f"id longer than {MAX_KEY_BYTES} bytes"
-    return None
-
-
 class _Collector:
     """Turns (id, label text, split, where) rows into samples and rejects, in row order."""
 
@@ -101,16 +90,20 @@ class _Collector:
         self._seen: dict[str, str] = {}
 
     def add(self, key: str, label_text: str, split: str | None, where: str) -> None:
-        if problem := _key_problem(key):
+        if problem := key_problem(key):
             self.rejects.append((key or where, problem))
             return
         if key in self._seen:
-            self.rejects.append((key, f"duplicate: listed again at {where}, kept {self._seen[key]}"))
+            self.rejects.append(
+                (key, f"duplicate: listed again at {where}, kept {self._seen[key]}")
+            )
             return
         self._seen[key] = where
         label = parse_label(label_text)
         if label is None:
-            self.rejects.append((key, f"bad label: {label_text.strip()!r} is not an integer 0-{NUM_CLASSES - 1}"))
+            self.rejects.append(
+                (key, f"bad label: {label_text.strip()!r} is not an integer 0-{NUM_CLASSES - 1}")
+            )
             return
         paths = self.images.get(key, [])
         if not paths:
@@ -168,60 +161,75 @@ def _read_lab(root: Path, images: dict) -> _Collector:
             out.add(strip_image_ext(image), label, split, f"{img_name} line {i + 1 + id_header}")
         if len(ids) != len(labels):
             why = f"{img_name} has {len(ids)} rows, {label_name} {len(labels)}"
-            for i, image in enumerate(ids[len(labels):], start=len(labels)):
-                out.reject(strip_image_ext(image) or f"{img_name} line {i + 1 + id_header}", f"no label: {why}")
+            for i, image in enumerate(ids[len(labels) :], start=len(labels)):
+                out.reject(
+                    strip_image_ext(image) or f"{img_name} line {i + 1 + id_header}",
+                    f"no label: {why}",
+                )
             for i in range(len(ids), len(labels)):
                 out.reject(f"{label_name} line {i + 1 + label_header}", f"no image: {why}")
     return out
 
 
 def _read_table(path: Path, images: dict, root: Path, allow_split: bool) -> _Collector:
-    """A CSV with a header ``image,level[,split]``."""
+    """A CSV with a header ``image,level[,split]``; every cell read as text, blank rows skipped."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
-    header = [h.strip().lower() for h in rows[0]] if rows else []
-    if "image" not in header or "level" not in header:
+        table = pd.read_csv(
+            path,
+            dtype=str,
+            keep_default_na=False,
+            skip_blank_lines=False,
+            encoding="utf-8-sig",
+            skipinitialspace=True,
+        ).fillna("")
+    except pd.errors.EmptyDataError:
+        table = pd.DataFrame()
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise UserError(f"cannot read {path}: {str(err).strip().splitlines()[-1]}") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    if "image" not in table.columns or "level" not in table.columns:
         want = "image,level,split" if allow_split else "image,level"
         raise UserError(f"{path} must start with a header line '{want}' (split optional)")
-    col_image, col_level = header.index("image"), header.index("level")
-    col_split = header.index("split") if allow_split and "split" in header else None
-    body = [(i + 1, r) for i, r in enumerate(rows[1:], start=1) if any(c.strip() for c in r)]
-    if col_split is not None and not any(_cell(r, col_split) for _, r in body):
-        col_split = None  # an empty split column: split like the kaggle layout
+    table = table.apply(lambda column: column.str.strip())
+    table["line"] = range(2, len(table) + 2)  # the file's line numbers, for the rejects
+    table = table[(table.drop(columns="line") != "").any(axis=1)]
+    has_split = allow_split and "split" in table.columns and (table.get("split", "") != "").any()
     out = _Collector(images, root)
-    for line, row in body:
-        key = strip_image_ext(_cell(row, col_image))
+    for row in table.itertuples(index=False):
+        key = strip_image_ext(row.image)
         split = None
-        if col_split is not None:
-            split = _cell(row, col_split).lower()
+        if has_split:
+            split = row.split.lower()
             if split not in SPLITS:
-                out.reject(key or f"{path.name} line {line}", f"bad split: {split!r} is not train or test")
+                out.reject(
+                    key or f"{path.name} line {row.line}",
+                    f"bad split: {split!r} is not {' or '.join(SPLITS)}",
+                )
                 continue
-        out.add(key, _cell(row, col_level), split, f"{path.name} line {line}")
+        out.add(key, row.level, split, f"{path.name} line {row.line}")
     return out
-
-
-def _cell(row: list[str], col: int) -> str:
-    return row[col].strip() if col < len(row) else ""
 
 
 def detect_layout(root: Path) -> str:
     """``lab`` or ``kaggle`` from the files in ``root``; UserError naming what was looked for."""
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist (for a synthetic one: python tools/make_synthetic.py {root})")
+        raise UserError(
+            f"data folder {root} does not exist (for a synthetic one: python tools/make_synthetic.py --out {root})"
+        )
     lab_present = [name for pair in LAB_FILES.values() for name in pair if (root / name).is_file()]
     if lab_present:
         for split, pair in LAB_FILES.items():
             missing = [name for name in pair if not (root / name).is_file()]
             if missing and (split == "train" or len(missing) == 1):
-                raise UserError(f"{root} has {', '.join(lab_present)} but not {', '.join(missing)} (lab layout)")
+                raise UserError(
+                    f"{root} has {', '.join(lab_present)} but not {', '.join(missing)} (lab layout)"
+                )
         return "lab"
     if (root / KAGGLE_LABELS).is_file():
         return "kaggle"
-    raise UserError(f"no recognised input in {root}: looked for {LOOKED_FOR}; pass --labels FILE.csv otherwise")
+    raise UserError(
+        f"no recognised input in {root}: looked for {LOOKED_FOR}; pass --labels FILE.csv otherwise"
+    )
 
 
 def read_source(data_dir: str | os.PathLike, labels: str | os.PathLike | None = None) -> Source:
@@ -229,7 +237,9 @@ def read_source(data_dir: str | os.PathLike, labels: str | os.PathLike | None = 
     root = Path(data_dir).resolve()
     if labels is not None:
         if not root.is_dir():
-            raise UserError(f"data folder {root} does not exist (for a synthetic one: python tools/make_synthetic.py {root})")
+            raise UserError(
+                f"data folder {root} does not exist (for a synthetic one: python tools/make_synthetic.py --out {root})"
+            )
         labels_path = Path(labels)
         if not labels_path.is_file():
             raise UserError(f"labels file {labels_path} does not exist")
@@ -263,7 +273,9 @@ def assign_splits(samples: list[Sample], test_fraction: float, seed: int) -> lis
         by_patient[s.patient].append(s)
     patients = sorted(by_patient)
     order = np.random.default_rng(seed).permutation(len(patients))
-    grades = np.array([np.bincount([s.label for s in by_patient[p]], minlength=NUM_CLASSES) for p in patients])
+    grades = np.array(
+        [np.bincount([s.label for s in by_patient[p]], minlength=NUM_CLASSES) for p in patients]
+    )
     target = test_fraction * grades.sum(axis=0)
     scale = np.maximum(target, 1.0)
     test_counts = np.zeros(NUM_CLASSES)
@@ -274,7 +286,10 @@ def assign_splits(samples: list[Sample], test_fraction: float, seed: int) -> lis
         if after.sum() < before.sum():
             test_counts += grades[i]
             test.add(patients[i])
-    return [replace(s, split="test" if s.patient in test else "train") if s.split is None else s for s in samples]
+    return [
+        replace(s, split="test" if s.patient in test else "train") if s.split is None else s
+        for s in samples
+    ]
 
 
 def patients_in_both(samples: list[Sample]) -> int:

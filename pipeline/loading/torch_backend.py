@@ -1,23 +1,19 @@
 """The torch backend: tar slices read sequentially + torchvision v2 in DataLoader workers.
 
 Runs wherever torch does (no DALI needed). The rank's exact slice of the split (see
-``pipeline/loader.py``) is cut into chunks of consecutive samples of one shard; train
+``pipeline.loading.contract``) is cut into chunks of consecutive samples of one shard; train
 shuffles the chunk order per (seed, epoch) and then samples inside a webdataset shuffle
 buffer. Chunks are dealt to workers round-robin (split by worker); a worker reads a
 chunk with one sequential read using the ``.idx`` offsets, decodes and augments each
 image as uint8 and writes it into its slot of a batch tensor allocated in shared memory:
 normalised float for a CPU target, uint8 for a GPU (normalised there). The main process
 tops up the workers' last, partial batches into full ones and moves them to the device.
-
-Measured (tools/bench_loader.py, 512 px, batch 32, 2-core VM): 225 images/s, 1.43x the
-PIL + DataLoader baseline of the same run; on that VM much of a worker's time goes to
-faulting in the fresh 100 MB float batch.
+Its speed against the reference-style baseline: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import gc
-import io
 import itertools
 import random
 from collections.abc import Iterator
@@ -25,88 +21,26 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-try:  # libjpeg-turbo straight to a CHW tensor; deprecated in torchvision 0.29 in favour of torchcodec
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:
-    decode_jpeg = None
-
-from pipeline.augment import TorchTransform
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
-from pipeline.loader import Loader, LoaderSpec, SampleRef
+from pipeline.loading.augment import TorchTransform
+from pipeline.loading.contract import Loader, LoaderSpec
+from pipeline.loading.samples import chunked, decode_sample, read_chunk
+from pipeline.shardformat import SampleRef
 
-CHUNK_SAMPLES = 16  # consecutive samples read with one call; the unit of shuffling and of work
 SHUFFLE_BUFFER = 256  # undecoded samples (~100 KB each at 512 px) per worker
 PREFETCH_UINT8 = 4  # batches in flight per worker (shared memory: 25 MB each at 32 x 512 px)
 PREFETCH_FLOAT = 2  # the same when workers normalise: 100 MB each
 
 
-def chunked(refs: list[SampleRef], size: int = CHUNK_SAMPLES) -> list[list[SampleRef]]:
-    """Consecutive runs of at most ``size`` samples, never straddling two shards."""
-    chunks: list[list[SampleRef]] = []
-    for ref in refs:
-        if chunks and len(chunks[-1]) < size and chunks[-1][-1].shard == ref.shard:
-            chunks[-1].append(ref)
-        else:
-            chunks.append([ref])
-    return chunks
-
-
-def read_chunk(root, chunk: list[SampleRef]) -> Iterator[tuple[SampleRef, memoryview, int]]:
-    """``(ref, jpeg bytes, grade)`` for each sample of a chunk, from one sequential read."""
-    shard = chunk[0].shard
-    start = min(min(r.jpg[0], r.cls[0]) for r in chunk)
-    end = max(max(r.jpg[0] + r.jpg[1], r.cls[0] + r.cls[1]) for r in chunk)
-    buf = bytearray(end - start)
-    try:
-        with open(root / shard, "rb") as f:
-            f.seek(start)
-            got = f.readinto(buf)
-    except OSError as err:
-        raise UserError(f"cannot read shard {shard} ({err.strerror or err})") from None
-    view = memoryview(buf)
-    for ref in chunk:
-        if max(ref.jpg[0] + ref.jpg[1], ref.cls[0] + ref.cls[1]) - start > got:
-            raise UserError(f"shard {shard} is truncated: sample {ref.key} lies past its end; rebuild the shards")
-        off, size = ref.cls
-        try:
-            grade = int(bytes(view[off - start : off - start + size]).decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            raise UserError(f"sample {ref.key} in shard {shard} has an unreadable grade (.cls)") from None
-        off, size = ref.jpg
-        yield ref, view[off - start : off - start + size], grade
-
-
-def decode(ref: SampleRef, data: memoryview) -> torch.Tensor:
-    """JPEG bytes -> uint8 RGB CHW tensor, or a UserError naming the shard and the sample."""
-    try:
-        if decode_jpeg is not None:
-            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-        with Image.open(io.BytesIO(data)) as img:
-            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
-    except (RuntimeError, ValueError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"sample {ref.key} in shard {ref.shard} is not a readable JPEG ({reason})") from None
-
-
-def find_bad_sample(root, refs: list[SampleRef]) -> str | None:
-    """The first sample of ``refs`` that cannot be read or decoded, as a message; None if all can."""
-    for chunk in chunked(refs, 64):
-        try:
-            for ref, data, _ in read_chunk(root, chunk):
-                decode(ref, data)
-        except UserError as err:
-            return str(err)
-    return None
-
-
 class ShardSlice(IterableDataset):
     """One epoch of one rank's chunks; each DataLoader worker takes every n-th chunk."""
 
-    def __init__(self, spec: LoaderSpec, chunks: list[list[SampleRef]], epoch: int, normalize: bool):
+    def __init__(
+        self, spec: LoaderSpec, chunks: list[list[SampleRef]], epoch: int, normalize: bool
+    ):
         self.root = spec.manifest.root
         self.chunks = chunks
         self.batch_size = spec.batch_size
@@ -127,12 +61,16 @@ class ShardSlice(IterableDataset):
         rng = np.random.default_rng(seeds[0])
         samples = (s for chunk in chunks for s in read_chunk(self.root, chunk))
         if self.shuffle:
-            samples = wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_BUFFER, rng=random.Random(int(seeds[1])))(samples)
+            samples = wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_BUFFER, rng=random.Random(int(seeds[1])))(
+                samples
+            )
         left = sum(len(chunk) for chunk in chunks)
         try:
             while left:
                 size = min(self.batch_size, left)
-                yield self.batch(itertools.islice(samples, size), size, rng, shared=info is not None)
+                yield self.batch(
+                    itertools.islice(samples, size), size, rng, shared=info is not None
+                )
                 left -= size
         except UserError as err:  # reaches the main process as one message, not a worker traceback
             yield {"error": str(err)}
@@ -143,7 +81,7 @@ class ShardSlice(IterableDataset):
         images = empty_batch((size, *self.shape), dtype, self.memory_format, shared)
         labels, keys = [], []
         for slot, (ref, data, grade) in zip(images, samples, strict=True):
-            image = self.transform(decode(ref, data), rng)
+            image = self.transform(decode_sample(ref, data), rng)
             if self.normalize:
                 torch.addcmul(self.shift, image, self.scale, out=slot)
             else:

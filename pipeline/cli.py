@@ -1,0 +1,163 @@
+"""One command-line style for every tool: a dataclass is the command line.
+
+    @dataclass
+    class Config:
+        data_dir: Path = arg(help="folder of photos", positional=True)
+        size: int = arg(512, "side of the square images in px")
+        quiet: bool = arg(False, "no progress bar")
+
+    def main(argv=None) -> int:
+        cfg = parse_config(Config, argv, prog="make_shards.py", description=__doc__)
+
+    if __name__ == "__main__":
+        run_cli(main)
+
+Each field becomes ``--field-name`` (or a positional argument), typed from its annotation:
+``bool`` is a switch, ``X | None`` an optional X, ``list[X]`` one or more values. Unknown
+options, bad values and the config's own checks (``__post_init__`` raising UserError) end
+in one line, ``error: ...``, and exit 2. Every tool that writes files takes ``--out DIR``,
+the folder it writes into (make_shards keeps the user's positional ``OUT_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import signal
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+
+from pipeline.errors import RunError, UserError
+
+REQUIRED = dataclasses.MISSING
+
+
+def arg(
+    default=REQUIRED,
+    help: str = "",
+    *,
+    choices: Sequence | None = None,
+    metavar: str | None = None,
+    positional: bool = False,
+):
+    """A config field that is also a command-line option."""
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "metavar": metavar,
+        "positional": positional,
+    }
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through run_cli, not argparse's usage dump
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _base_type(annotation) -> tuple[type, bool]:
+    """(X, is_list) for ``X``, ``X | None`` and ``list[X]``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser for dataclass ``cls``; only the options typed end up in the namespace."""
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue  # not an option (set by the program, not the user)
+        kind, many = _base_type(hints[f.name])
+        default = f.default_factory() if f.default_factory is not REQUIRED else f.default
+        help_text = meta["help"]
+        if default not in (REQUIRED, None, False, []) and "default" not in help_text:
+            help_text += f" (default: {default})"
+        if meta["positional"]:
+            nargs = (
+                ("+" if default is REQUIRED else "*")
+                if many
+                else (None if default is REQUIRED else "?")
+            )
+            parser.add_argument(
+                f.name,
+                type=kind,
+                nargs=nargs,
+                choices=meta["choices"],
+                metavar=meta["metavar"] or f.name.upper(),
+                help=help_text,
+            )
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+        else:
+            parser.add_argument(
+                flag,
+                type=kind,
+                nargs="+" if many else None,
+                choices=meta["choices"],
+                metavar=meta["metavar"],
+                required=default is REQUIRED,
+                help=help_text,
+            )
+    return parser
+
+
+def parse_config_given(cls, argv: Sequence[str] | None, prog: str, description: str):
+    """The config from ``argv``, and the names of the options that were typed."""
+    given = vars(build_parser(cls, prog, description).parse_args(argv))
+    return cls(**given), set(given)
+
+
+def parse_config(cls, argv: Sequence[str] | None, prog: str, description: str):
+    return parse_config_given(cls, argv, prog, description)[0]
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run an entry point and exit with its status.
+
+    A UserError (bad input, bad option, full disk) is one line and exit 2; a RunError (the run
+    itself failed, e.g. the loss diverged) one line and exit 1; Ctrl-C 130, SIGTERM 143.
+    """
+    terminated = False
+
+    def on_sigterm(signum, frame):  # `kill PID` ends a tool the way Ctrl-C does: cleanup runs
+        nonlocal terminated
+        terminated = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        code = main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(143 if terminated else 130)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            where = f" while writing {err.filename}" if err.filename else ""
+            print(f"error: no space left on device{where}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    sys.exit(code or 0)

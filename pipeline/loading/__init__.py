@@ -1,0 +1,1 @@
+"""Reading shards: the loader contract, its DALI and torch backends, and augmentation."""

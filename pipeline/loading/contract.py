@@ -1,0 +1,171 @@
+"""The loader contract both backends implement, and the one way a split is cut across ranks.
+
+Samples are numbered in manifest order (shard by shard) and rank ``r`` of ``w`` owns
+``[r*N//w, (r+1)*N//w)`` -- exactly how DALI's readers slice with ``shard_id/num_shards``.
+Eval reads the rank's slice once and yields every sample exactly once across ranks. Train
+yields ``N // (w * batch)`` full batches on every rank (equal steps keep DDP from hanging);
+the rank reads slice ``(r + epoch) % w`` so ranks see different data from epoch to epoch.
+
+A backend subclasses ``Loader`` and implements ``_run_epoch``; ``pipeline.loading.loader``
+(the factory) resolves a ``LoaderSpec`` and picks the backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.errors import UserError
+from pipeline.loading.augment import AugmentConfig
+from pipeline.manifest import Manifest
+from pipeline.shardformat import SampleRef, read_index
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Samples ``[lo, hi)`` of rank ``rank``: the slice DALI's readers give ``shard_id=rank``."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a backend needs, resolved and checked by ``build_loader``."""
+
+    manifest: Manifest
+    split: str
+    batch_size: int
+    image_size: int
+    train: bool
+    rank: int
+    world_size: int
+    seed: int
+    device: torch.device
+    workers: int
+    augment: AugmentConfig
+    channels_last: bool
+
+    @property
+    def total(self) -> int:
+        return self.manifest.split(self.split).samples
+
+    def slice_id(self, epoch: int) -> int:
+        """Which of the ``world_size`` slices this rank reads in ``epoch``."""
+        return (self.rank + epoch) % self.world_size if self.train else self.rank
+
+    def slice_range(self, epoch: int) -> tuple[int, int]:
+        return rank_range(self.total, self.slice_id(epoch), self.world_size)
+
+    @property
+    def steps(self) -> int:
+        if self.train:
+            return self.total // (self.world_size * self.batch_size)
+        lo, hi = self.slice_range(0)
+        return math.ceil((hi - lo) / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        if self.train:
+            return self.steps * self.batch_size
+        lo, hi = self.slice_range(0)
+        return hi - lo
+
+    def samples(self, lo: int, hi: int) -> list[SampleRef]:
+        """The refs of samples ``[lo, hi)`` in manifest order, reading only the needed indexes."""
+        refs: list[SampleRef] = []
+        start = 0
+        for shard in self.manifest.split(self.split).shards:
+            end = start + shard.samples
+            if end > lo and start < hi:
+                shard_refs = read_index(self.manifest.root / shard.index, shard.file)
+                if len(shard_refs) != shard.samples:
+                    raise UserError(
+                        f"index {shard.index} lists {len(shard_refs)} samples but the manifest says "
+                        f"{shard.samples}; rebuild the shards"
+                    )
+                refs += shard_refs[max(lo, start) - start : min(hi, end) - start]
+            start = end
+        return refs
+
+    def seed_for(self, epoch: int, *more: int) -> list[int]:
+        """Seed material for numpy's SeedSequence: runs differ by seed, epoch, rank, worker."""
+        return [self.seed, epoch, self.rank, *more]
+
+
+class Normalizer:
+    """uint8 NCHW (or float already normalised) -> float NCHW normalised on the device."""
+
+    def __init__(self, device: torch.device, channels_last: bool):
+        self.device = device
+        self.channels_last = channels_last
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if images.dtype == torch.uint8:
+            images = images.float().sub_(self.mean).mul_(self.inv_std)
+        return images, labels
+
+
+class Loader:
+    """What ``build_loader`` returns: one epoch per ``iter()``, ``len()`` steps of it.
+
+    Each ``iter()`` runs epoch ``self.epoch`` and then advances it, so a trainer that never
+    calls ``set_epoch`` still gets a new order every epoch; ``set_epoch`` pins it (resume).
+    """
+
+    backend: str = "?"
+
+    def __init__(self, spec: LoaderSpec, with_keys: bool = False):
+        self.spec = spec
+        self.with_keys = with_keys  # tests: also yield the batch's sample keys
+        self.steps = spec.steps
+        self.num_samples = spec.num_samples
+        self.epoch = 0
+        self.normalize = Normalizer(spec.device, spec.channels_last)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self._run_epoch(epoch)
+
+    def _run_epoch(self, epoch: int) -> Iterator:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (
+            f"{type(self).__name__}(backend={self.backend}, split={s.split}, train={s.train}, "
+            f"rank={s.rank}/{s.world_size}, batch={s.batch_size}, size={s.image_size}, "
+            f"steps={self.steps}, samples={self.num_samples})"
+        )

@@ -1,0 +1,89 @@
+"""Reading samples straight from a shard by its index: both backends use it.
+
+The torch backend reads and decodes every sample this way; the DALI backends use it to
+name the sample behind a failure DALI reports for a whole batch.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+try:  # libjpeg-turbo straight to a CHW tensor; deprecated in torchvision 0.29 in favour of torchcodec
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    decode_jpeg = None
+
+from pipeline.errors import UserError
+from pipeline.shardformat import SampleRef
+
+CHUNK_SAMPLES = 16  # consecutive samples read with one call; the unit of shuffling and of work
+
+
+def chunked(refs: list[SampleRef], size: int = CHUNK_SAMPLES) -> list[list[SampleRef]]:
+    """Consecutive runs of at most ``size`` samples, never straddling two shards."""
+    chunks: list[list[SampleRef]] = []
+    for ref in refs:
+        if chunks and len(chunks[-1]) < size and chunks[-1][-1].shard == ref.shard:
+            chunks[-1].append(ref)
+        else:
+            chunks.append([ref])
+    return chunks
+
+
+def read_chunk(root, chunk: list[SampleRef]) -> Iterator[tuple[SampleRef, memoryview, int]]:
+    """``(ref, jpeg bytes, grade)`` for each sample of a chunk, from one sequential read."""
+    shard = chunk[0].shard
+    start = min(min(r.jpg[0], r.cls[0]) for r in chunk)
+    end = max(max(r.jpg[0] + r.jpg[1], r.cls[0] + r.cls[1]) for r in chunk)
+    buf = bytearray(end - start)
+    try:
+        with open(root / shard, "rb") as f:
+            f.seek(start)
+            got = f.readinto(buf)
+    except OSError as err:
+        raise UserError(f"cannot read shard {shard} ({err.strerror or err})") from None
+    view = memoryview(buf)
+    for ref in chunk:
+        if max(ref.jpg[0] + ref.jpg[1], ref.cls[0] + ref.cls[1]) - start > got:
+            raise UserError(
+                f"shard {shard} is truncated: sample {ref.key} lies past its end; rebuild the shards"
+            )
+        off, size = ref.cls
+        try:
+            grade = int(bytes(view[off - start : off - start + size]).decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise UserError(
+                f"sample {ref.key} in shard {shard} has an unreadable grade (.cls)"
+            ) from None
+        off, size = ref.jpg
+        yield ref, view[off - start : off - start + size], grade
+
+
+def decode_sample(ref: SampleRef, data: memoryview) -> torch.Tensor:
+    """JPEG bytes -> uint8 RGB CHW tensor, or a UserError naming the shard and the sample."""
+    try:
+        if decode_jpeg is not None:
+            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        with Image.open(io.BytesIO(data)) as img:
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    except (RuntimeError, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"sample {ref.key} in shard {ref.shard} is not a readable JPEG ({reason})"
+        ) from None
+
+
+def find_bad_sample(root, refs: list[SampleRef]) -> str | None:
+    """The first sample of ``refs`` that cannot be read or decoded, as a message; None if all can."""
+    for chunk in chunked(refs, 64):
+        try:
+            for ref, data, _ in read_chunk(root, chunk):
+                decode_sample(ref, data)
+        except UserError as err:
+            return str(err)
+    return None

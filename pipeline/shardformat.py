@@ -1,0 +1,203 @@
+"""The shard format on disk: one GNU tar of WebDataset samples and its DALI index.
+
+A shard ``train-000000.tar`` holds samples ``<key>.jpg`` (JPEG bytes) + ``<key>.cls`` (the
+grade as ASCII decimal), GNU tar headers (PAX headers have broken DALI's reader). Beside
+it, ``train-000000.idx`` is the index ``wds2idx`` would write: ``v1.2 N``, then one line per
+sample, ``ext offset size name`` for each member (offset of the data, not the header).
+
+Both halves of ``pipeline`` use this module: the shard builder writes with ``write_shard``,
+the loaders read with ``read_index``. The manifest that lists the shards is
+``pipeline.manifest``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.constants import IMAGE_EXT, INDEX_SUFFIX, LABEL_EXT
+from pipeline.errors import UserError
+from pipeline.fileio import partial_path
+from pipeline.manifest import ShardInfo
+
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tar writes whole records of 20 blocks
+INDEX_VERSION = "v1.2"
+MAX_KEY_BYTES = 90  # + ".jpg" stays inside the 100-byte name field of a tar header
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _padded(size: int) -> int:
+    return (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a sample key, or None: the one rule for the builder and the writer."""
+    if not key:
+        return "empty id"
+    # WebDataset splits a member name at the first dot of its base name.
+    if "." in key or "/" in key or "\\" in key or key.startswith("_"):
+        return "id not usable as a shard key (contains '.', '/' or '\\', or starts with '_')"
+    if len(key.encode()) > MAX_KEY_BYTES:
+        # Longer member names need GNU long-name headers, which wds2idx indexes wrongly.
+        return f"id longer than {MAX_KEY_BYTES} bytes"
+    return None
+
+
+# The fields of a GNU header that are the same for every member (see _gnu_header).
+_MODE_OWNER = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid: bytes 100-124
+_MTIME = b"00000000000\x00"  # bytes 136-148
+_TYPE_TO_END = (
+    b"0" + bytes(100) + b"ustar  \x00" + bytes(TAR_BLOCK - 265)
+)  # type, link name, GNU magic, rest
+_FIXED_SUM = (
+    sum(_MODE_OWNER) + sum(_MTIME) + sum(b" " * 8) + sum(_TYPE_TO_END)
+)  # the checksum counts as spaces
+
+
+def _gnu_header(name: bytes, size: int) -> bytes:
+    """A GNU tar header for a regular file, byte for byte what ``tarfile`` writes with
+    ``GNU_FORMAT``, mode 0644, owner 0/0 and mtime 0 (so the same inputs give the same bytes)."""
+    size_field = b"%011o\x00" % size
+    checksum = _FIXED_SUM + sum(name) + sum(size_field)
+    return b"".join(
+        (
+            name,
+            bytes(100 - len(name)),
+            _MODE_OWNER,
+            size_field,
+            _MTIME,
+            b"%06o\x00 " % checksum,
+            _TYPE_TO_END,
+        )
+    )
+
+
+def write_shard(
+    tar_path: Path, samples: Iterable[tuple[str, bytes, int]], fsync: bool = True
+) -> ShardInfo:
+    """Write ``(key, jpeg_bytes, label)`` samples to a GNU tar with its DALI index beside it.
+
+    Both files appear under their final names only when complete (temp name, rename; the
+    tar last), so an interrupted run never leaves a shard that looks whole. ``fsync=False``
+    leaves flushing to the caller (``fsync_files``), much cheaper done once for many
+    shards than once per shard; the tar's writeback is started before returning.
+    """
+    tar_path = Path(tar_path)
+    idx_path = tar_path.with_suffix(INDEX_SUFFIX)
+    tmp_tar, tmp_idx = partial_path(tar_path), partial_path(idx_path)
+    lines: list[str] = []
+    digest = hashlib.sha256()
+    offset = 0
+    try:
+        with open(tmp_tar, "wb") as f:
+            for key, data, label in samples:
+                if problem := key_problem(key):
+                    raise ValueError(f"shard key {key[:20]!r}: {problem}")
+                parts, pieces = [], []
+                for ext, payload in ((IMAGE_EXT, data), (LABEL_EXT, b"%d" % int(label))):
+                    name = f"{key}.{ext}"
+                    size = len(payload)
+                    pieces += (
+                        _gnu_header(name.encode(), size),
+                        payload,
+                        bytes(_padded(size) - size),
+                    )
+                    parts.append(f"{ext} {offset + TAR_BLOCK} {size} {name}")
+                    offset += TAR_BLOCK + _padded(size)
+                block = b"".join(pieces)  # one write and one hash update per sample
+                digest.update(block)
+                f.write(block)
+                lines.append(" ".join(parts))
+            if not lines:
+                raise ValueError(f"refusing to write an empty shard {tar_path.name}")
+            # two zero blocks end the archive, padded to a whole record as tar does
+            end = bytes(_padded_record(offset + 2 * TAR_BLOCK) - offset)
+            digest.update(end)
+            f.write(end)
+            offset += len(end)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+            elif hasattr(os, "posix_fadvise"):
+                # Start writing back now, without waiting: the caller's fsync later finds
+                # little left (PostgreSQL's pg_flush_data does the same where it has no
+                # sync_file_range). Only pages already clean are dropped from the cache.
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with open(tmp_idx, "w") as f:
+            f.write(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp_idx, idx_path)
+        os.replace(tmp_tar, tar_path)
+    finally:
+        for tmp in (tmp_tar, tmp_idx):
+            tmp.unlink(missing_ok=True)
+    return ShardInfo(
+        file=tar_path.name,
+        index=idx_path.name,
+        samples=len(lines),
+        bytes=offset,
+        sha256=digest.hexdigest(),
+    )
+
+
+def _padded_record(size: int) -> int:
+    return (size + TAR_RECORD - 1) // TAR_RECORD * TAR_RECORD
+
+
+def fsync_files(paths: Iterable[Path]) -> None:
+    """Flush written files to disk (after the first, the rest cost little)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample lives: the shard, its key and the byte ranges of its two members."""
+
+    shard: str
+    key: str
+    jpg: tuple[int, int]  # (offset, size) of the JPEG bytes
+    cls: tuple[int, int]  # (offset, size) of the ASCII grade
+
+
+def read_index(path: Path, shard: str) -> list[SampleRef]:
+    """Parse a shard's ``.idx``; a UserError naming the file if it is not one."""
+    try:
+        lines = Path(path).read_text().split("\n")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read index {path} ({err}); rebuild the shards") from None
+    refs = []
+    for line in lines[1:]:
+        parts = line.split()
+        if not parts:
+            continue
+        members = {}
+        try:
+            for i in range(0, len(parts) - 3, 4):
+                ext, offset, size, name = parts[i : i + 4]
+                members[ext] = (int(offset), int(size), name)
+        except ValueError:
+            raise UserError(f"index {path} has a malformed line; rebuild the shards") from None
+        if IMAGE_EXT not in members or LABEL_EXT not in members:
+            raise UserError(
+                f"index {path} has a sample without .{IMAGE_EXT} and .{LABEL_EXT}; rebuild the shards"
+            )
+        name = members[IMAGE_EXT][2]
+        key = name[: -len(IMAGE_EXT) - 1]
+        refs.append(SampleRef(shard, key, members[IMAGE_EXT][:2], members[LABEL_EXT][:2]))
+    return refs

@@ -1,0 +1,1 @@
+"""Writing shards: the input layouts, preprocessing, and packing into tars with a manifest."""

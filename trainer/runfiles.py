@@ -1,0 +1,68 @@
+"""The run folder's file names, and the one reader and writer of ``metrics.jsonl``.
+
+runs/<name>/
+  config.json            resolved options + environment
+  metrics.jsonl          one JSON line per finished epoch
+  confusion/             epoch_NNN.csv / .png
+  checkpoints/last/      to resume (trainer.checkpoint)
+  best.pt                to evaluate and predict (trainer.checkpoint)
+  summary.json           written at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.fileio import atomic_write_text
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFUSION_DIR = "confusion"
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    """Add an epoch's line, flushed to disk before the epoch's checkpoint is written."""
+    with open(Path(run_dir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The epochs logged so far; a last line cut short (a run in progress, or killed) is ignored."""
+    path = Path(run_dir) / METRICS_FILE
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path} line {number} is not JSON") from None
+        if not isinstance(row, dict) or "epoch" not in row:
+            raise UserError(f"{path} line {number} is not an epoch's metrics")
+        rows.append(row)
+    return rows
+
+
+def truncate_metrics(run_dir: Path, epochs: int) -> None:
+    """Keep the lines of epochs 1..``epochs``: those of an epoch killed before its checkpoint go."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and row.get("epoch", 0) <= epochs:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
