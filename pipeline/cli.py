@@ -94,6 +94,9 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
                 if many
                 else (None if default is REQUIRED else "?")
             )
+            # an optional positional needs its real default: argparse would run the type
+            # conversion on SUPPRESS itself
+            extra = {} if default is REQUIRED else {"default": default}
             parser.add_argument(
                 f.name,
                 type=kind,
@@ -101,6 +104,7 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
                 choices=meta["choices"],
                 metavar=meta["metavar"] or f.name.upper(),
                 help=help_text,
+                **extra,
             )
             continue
         flag = "--" + f.name.replace("_", "-")

@@ -1,21 +1,67 @@
-"""Atomic file writes: a temp name beside the target, then one rename.
+"""Files written so that a kill, a full disk or a second writer never leaves a lie behind.
 
-A reader (or a rerun after a kill) sees the old file or the new one, never half of one;
-leftover ``.NAME.partial`` files are from runs that were killed mid-write.
+- Atomic writes: a temp name beside the target, then one rename. A reader (or a rerun after
+  a kill) sees the old file or the new one, never half of one. Temp names carry the host
+  and pid of their writer (``.NAME.HOST.PID.partial``), so two writers never share one and
+  a leftover can be traced to a run that is gone (``stale_partials``).
+- A full disk is one sentence, ``no space left on device while writing FILE`` (a UserError),
+  wherever it happens (``reporting_disk_full``).
+- ``folder_lock``: one writer per folder, a lock file naming the holder.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from pipeline.errors import UserError
+
+HOST = socket.gethostname()
+LOCK_NAME = ".lock"
 
 
 def partial_path(path: Path) -> Path:
-    """Where ``path`` is written before it is renamed into place."""
-    return path.with_name(f".{path.name}.partial")
+    """Where ``path`` is written by this process before it is renamed into place."""
+    return path.with_name(f".{path.name}.{HOST}.{os.getpid()}.partial")
+
+
+def stale_partials(folder: Path) -> list[Path]:
+    """Temp files in ``folder`` left by processes of this host that no longer run."""
+    stale = []
+    for path in folder.glob(".*.partial"):
+        stem, _, pid = path.name[: -len(".partial")].rpartition(".")
+        if pid.isdigit() and stem.endswith(f".{HOST}") and not pid_alive(int(pid)):
+            stale.append(path)
+    return stale
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
+@contextmanager
+def reporting_disk_full(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into one sentence naming the file."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on device while writing {path}") from None
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -23,11 +69,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     path = Path(path)
     tmp = partial_path(path)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with reporting_disk_full(path):
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    return atomic_write(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -41,7 +99,7 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> P
 def make_writable_dir(path: Path) -> Path:
     """Create ``path`` (and parents) and prove a file can be written in it; OSError if not."""
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write-test"
+    probe = path / f".write-test.{os.getpid()}"
     probe.write_bytes(b"")
     probe.unlink()
     return path
@@ -53,3 +111,74 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- one writer per folder
+
+
+def _holder(fd: int) -> tuple[int, str] | None:
+    """(pid, host) written in a lock file, or None if it is empty or unreadable."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        text = os.read(fd, 4096).decode()
+        info = json.loads(text) if text.strip() else None
+        return (int(info["pid"]), str(info["host"])) if info else None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+
+
+def _describe(tool: str, holder: tuple[int, str] | None) -> str:
+    if holder is None:
+        return f"another {tool}"
+    pid, host = holder
+    return f"another {tool} (pid {pid}{'' if host == HOST else f' on {host}'})"
+
+
+@contextmanager
+def folder_lock(folder: Path, tool: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` for one run of ``tool``, or fail at once.
+
+    ``flock`` on ``FOLDER/.lock``, which holds the holder's pid and host: the kernel drops
+    the lock when the holder dies, however it dies, and the file tells a second run who
+    holds it. Finding a holder's name in a lock nobody holds means a run was killed: its
+    lock is taken over with a warning. The file is emptied, not removed, on the way out
+    (removing it would let two runs lock two different files).
+    """
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{_describe(tool, _holder(fd))} is writing to {folder}") from None
+        previous = _holder(fd)
+        if previous is not None and previous != (os.getpid(), HOST):
+            print(
+                f"warning: took over the lock of {folder} left by {_describe(tool, previous)[8:]}, "
+                "which is no longer running",
+                file=sys.stderr,
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": HOST, "tool": tool}).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def folder_busy(folder: Path, tool: str) -> str | None:
+    """Who holds ``folder_lock`` on ``folder`` now, as a phrase; None when nobody does."""
+    path = folder / LOCK_NAME
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _describe(tool, _holder(fd))
+        return None
+    finally:
+        os.close(fd)

@@ -32,15 +32,7 @@ from pathlib import Path
 from pipeline.constants import MANIFEST_NAME, MANIFEST_VERSION, NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json, file_sha256
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    file: str
-    index: str
-    samples: int
-    bytes: int
-    sha256: str
+from pipeline.shardformat import ShardInfo, read_index
 
 
 @dataclass(frozen=True)
@@ -159,9 +151,11 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
 
 
 def verify_split(manifest: Manifest, split: str, full: bool = False) -> None:
-    """Check that every shard of ``split`` and its index exist with the manifest's size.
+    """Check every shard of ``split`` against the manifest; a UserError naming the first bad one.
 
-    ``full`` also compares sha256 (reads every byte). Raises UserError naming the shard.
+    Cheap, done by every loader at start: each tar and index exists, the tar has the
+    manifest's size, the index lists the manifest's number of samples and ends inside the
+    tar. ``full`` also compares the sha256 (reads every byte).
     """
     for shard in manifest.split(split).shards:
         tar = manifest.root / shard.file
@@ -176,6 +170,15 @@ def verify_split(manifest: Manifest, split: str, full: bool = False) -> None:
                 f"shard {tar} is {size} bytes but the manifest says {shard.bytes}; "
                 "it was truncated or replaced, rebuild the shards"
             )
+        refs = read_index(idx, shard.file)
+        if len(refs) != shard.samples:
+            raise UserError(
+                f"index {idx} lists {len(refs)} samples but the manifest says {shard.samples} "
+                f"for {tar.name}; the manifest or the index was edited, rebuild the shards"
+            )
+        end = max((max(sum(r.jpg), sum(r.cls)) for r in refs), default=0)
+        if end > size:
+            raise UserError(f"index {idx} points past the end of {tar.name}; rebuild the shards")
         if full and file_sha256(tar) != shard.sha256:
             raise UserError(
                 f"shard {tar} does not match the sha256 in the manifest; rebuild the shards"

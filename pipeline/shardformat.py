@@ -14,15 +14,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.constants import IMAGE_EXT, INDEX_SUFFIX, LABEL_EXT
 from pipeline.errors import UserError
-from pipeline.fileio import partial_path
-from pipeline.manifest import ShardInfo
+from pipeline.fileio import partial_path, reporting_disk_full
 
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One written shard, as the manifest lists it."""
+
+    file: str
+    index: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+_EYE_SUFFIX = re.compile(r"_(left|right)$", re.IGNORECASE)
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tar writes whole records of 20 blocks
 INDEX_VERSION = "v1.2"
@@ -34,6 +47,18 @@ MAX_KEY_BYTES = 90  # + ".jpg" stays inside the 100-byte name field of a tar hea
 
 def _padded(size: int) -> int:
     return (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+
+
+def patient_of(key: str) -> str:
+    """``10_left`` and ``10_right`` are patient ``10``; other ids are their own patient."""
+    match = _EYE_SUFFIX.search(key)
+    return key[: match.start()] if match else key
+
+
+def eye_of(key: str) -> str:
+    """``left`` or ``right`` from an EyePACS id (any case), ``""`` for other ids."""
+    match = _EYE_SUFFIX.search(key)
+    return match.group(1).lower() if match else ""
 
 
 def key_problem(key: str) -> str | None:
@@ -86,9 +111,16 @@ def write_shard(
     Both files appear under their final names only when complete (temp name, rename; the
     tar last), so an interrupted run never leaves a shard that looks whole. ``fsync=False``
     leaves flushing to the caller (``fsync_files``), much cheaper done once for many
-    shards than once per shard; the tar's writeback is started before returning.
+    shards than once per shard; the tar's writeback is started before returning. A full
+    disk is a UserError naming the shard.
     """
-    tar_path = Path(tar_path)
+    with reporting_disk_full(tar_path):
+        return _write_shard(Path(tar_path), samples, fsync)
+
+
+def _write_shard(
+    tar_path: Path, samples: Iterable[tuple[str, bytes, int]], fsync: bool
+) -> ShardInfo:
     idx_path = tar_path.with_suffix(INDEX_SUFFIX)
     tmp_tar, tmp_idx = partial_path(tar_path), partial_path(idx_path)
     lines: list[str] = []
@@ -157,7 +189,8 @@ def fsync_files(paths: Iterable[Path]) -> None:
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            with reporting_disk_full(path):
+                os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -342,6 +342,50 @@ def test_a_truncated_tar_is_one_clear_error(tiny_shards, tmp_path, backend):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_manifest_counts_are_checked_against_the_indexes(tiny_shards, tmp_path, backend):
+    """A manifest edited to list fewer samples (its sums still adding up) is refused at start."""
+    root = shutil.copytree(tiny_shards, tmp_path / "s")
+    manifest = json.loads((root / "manifest.json").read_text())
+    test = manifest["splits"]["test"]
+    shard = test["shards"][0]
+    real = shard["samples"]
+    shard["samples"] -= 2
+    test["samples"] -= 2
+    for _ in range(2):
+        grade = next(g for g, c in enumerate(test["class_counts"]) if c > 0)
+        test["class_counts"][grade] -= 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    message = f"lists {real} samples but the manifest says {real - 2} for {shard['file']}"
+    with pytest.raises(UserError, match=message):
+        loader(root, backend=backend)
+
+
+def set_grade(root: Path, shard: str, sample: int, grade: bytes) -> str:
+    """Overwrite one sample's .cls in place (same length: the shard keeps its size)."""
+    line = (root / shard.replace(".tar", ".idx")).read_text().splitlines()[1 + sample].split()
+    offset, size, name = int(line[5]), int(line[6]), line[7]
+    assert name.endswith(".cls") and size == len(grade)
+    with open(root / shard, "r+b") as f:
+        f.seek(offset)
+        f.write(grade)
+    return name[: -len(".cls")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_grade_outside_0_4_is_one_clear_error(tmp_path, backend, split):
+    root = build_shard_dir(tmp_path / "s", {"train": 16, "test": 8}, shard_size=8)
+    key = set_grade(root, f"{split}-000001.tar" if split == "train" else "test-000000.tar", 3, b"7")
+    ld = loader(root, split, backend=backend, keys=False)  # sizes and indexes agree
+    with pytest.raises(UserError) as err:
+        epoch(ld)
+    assert str(err.value) == (
+        f"sample {key} in shard {split}-00000{1 if split == 'train' else 0}.tar has grade '7', "
+        "not one of 0-4; rebuild the shards"
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and a CUDA GPU"

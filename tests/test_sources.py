@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.writing.sources import assign_splits, patient_of, read_source
+from pipeline.shardformat import eye_of, patient_of
+from pipeline.writing.sources import assign_splits, read_source
 
 PLACEHOLDER = b"\xff\xd8 not decoded: the sources only look at file names"
 
@@ -178,6 +179,7 @@ def test_incomplete_lab_pair_and_missing_folder(tmp_path):
 
 def test_patient_of():
     assert patient_of("10_left") == "10" and patient_of("10_RIGHT") == "10"
+    assert eye_of("10_left") == "left" and eye_of("10_RIGHT") == "right" and eye_of("scan7") == ""
     assert patient_of("scan_7") == "scan_7"
 
 

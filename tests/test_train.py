@@ -240,9 +240,10 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(straight_run, tiny_
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     done = load_last(run)["epoch"]
     assert done == 1
-    # what a kill between an epoch's metrics line and its checkpoint leaves behind
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(rows(straight_run)[done]) + '\n{"epoch": 3, "trai')
+    # what a kill between the checkpoint and its metrics line leaves behind (the line may or
+    # may not have been written when the kill came: make sure it is missing), plus a line
+    # cut short
+    (run / "metrics.jsonl").write_text('{"epoch": 2, "trai')
 
     ok(python(["--out", str(run), "--resume", "--quiet", "--workers", "0"], tmp_path))
     assert [without_timing(r) for r in rows(run)] == [without_timing(r) for r in rows(straight_run)]
@@ -539,3 +540,75 @@ def test_augment_options_reach_the_train_loader(tiny_shards):
     assert train.spec.augment == AugmentConfig(rotate=180.0, scale=0.25, color=0.1)
     assert train.spec.train and not test.spec.train  # evaluation never augments
     assert TrainConfig().augment_config() == AugmentConfig()  # the reference recipe: flips only
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_its_first_epoch_resumes_from_epoch_1(straight_run, tiny_shards, tmp_path):
+    run = tmp_path / "early"
+    cmd = [sys.executable, TRAIN, "--shards", str(tiny_shards), "--out", str(run), *RECIPE]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=run_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    while proc.poll() is None and not (run / "config.json").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    resumed = ok(python(["--out", str(run), "--resume", "--quiet", "--workers", "0"], tmp_path))
+    assert f"{run} has no complete epoch to resume from; starting at epoch 1" in resumed.stdout
+    assert [without_timing(r) for r in rows(run)] == [without_timing(r) for r in rows(straight_run)]
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_one_sentence_and_previous_is_kept(straight_run, tmp_path):
+    run = Path(shutil.copytree(straight_run, tmp_path / "run"))
+    assert (
+        load_last(run)["epoch"] == 2
+        and torch.load(run / "checkpoints" / "previous" / "state.pt", weights_only=True)["epoch"]
+        == 1
+    )
+    state = run / "checkpoints" / "last" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    proc = python(["--out", str(run), "--resume", "--epochs", "3", "--quiet"], tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: the checkpoint {state} is damaged (")
+    assert line.endswith(
+        f"); move {state.parent} away to resume from {run / 'checkpoints' / 'previous'} (epoch 1), "
+        "or start a new run with another --out"
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs holding one resnet18 checkpoint and best.pt but not a second checkpoint."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=180m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_epoch(
+    tiny_shards, small_disk, tmp_path
+):
+    run = small_disk / "run"
+    proc = python(["--shards", str(tiny_shards), "--out", str(run), *RECIPE], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert (
+        line
+        == f"error: no space left on device while writing {run / 'checkpoints' / 'last' / 'state.pt'}"
+    )
+    assert load_last(run)["epoch"] == 1 and [r["epoch"] for r in rows(run)] == [1]
+    assert not list((run / "checkpoints").glob(".*"))  # no half-written checkpoint left behind
+    subprocess.run(["mount", "-o", "remount,size=600m", str(small_disk)], check=True)
+    ok(python(["--out", str(run), "--resume", "--quiet"], tmp_path))
+    assert [r["epoch"] for r in rows(run)] == [1, 2]

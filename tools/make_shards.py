@@ -1,6 +1,7 @@
 """Pack fundus photographs and their grades into WebDataset shards for DALI and torch.
 
     python tools/make_shards.py data/ shards/ --size 512 --shard-size 1000 --workers 8
+    python tools/make_shards.py --verify shards/        # check a shard folder byte by byte
 
 DATA_DIR holds one of three layouts: lab (train_img.csv, train_label.csv, test_img.csv,
 test_label.csv), kaggle (trainLabels.csv + train/), or any folder of images with
@@ -9,22 +10,37 @@ and ``test-000000.tar`` ... with a DALI ``.idx`` beside each, ``rejects.csv`` (e
 not packed and why) and ``manifest.json``, written last. Images already SIZE x SIZE baseline
 JPEGs are packed as they are; the others are cropped to the eye, padded square, resized and
 re-encoded (``--graham`` also applies Ben Graham's normalisation). A rerun into the same
-OUT_DIR reuses the shards whose inputs did not change.
+OUT_DIR reuses the shards whose inputs did not change. Only one run at a time may write to
+OUT_DIR (a second one stops at once, naming the first); ``--verify`` checks a finished
+folder against its manifest and lists every problem (exit 1 if there is any).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from pipeline.cli import parse_config, run_cli
+from pipeline.errors import UserError
+from pipeline.fileio import folder_busy
+from pipeline.verify import summary, verify_shards
 from pipeline.writing.packing import PackConfig, pack
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    pack(
-        parse_config(PackConfig, argv, prog="make_shards.py", description=__doc__.split("\n\n")[0])
+    cfg = parse_config(
+        PackConfig, argv, prog="make_shards.py", description=__doc__.split("\n\n")[0]
     )
-    return 0
+    if not cfg.verify:
+        pack(cfg)
+        return 0
+    if holder := folder_busy(cfg.data_dir, "make_shards"):
+        raise UserError(
+            f"{holder} is writing to {cfg.data_dir}; verify it when that run has finished"
+        )
+    report = verify_shards(cfg.data_dir)
+    print(summary(report), file=sys.stderr if report.problems else sys.stdout)
+    return 1 if report.problems else 0
 
 
 def cli() -> None:

@@ -1,6 +1,7 @@
 """Checkpoints: ``checkpoints/last/`` to resume, ``best.pt`` to evaluate and predict.
 
-``OUT/checkpoints/last/state.pt`` (rewritten atomically after every epoch)::
+``OUT/checkpoints/last/state.pt`` (rewritten atomically after every epoch; the one before
+it is kept as ``checkpoints/previous/``)::
 
     {"epoch": completed epochs, "model", "optimizer", "scheduler", "scaler" (fp16 only),
      "best": {"epoch", "test_qwk"}, "rng": [per rank: python, numpy, torch, cuda],
@@ -20,6 +21,7 @@ Both load with ``torch.load(weights_only=True)``: tensors, numbers, strings, lis
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -31,12 +33,14 @@ import torch
 
 from pipeline.constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write
+from pipeline.fileio import atomic_write_bytes, reporting_disk_full
 from trainer.model import build_model
 
 CHECKPOINTS = "checkpoints"
 LAST = "last"
+PREVIOUS = "previous"  # the checkpoint before last/, kept in case last/ is damaged
 STATE_FILE = "state.pt"
+INFO_FILE = "info.json"
 BEST_FILE = "best.pt"
 
 
@@ -76,50 +80,83 @@ def last_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS / LAST
 
 
+def serialized(obj) -> bytes:
+    """``torch.save`` into memory: writing the bytes ourselves turns a full disk into an
+    OSError naming the file (torch's own writer reports it as "unexpected pos")."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def save_last(run_dir: str | Path, state: dict) -> Path:
     """Write ``state`` as ``checkpoints/last/`` so that a crash at any moment leaves one whole.
 
-    Written to a temp folder, fsynced, then swapped in with two renames; between them the
-    previous checkpoint sits in ``.last.old/``, which ``load_last`` also accepts.
+    Written to a temp folder and fsynced; only then does the current ``last/`` become
+    ``previous/`` (replacing the one before) and the new folder ``last/``. A failure while
+    writing (a full disk: a UserError naming the file) leaves ``last/`` as it was.
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    tmp, old, last = root / f".{LAST}.partial", root / f".{LAST}.old", root / LAST
+    tmp, last, previous = root / f".{LAST}.partial", root / LAST, root / PREVIOUS
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    info = {"epoch": state["epoch"], "best": state.get("best"), "config": state.get("config")}
-    (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-    _fsync_dir(tmp)
+    try:
+        with reporting_disk_full(last / STATE_FILE):
+            tmp.mkdir()
+            with open(tmp / STATE_FILE, "wb") as f:
+                f.write(serialized(state))
+                f.flush()
+                os.fsync(f.fileno())
+            info = {
+                "epoch": state["epoch"],
+                "best": state.get("best"),
+                "config": state.get("config"),
+            }
+            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if last.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(last, old)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(last, previous)
     os.rename(tmp, last)
     _fsync_dir(root)
-    shutil.rmtree(old, ignore_errors=True)
     return last
 
 
-def load_last(run_dir: str | Path) -> dict:
-    """The state saved by ``save_last``; a UserError if the run has none to resume from."""
+def load_last(run_dir: str | Path) -> dict | None:
+    """The state saved by ``save_last``; None if the run never finished an epoch.
+
+    ``last/`` is missing only in the instant between two renames of ``save_last`` (then
+    ``previous/`` is the newest whole checkpoint). A damaged ``state.pt`` is a UserError
+    saying what to do.
+    """
     root = Path(run_dir) / CHECKPOINTS
-    for folder in (root / LAST, root / f".{LAST}.old"):
-        path = folder / STATE_FILE
-        if path.is_file():
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:
-                raise UserError(
-                    f"cannot read the checkpoint {path} ({type(err).__name__}: "
-                    f"{str(err).splitlines()[0][:200] if str(err) else ''})"
-                ) from None
-    raise UserError(
-        f"nothing to resume: {root / LAST} does not exist "
-        f"(has a run with --out {run_dir} finished an epoch?)"
-    )
+    folder = root / LAST if (root / LAST).is_dir() else root / PREVIOUS
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        fallback = _epoch_of(root / PREVIOUS) if folder.name == LAST else None
+        advice = (
+            f"move {folder} away to resume from {root / PREVIOUS} (epoch {fallback}), "
+            if fallback is not None
+            else ""
+        )
+        raise UserError(
+            f"the checkpoint {path} is damaged ({reason}); {advice}or start a new run with another --out"
+        ) from None
+
+
+def _epoch_of(folder: Path) -> int | None:
+    """The epoch a checkpoint folder holds, from its small info file; None if unreadable."""
+    try:
+        return int(json.loads((folder / INFO_FILE).read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -159,7 +196,7 @@ def save_best(
         "metrics": metrics,
         "config": config,
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write_bytes(path, serialized(payload))
 
 
 def repair_best(run_dir: str | Path, state: dict) -> None:

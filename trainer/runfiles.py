@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write_text
+from pipeline.fileio import atomic_write_text, reporting_disk_full
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -25,8 +25,9 @@ CONFUSION_DIR = "confusion"
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
-    """Add an epoch's line, flushed to disk before the epoch's checkpoint is written."""
-    with open(Path(run_dir) / METRICS_FILE, "a") as f:
+    """Add an epoch's line, flushed to disk (written after the epoch's checkpoint)."""
+    path = Path(run_dir) / METRICS_FILE
+    with reporting_disk_full(path), open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())

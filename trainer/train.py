@@ -49,7 +49,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import atomic_write_json, reporting_disk_full
 from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import read_manifest
@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = choose_run_folder(cfg, accelerator)
     state = load_last(out) if cfg.resume else None
-    if state:
-        cfg = merge_for_resume(state["config"], cfg, given)
+    if cfg.resume:
+        cfg = merge_for_resume(state["config"] if state else saved_config(out), cfg, given)
+        if state is None:
+            accelerator.print(f"{out} has no complete epoch to resume from; starting at epoch 1")
     cfg.out = str(out)
     manifest = read_manifest(cfg.shards)
     test_count = manifest.split("test").samples
@@ -225,7 +227,7 @@ def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Path:
 
     def choose():
         out = Path(cfg.out or f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if not cfg.resume and (out / METRICS_FILE).exists():
+        if not cfg.resume and ((out / METRICS_FILE).exists() or last_dir(out).exists()):
             raise UserError(
                 f"{out} already holds a run; add --resume to continue it, or pick another --out"
             )
@@ -236,6 +238,16 @@ def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     if cfg.resume and not cfg.out:
         raise UserError("--resume needs --out DIR, the folder of the run to continue")
     return Path(on_leader(accelerator, choose))
+
+
+def saved_config(out: Path) -> dict:
+    """The config of a run that never finished an epoch (its config.json), for --resume."""
+    try:
+        return json.loads((out / CONFIG_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"nothing to resume: {out} holds no run (no checkpoint, no {CONFIG_FILE})"
+        ) from None
 
 
 def build_loaders(
@@ -293,10 +305,20 @@ def restore(
         )
     set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     if accelerator.is_main_process:
-        truncate_metrics(out, state["epoch"])  # lines of an epoch killed before its checkpoint
+        restore_metrics(out, state)
         repair_best(out, state)
     accelerator.print(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}")
     return state["epoch"], state["best"]
+
+
+def restore_metrics(out: Path, state: dict) -> None:
+    """metrics.jsonl as of the checkpoint: lines of a later, unfinished epoch go (a run of an
+    older version wrote them first), and the checkpoint's own epoch line is added back if a
+    kill fell between the checkpoint and its line."""
+    truncate_metrics(out, state["epoch"])
+    rows = read_metrics(out) if (out / METRICS_FILE).is_file() else []
+    if state.get("row") and (not rows or rows[-1]["epoch"] < state["epoch"]):
+        append_metrics(out, state["row"])
 
 
 def environment(accelerator: Accelerator, backend: str) -> dict:
@@ -392,25 +414,24 @@ def save_epoch(
     is_best: bool,
     preprocess: dict,
 ) -> None:
-    """Rank 0 writes the epoch's files; the checkpoint goes last, so it marks the epoch complete."""
+    """Rank 0 writes the epoch's files: the confusion matrix, the checkpoint, best.pt, and
+    last the metrics line, so that a line never exists without its checkpoint."""
     rngs = gather_object([rng_state()])  # a collective: every rank takes part
     if not accelerator.is_main_process:
         return
-    append_metrics(out, row)
     folder = out / CONFUSION_DIR
     folder.mkdir(exist_ok=True)
-    name = f"epoch_{row['epoch']:03d}"
-    write_confusion_csv(confusion, folder / f"{name}.csv")
-    plot_confusion(
-        confusion,
-        folder / f"{name}.png",
-        title=(
-            f"{cfg.arch} epoch {row['epoch']}: accuracy {100 * row['test_acc']:.1f} %, kappa {row['test_qwk']:.3f}"
-        ),
-    )
+    name = folder / f"epoch_{row['epoch']:03d}"
+    with reporting_disk_full(name.with_suffix(".csv")):
+        write_confusion_csv(confusion, name.with_suffix(".csv"))
+    with reporting_disk_full(name.with_suffix(".png")):
+        title = f"{cfg.arch} epoch {row['epoch']}: accuracy {100 * row['test_acc']:.1f} %, kappa {row['test_qwk']:.3f}"
+        plot_confusion(confusion, name.with_suffix(".png"), title=title)
     model_state = accelerator.unwrap_model(model).state_dict()
+    augment = asdict(cfg.augment_config())
     state = {
         "epoch": row["epoch"],
+        "row": row,
         "model": model_state,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -419,7 +440,7 @@ def save_epoch(
         "world_size": accelerator.num_processes,
         "config": cfg.to_dict(),
         "preprocess": preprocess,
-        "augment": asdict(cfg.augment_config()),
+        "augment": augment,
     }
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler.state_dict()
@@ -434,8 +455,9 @@ def save_epoch(
             metrics=row,
             config=cfg.to_dict(),
             preprocess=preprocess,
-            augment=asdict(cfg.augment_config()),
+            augment=augment,
         )
+    append_metrics(out, row)
 
 
 def stopped_message(err: Exception, epoch: int, out: Path) -> str:

@@ -22,7 +22,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from pipeline.constants import IMAGE_EXT, IMAGENET_MEAN, IMAGENET_STD, LABEL_EXT
+from pipeline.constants import IMAGE_EXT, IMAGENET_MEAN, IMAGENET_STD, LABEL_EXT, NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.loading.augment import GREY_WEIGHTS, NO_AUGMENT, AugmentConfig
 from pipeline.loading.contract import Loader, LoaderSpec, rank_range
@@ -224,14 +224,13 @@ class DaliLoader(Loader):
         if hi == lo:  # more ranks than samples: this rank has nothing to evaluate
             return
         steps = spec.steps if spec.train else math.ceil((hi - lo) / spec.batch_size)
-        pipe = None
+        pipe = self.reading(lambda: self.build_pipeline(epoch), lo, hi)
         try:
-            pipe = self.build_pipeline(epoch)
             for step in range(steps):
-                outputs = pipe.run()
+                outputs = self.reading(pipe.run, lo, hi)
                 keep = min(spec.batch_size, hi - lo - step * spec.batch_size)  # drops the padding
-                images, labels = self.to_torch(outputs[0], outputs[1])
-                images, labels = self.normalize(images[:keep], labels[:keep])
+                labels = self.grades(outputs[1], lo, hi)
+                images, labels = self.normalize(self.images(outputs[0])[:keep], labels[:keep])
                 if self.with_keys:
                     yield (
                         images,
@@ -240,13 +239,23 @@ class DaliLoader(Loader):
                     )
                 else:
                     yield images, labels
-        except RuntimeError as err:
-            raise UserError(self.explain(err, lo, hi)) from None
         finally:
             del pipe
 
-    def to_torch(self, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """DALI's batch as torch tensors (on the GPU copied on torch's stream, to order it with torch's work)."""
+    def reading(self, run, lo: int, hi: int):
+        """``run()``; a DALI reading failure becomes one sentence naming the bad sample.
+
+        Out of memory and CUDA errors are not the data's fault: they pass through unchanged.
+        """
+        try:
+            return run()
+        except RuntimeError as err:
+            if is_device_error(err):
+                raise
+            raise UserError(self.explain(err, lo, hi)) from None
+
+    def images(self, images) -> torch.Tensor:
+        """DALI's images as a torch tensor (on the GPU copied on torch's stream, to order it with torch's work)."""
         images = images.as_tensor()
         if self.gpu:
             out = torch.empty(images.shape(), dtype=torch.float32, device=self.spec.device)
@@ -255,7 +264,27 @@ class DaliLoader(Loader):
             out = torch.from_dlpack(images)
         if self.spec.channels_last:
             out = out.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
-        return out, torch.from_numpy(np.array(labels.as_tensor()).reshape(-1))
+        return out
+
+    def grades(self, labels, lo: int, hi: int) -> torch.Tensor:
+        """The batch's grades (CPU, int64), checked: a ``.cls`` that is not one digit 0-4 stops
+        the run with one sentence naming the shard and the key."""
+        try:
+            grades = np.array(labels.as_tensor()).reshape(-1)
+        except RuntimeError:  # members of different lengths: some .cls is not one byte
+            grades = None
+        if (
+            grades is None
+            or len(grades) != self.spec.batch_size
+            or not (0 <= grades.min() and grades.max() < NUM_CLASSES)
+        ):
+            bad = find_bad_sample(self.spec.manifest.root, self.spec.samples(lo, hi), decode=False)
+            raise UserError(
+                bad
+                or f"DALI read grades outside 0-{NUM_CLASSES - 1} from split "
+                f"'{self.spec.split}' of {self.spec.manifest.root}; rebuild the shards"
+            )
+        return torch.from_numpy(grades)
 
     def explain(self, err: RuntimeError, lo: int, hi: int) -> str:
         """One sentence for a DALI failure: find the unreadable sample of this rank's slice."""
@@ -269,3 +298,12 @@ class DaliLoader(Loader):
         return (
             f"DALI failed reading split '{self.spec.split}' of {self.spec.manifest.root}: {detail}"
         )
+
+
+DEVICE_ERRORS = ("out of memory", "cuda error", "cudaerror", "cuda_error", "cuda runtime", "nvml")
+
+
+def is_device_error(err: BaseException) -> bool:
+    """Whether a DALI failure comes from the GPU (memory, driver), not from the data."""
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or any(word in text for word in DEVICE_ERRORS)

@@ -18,6 +18,7 @@ try:  # libjpeg-turbo straight to a CHW tensor; deprecated in torchvision 0.29 i
 except ImportError:
     decode_jpeg = None
 
+from pipeline.constants import NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.shardformat import SampleRef
 
@@ -54,14 +55,22 @@ def read_chunk(root, chunk: list[SampleRef]) -> Iterator[tuple[SampleRef, memory
                 f"shard {shard} is truncated: sample {ref.key} lies past its end; rebuild the shards"
             )
         off, size = ref.cls
-        try:
-            grade = int(bytes(view[off - start : off - start + size]).decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            raise UserError(
-                f"sample {ref.key} in shard {shard} has an unreadable grade (.cls)"
-            ) from None
-        off, size = ref.jpg
-        yield ref, view[off - start : off - start + size], grade
+        yield (
+            ref,
+            view[ref.jpg[0] - start : sum(ref.jpg) - start],
+            parse_grade(ref, bytes(view[off - start : off - start + size])),
+        )
+
+
+def parse_grade(ref: SampleRef, text: bytes) -> int:
+    """The grade of a ``.cls`` member: one ASCII digit 0-4, else a UserError naming the sample."""
+    if len(text) == 1 and ord("0") <= text[0] < ord("0") + NUM_CLASSES:
+        return text[0] - ord("0")
+    shown = text[:10].decode("ascii", errors="replace")
+    raise UserError(
+        f"sample {ref.key} in shard {ref.shard} has grade {shown!r}, not one of 0-{NUM_CLASSES - 1}; "
+        "rebuild the shards"
+    )
 
 
 def decode_sample(ref: SampleRef, data: memoryview) -> torch.Tensor:
@@ -78,12 +87,14 @@ def decode_sample(ref: SampleRef, data: memoryview) -> torch.Tensor:
         ) from None
 
 
-def find_bad_sample(root, refs: list[SampleRef]) -> str | None:
-    """The first sample of ``refs`` that cannot be read or decoded, as a message; None if all can."""
+def find_bad_sample(root, refs: list[SampleRef], decode: bool = True) -> str | None:
+    """The first sample of ``refs`` that cannot be read (or, with ``decode``, decoded), as a
+    message; None if all can."""
     for chunk in chunked(refs, 64):
         try:
             for ref, data, _ in read_chunk(root, chunk):
-                decode_sample(ref, data)
+                if decode:
+                    decode_sample(ref, data)
         except UserError as err:
             return str(err)
     return None

@@ -26,12 +26,15 @@ are not part of the new one are removed. The same inputs give the same bytes.
 from __future__ import annotations
 
 import csv
+import ctypes
 import gc
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import re
+import signal
 import sys
 import threading
 from collections import Counter, deque
@@ -61,11 +64,18 @@ from pipeline.constants import (
     SPLITS,
 )
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write, atomic_write_json, file_sha256, make_writable_dir
-from pipeline.manifest import Manifest, ShardInfo, SplitInfo
-from pipeline.shardformat import fsync_files, write_shard
+from pipeline.fileio import (
+    atomic_write,
+    atomic_write_json,
+    file_sha256,
+    folder_lock,
+    make_writable_dir,
+    stale_partials,
+)
+from pipeline.manifest import Manifest, SplitInfo
+from pipeline.shardformat import ShardInfo, fsync_files, write_shard
 from pipeline.writing.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
-from pipeline.writing.sources import Sample, assign_splits, patients_in_both, read_source
+from pipeline.writing.sources import Sample, Source, assign_splits, patients_in_both, read_source
 
 PROGRESS_NAME = ".progress.json"
 PREPROCESS_VERSION = 1  # bump when preprocessing changes, so reruns rebuild every shard
@@ -80,8 +90,11 @@ _SHARD_FILE = re.compile(
 class PackConfig:
     """make_shards' options (``tools/make_shards.py --help``)."""
 
-    data_dir: Path = arg(help="folder with the images and label files", positional=True)
-    out_dir: Path = arg(help="shard folder to write (created)", positional=True)
+    data_dir: Path = arg(
+        help="folder with the images and label files (with --verify: the shard folder)",
+        positional=True,
+    )
+    out_dir: Path | None = arg(None, "shard folder to write (created)", positional=True)
     size: int = arg(DEFAULT_IMAGE_SIZE, "side of the square images in px")
     shard_size: int = arg(DEFAULT_SHARD_SIZE, "samples per shard")
     workers: int | None = arg(None, "decoding processes (default: every core)")
@@ -91,9 +104,21 @@ class PackConfig:
     strict: bool = arg(False, "fail (exit 2) if any input is rejected")
     labels: Path | None = arg(None, "CSV image,level[,split] for any other layout", metavar="FILE")
     quiet: bool = arg(False, "no progress bar (for logs)")
+    verify: bool = arg(
+        False,
+        "check the shard folder DATA_DIR instead of packing: sha256, indexes, "
+        "counts, unique keys, no patient in two splits, grades (exit 1 on any problem)",
+    )
 
     def __post_init__(self):
-        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
+        if self.verify and self.out_dir is not None:
+            raise UserError("--verify takes one folder, the shard folder to check")
+        if not self.verify and self.out_dir is None:
+            raise UserError(
+                "give the data folder and the shard folder to write: make_shards.py DATA_DIR OUT_DIR"
+            )
+        self.data_dir = Path(self.data_dir)
+        self.out_dir = None if self.out_dir is None else Path(self.out_dir)
         if self.size < 16:
             raise UserError(f"--size must be at least 16 px, got {self.size}")
         if self.shard_size < 1:
@@ -126,7 +151,14 @@ def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
     if not cfg.quiet:
         console.print(f"[bold]make_shards[/] {_config_dict(cfg)}")
     source = read_source(cfg.data_dir, cfg.labels)
-    out = _open_out_dir(Path(cfg.out_dir))
+    out = _make_out_dir(Path(cfg.out_dir))
+    with folder_lock(out, "make_shards"):
+        _clear_out_dir(out)
+        return _pack(cfg, source, out, console)
+
+
+def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackResult:
+    """``pack`` once the output folder is ours alone."""
     samples = assign_splits(source.samples, cfg.test_fraction, cfg.seed)
     rejects = list(source.rejects)
     if cfg.strict and rejects:  # no point preparing images for a run that will fail
@@ -328,21 +360,44 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     if workers <= 1:
         yield None
         return
-    if sys.platform == "linux" and threading.active_count() == 1:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
-        # The workers never collect what they inherit: garbage of this process (a DALI
-        # pipeline left unreachable) finalised in a worker, where its threads don't exist, hangs.
-        gc.freeze()
-        try:
-            pool.submit(int)  # a fork pool forks all its workers at its first task
-        finally:
-            gc.unfreeze()
-    else:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    fork = sys.platform == "linux" and threading.active_count() == 1
+    pool = None
     try:
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=get_context("fork" if fork else "spawn"),
+            initializer=_worker_init,
+            initargs=(os.getpid(),),
+        )
+        if fork:
+            # The workers never collect what they inherit: garbage of this process (a DALI
+            # pipeline left unreachable) finalised in a worker, where its threads don't exist, hangs.
+            gc.freeze()
+            try:
+                pool.submit(int)  # a fork pool forks all its workers at its first task
+            finally:
+                gc.unfreeze()
         yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        # Interrupted (Ctrl-C, `kill`) or failed, even while the workers were being started:
+        # stop them now rather than wait for the shards they are writing (the next run
+        # removes their temp files). Left running, they would also keep this process from exiting.
+        for child in multiprocessing.active_children():
+            child.terminate()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(parent: int) -> None:
+    """In each worker: die with the main process, whatever kills it (even SIGKILL)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler, inherited by fork
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the main process died before the line above
+        os._exit(1)
 
 
 def _start(pool: ProcessPoolExecutor | None, fn, *args) -> Future | partial:
@@ -447,16 +502,21 @@ def _save_record(out: Path, shards: dict) -> None:
     )
 
 
-def _open_out_dir(out: Path) -> Path:
-    """Create the output folder, check that it is writable, remove what would mislead."""
+def _make_out_dir(out: Path) -> Path:
+    """Create the output folder and check that it is writable."""
     try:
         make_writable_dir(out)
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        for leftover in out.glob(".*.partial"):  # from a run that was killed
-            leftover.unlink()
     except OSError as err:
         raise UserError(f"cannot write to output folder {out}: {err.strerror or err}") from None
     return out.resolve()
+
+
+def _clear_out_dir(out: Path) -> None:
+    """Remove what would mislead: the manifest of the build being replaced, and temp files
+    of runs that were killed (a live run's are never touched: their pids still run)."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for leftover in stale_partials(out):
+        leftover.unlink(missing_ok=True)
 
 
 def _remove_stale(out: Path, keep: set[str]) -> None:

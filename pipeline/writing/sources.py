@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES, SPLITS
 from pipeline.errors import UserError
-from pipeline.shardformat import key_problem
+from pipeline.shardformat import key_problem, patient_of
 
 LAB_FILES = {split: (f"{split}_img.csv", f"{split}_label.csv") for split in SPLITS}
 KAGGLE_LABELS = "trainLabels.csv"
@@ -29,7 +29,6 @@ LOOKED_FOR = (
     "train_img.csv + train_label.csv (+ test_img.csv + test_label.csv) for the lab layout, "
     f"or {KAGGLE_LABELS} with images in {KAGGLE_IMAGES}/ for the kaggle layout"
 )
-_EYE_SUFFIX = re.compile(r"_(left|right)$", re.IGNORECASE)
 _INTEGER = re.compile(r"^[0-9]+$")
 
 
@@ -48,11 +47,6 @@ class Source:
     root: Path
     samples: list[Sample]
     rejects: list[tuple[str, str]]  # (image id or file:line, reason)
-
-
-def patient_of(image_id: str) -> str:
-    """``10_left`` and ``10_right`` are patient ``10``; other ids are their own patient."""
-    return _EYE_SUFFIX.sub("", image_id)
 
 
 def parse_label(text: str) -> int | None:
