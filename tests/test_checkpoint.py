@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -38,24 +39,25 @@ def test_rng_round_trip_through_a_weights_only_file(tmp_path):
 
 
 def test_last_is_replaced_atomically_and_survives_a_crash_between_renames(tmp_path):
-    with pytest.raises(UserError, match="nothing to resume"):
-        load_last(tmp_path)
+    assert load_last(tmp_path) is None  # no epoch finished yet
     model = build_model("resnet18")
-    for epoch in (1, 2):
+    for epoch in (1, 2, 3):
         save_last(
             tmp_path, {"epoch": epoch, "model": model.state_dict(), "config": {"arch": "resnet18"}}
         )
     root = tmp_path / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["last"]
-    assert load_last(tmp_path)["epoch"] == 2
-    assert json.loads((root / "last" / "info.json").read_text())["epoch"] == 2
-    # killed between "last -> .last.old" and ".last.partial -> last": the old one is used
-    (root / "last").rename(root / ".last.old")
-    (root / ".last.partial").mkdir()  # a half-written one is never read
-    assert load_last(tmp_path)["epoch"] == 2
-    save_last(tmp_path, {"epoch": 3, "model": {}, "config": {}})
-    assert sorted(p.name for p in root.iterdir()) == ["last"]
+    assert sorted(p.name for p in root.iterdir()) == ["last", "previous"]
     assert load_last(tmp_path)["epoch"] == 3
+    assert json.loads((root / "last" / "info.json").read_text())["epoch"] == 3
+    assert json.loads((root / "previous" / "info.json").read_text())["epoch"] == 2
+    # killed between "last -> previous" and ".last.partial -> last": previous/ is the newest whole one
+    shutil.rmtree(root / "previous")
+    (root / "last").rename(root / "previous")
+    (root / ".last.partial").mkdir()  # a half-written one is never read
+    assert load_last(tmp_path)["epoch"] == 3
+    save_last(tmp_path, {"epoch": 4, "model": {}, "config": {}})
+    assert sorted(p.name for p in root.iterdir()) == ["last", "previous"]
+    assert load_last(tmp_path)["epoch"] == 4
 
 
 def test_best_is_enough_to_predict(tmp_path):

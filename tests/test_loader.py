@@ -66,8 +66,7 @@ def loader(root, split="test", *, backend, keys=True, **kw):
         "workers": 2,
         "backend": backend,
     }
-    built = build_loader(root, split, **{**opts, **kw})
-    return type(built)(built.spec, with_keys=True) if keys else built
+    return build_loader(root, split, with_keys=keys, **{**opts, **kw})
 
 
 def epoch(ld) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -438,3 +437,113 @@ def test_dali_gpu_graph_is_well_formed(tiny_shards):
     )
     graph = pipe.serialize()
     assert b"mixed" in graph and b"hw_decoder_load" in graph
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
+def test_dali_builds_an_eval_pipeline_once_and_a_train_pipeline_per_epoch(tiny_shards):
+    ev = loader(tiny_shards, backend="dali-cpu")
+    first, second = epoch(ev), epoch(ev)
+    assert [k for _, _, keys in first for k in keys] == [k for _, _, keys in second for k in keys]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
+    assert ev.builds == 1  # reused: no randomness, and it read its slice to the end
+    # rank 0 of 2 holds 6 samples, rank 1 holds 7: DALI pads rank 0 to 3 batches of 3 too
+    for rank in range(2):
+        ev = loader(tiny_shards, backend="dali-cpu", batch_size=3, rank=rank, world_size=2)
+        keys = [[k for _, _, ks in epoch(ev) for k in ks] for _ in range(3)]
+        assert (
+            keys[0] == keys[1] == keys[2] and len(set(keys[0])) == len(keys[0]) and ev.builds == 1
+        )
+    tr = loader(tiny_shards, "train", backend="dali-cpu", keys=False)
+    epoch(tr), epoch(tr)
+    assert tr.builds == 2  # seeded per epoch, so a resumed run gets the same batches
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
+def test_dali_reads_without_mmap_as_with_it(tiny_shards, test_ref):
+    plain = epoch(loader(tiny_shards, backend="dali-cpu", mmap=True))
+    streamed = epoch(loader(tiny_shards, backend="dali-cpu", mmap=False))
+    assert all(
+        torch.equal(a[0], b[0]) and a[2] == b[2] for a, b in zip(plain, streamed, strict=True)
+    )
+
+
+def test_network_filesystems_are_recognised(tmp_path):
+    from pipeline.loading.loader import on_network_filesystem
+
+    mounts = (
+        "/dev/vda / ext4 rw 0 0\n"
+        "server:/export /shared nfs4 rw 0 0\n"
+        "s3fs /buckets fuse.s3fs rw 0 0\n"
+        "tmpfs /shared/tmp tmpfs rw 0 0\n"
+    )
+    assert on_network_filesystem(Path("/shared/shards"), mounts)
+    assert on_network_filesystem(Path("/buckets/x"), mounts)
+    assert not on_network_filesystem(Path("/shared/tmp/shards"), mounts)  # the deeper mount wins
+    assert not on_network_filesystem(Path("/sharedX/shards"), mounts)
+    assert not on_network_filesystem(Path("/home/shards"), mounts)
+
+
+def test_cores_are_divided_among_the_local_processes(monkeypatch):
+    from pipeline.loading.contract import available_cores, cores_per_process
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert cores_per_process() == available_cores()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(available_cores() * 4))
+    assert cores_per_process() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cores_per_process() == max(1, available_cores() // 2)
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
+def test_device_errors_pass_through_and_data_errors_are_explained(tiny_shards, monkeypatch):
+    """Out of memory is not a data error: it keeps its own message and type."""
+    from pipeline.loading.dali import is_device_error
+
+    assert is_device_error(RuntimeError("CUDA error: out of memory"))
+    assert is_device_error(
+        RuntimeError("[/opt/dali/...] CUDA allocation failed: cudaErrorMemoryAllocation")
+    )
+    assert not is_device_error(
+        RuntimeError("Error in thread 0: [webdataset_loader.cc] Unexpected end of file")
+    )
+    ld = loader(tiny_shards, backend="dali-cpu", keys=False)
+
+    class Failing:
+        def __init__(self, message):
+            self.message = message
+
+        def run(self):
+            raise RuntimeError(self.message)
+
+    monkeypatch.setattr(ld, "build_pipeline", lambda epoch: Failing("CUDA error: out of memory"))
+    with pytest.raises(RuntimeError, match="CUDA error: out of memory") as err:
+        epoch(ld)
+    assert not isinstance(err.value, UserError)
+    monkeypatch.setattr(ld, "build_pipeline", lambda epoch: Failing("tar header damaged"))
+    with pytest.raises(UserError, match="DALI failed reading split 'test'.*tar header damaged"):
+        epoch(ld)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and a CUDA GPU"
+)
+def test_dali_gpu_pixels_match_the_cpu_path(tiny_shards):
+    """The GPU decoder (nvJPEG, fancy upsampling on) against libjpeg-turbo on the CPU, on the
+    same stored JPEGs at their stored size. Tolerance, on the 0-255 scale: at most 3 levels
+    anywhere and 0.5 on average, the spread two standard-conforming IDCTs and colour
+    conversions may show; without fancy upsampling, chroma edges differ by tens of levels."""
+    gpu = {
+        k: x
+        for b in epoch(loader(tiny_shards, backend="dali", device="cuda"))
+        for k, x in zip(b[2], b[0], strict=True)
+    }
+    cpu = {
+        k: x
+        for b in epoch(loader(tiny_shards, backend="torch"))
+        for k, x in zip(b[2], b[0], strict=True)
+    }
+    assert set(gpu) == set(cpu)
+    std = STD.view(3, 1, 1)
+    diffs = torch.stack([((gpu[k].cpu() - cpu[k]) * std).abs() for k in cpu])
+    assert diffs.max() <= 3.0 and diffs.mean() <= 0.5, (float(diffs.max()), float(diffs.mean()))

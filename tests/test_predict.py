@@ -1,6 +1,7 @@
 """tools/predict.py: a folder with one corrupt photo, raw-photo preprocessing, TTA."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.loading.contract import normalization
 from tools.make_synthetic import render_fundus
 from tools.predict import load_for_model, predict_batch
 from trainer.checkpoint import load_best, save_best
@@ -74,7 +76,7 @@ def test_folder_with_a_corrupt_image(tmp_path, checkpoint):
         probs = [float(r[f"p{g}"]) for g in range(5)]
         assert abs(sum(probs) - 1) < 1e-3
         assert int(r["grade"]) == int(np.argmax(probs))
-    assert "graded 3 image(s), 1 unreadable" in proc.stdout
+    assert "graded 3 image(s), 1 not graded" in proc.stdout
 
 
 def test_no_images_is_one_clear_error(tmp_path, checkpoint):
@@ -133,8 +135,7 @@ def test_real_retina_photo_is_border_cropped_to_a_square(tmp_path):
 def test_tta_averages_flips(checkpoint):
     model, info = load_best(checkpoint)
     x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
-    mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(info["std"]).view(1, 3, 1, 1)
+    mean, std = normalization("cpu", info["mean"], info["std"])
     plain = predict_batch(model, x, mean, std, tta=False)
     tta = predict_batch(model, x, mean, std, tta=True)
     flipped = predict_batch(model, x.flip(-1), mean, std, tta=False)
@@ -142,3 +143,165 @@ def test_tta_averages_flips(checkpoint):
     assert not torch.allclose(plain, tta)
     assert torch.allclose(predict_batch(model, x.flip(-1), mean, std, tta=True), tta, atol=1e-5)
     assert not torch.allclose(plain, flipped)
+
+
+def test_symlink_loop_and_tiny_photo_are_error_rows(tmp_path, checkpoint):
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    Image.fromarray(render_fundus(2, rng, 96)).save(photos / "a" / "1_left.jpeg")
+    Image.fromarray(render_fundus(2, rng, 40)).save(photos / "a" / "2_left.jpeg")  # too small
+    (photos / "a" / "back").symlink_to(photos, target_is_directory=True)  # a loop
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/predict.py"),
+            "--checkpoint",
+            str(checkpoint),
+            str(photos),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1, proc.stderr
+    rows = {Path(r["image"]).name: r for r in csv.DictReader((out / "predictions.csv").open())}
+    assert rows["back"]["error"] == f"symlink loop (back to {photos})"
+    assert (
+        rows["2_left.jpeg"]["error"]
+        == "too small to grade (40x40 pixels; at least 64 on the short side)"
+    )
+    assert rows["1_left.jpeg"]["grade"] != "" and not rows["1_left.jpeg"]["error"]
+    assert len(rows) == 3 and "graded 1 image(s), 2 not graded" in proc.stdout
+
+
+# ---------------------------------------------------------------- predict sees what training saw
+
+
+def photo_set(root: Path) -> Path:
+    """A lab-layout folder whose test photos cover both ways into a shard: kept as they are
+    (64x64 baseline JPEGs, with and without black margins) and re-encoded (other sizes, with
+    and without a black frame)."""
+    rng = np.random.default_rng(7)
+    images = root / "images"
+    images.mkdir(parents=True)
+
+    def save(name: str, pixels: np.ndarray) -> None:
+        Image.fromarray(pixels).save(images / f"{name}.jpeg", quality=90)
+
+    margins = np.zeros((64, 64, 3), np.uint8)
+    margins[12:52, 12:52] = render_fundus(3, rng, 40)  # an eye with 12 px of black around it
+    save("1_left", margins)  # pass-through, black margins
+    save("1_right", render_fundus(1, rng, 96)[16:80, 16:80])  # pass-through, no margin
+    save("2_left", render_fundus(2, rng, 96, width=144))  # re-encoded, black side borders
+    save("2_right", render_fundus(4, rng, 120)[20:100, 20:100])  # re-encoded, no margin
+    save("3_left", render_fundus(0, rng, 64))  # train split
+    save("3_right", render_fundus(0, rng, 64))
+    (root / "train_img.csv").write_text("3_left\n3_right\n")
+    (root / "train_label.csv").write_text("0\n0\n")
+    (root / "test_img.csv").write_text("1_left\n1_right\n2_left\n2_right\n")
+    (root / "test_label.csv").write_text("3\n1\n2\n4\n")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graham, image_size", [(False, 64), (True, 64), (False, 48)])
+def test_predict_equals_the_loader_and_evaluate(tmp_path, graham, image_size):
+    from pipeline.loading.loader import build_loader
+    from pipeline.manifest import read_manifest
+    from pipeline.writing.packing import PackConfig, pack
+
+    data = photo_set(tmp_path / "data")
+    shards = tmp_path / "shards"
+    pack(PackConfig(data, shards, size=64, graham=graham, workers=1, quiet=True))
+    manifest = read_manifest(shards)
+    kept = {"1_left", "1_right"} if not graham else set()  # packed as their original bytes
+    for key in kept:
+        assert (data / "images" / f"{key}.jpeg").read_bytes() in b"".join(
+            p.read_bytes() for p in manifest.tar_paths("test")
+        )
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "best.pt"
+    config = {"arch": "resnet18", "batch_size": 3, "backend": "torch", "precision": "no", "seed": 0}
+    save_best(
+        checkpoint,
+        build_model("resnet18").state_dict(),
+        arch="resnet18",
+        image_size=image_size,
+        epoch=1,
+        metrics={},
+        config=config,
+        preprocess=manifest.preprocess,
+    )
+
+    # the tensors: predict's input == the torch loader's evaluation batch, bit for bit
+    loader = build_loader(
+        shards,
+        "test",
+        batch_size=4,
+        image_size=image_size,
+        train=False,
+        backend="torch",
+        workers=0,
+        with_keys=True,
+    )
+    ((images, _, keys),) = list(loader)
+    shift, scale = normalization()
+    for key, batch_image in zip(keys, images, strict=True):
+        mine = load_for_model(data / "images" / f"{key}.jpeg", 64, image_size, graham)
+        assert torch.equal(torch.addcmul(shift, mine, scale), batch_image), key
+
+    # the probabilities: predict.py == evaluate.py, image by image
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "trainer/evaluate.py"),
+            "--checkpoint",
+            str(checkpoint),
+            "--shards",
+            str(shards),
+            "--out",
+            str(tmp_path / "eval"),
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    predicted = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/predict.py"),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "pred"),
+            "--device",
+            "cpu",
+            *[
+                str(data / "images" / f"{k}.jpeg")
+                for k in ("1_left", "1_right", "2_left", "2_right")
+            ],
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    ev = {r["key"]: r for r in csv.DictReader((tmp_path / "eval" / "predictions.csv").open())}
+    pr = {
+        Path(r["image"]).stem: r
+        for r in csv.DictReader((tmp_path / "pred" / "predictions.csv").open())
+    }
+    assert set(ev) == set(pr) == {"1_left", "1_right", "2_left", "2_right"}
+    for key in ev:
+        # both print 6 decimals; batches of different sizes may round the last float bit apart
+        for g in range(5):
+            assert abs(float(ev[key][f"p{g}"]) - float(pr[key][f"p{g}"])) <= 2e-6, (key, g)
+        assert ev[key]["pred"] == pr[key]["grade"]
+        assert (ev[key]["patient"], ev[key]["eye"]) == (key.split("_")[0], key.split("_")[1])

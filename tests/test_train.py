@@ -612,3 +612,101 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_epoch(
     subprocess.run(["mount", "-o", "remount,size=600m", str(small_disk)], check=True)
     ok(python(["--out", str(run), "--resume", "--quiet"], tmp_path))
     assert [r["epoch"] for r in rows(run)] == [1, 2]
+
+
+def test_verify_shards_stops_before_training(tiny_shards, tmp_path):
+    shards = Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
+    line = (shards / "test-000000.idx").read_text().splitlines()[1].split()
+    with open(shards / "test-000000.tar", "r+b") as f:  # one JPEG byte: same size, other sha256
+        f.seek(int(line[1]) + 50)
+        f.write(b"\x00")
+    args = ["--shards", str(shards), "--out", str(tmp_path / "run"), "--image-size", "64"]
+    with pytest.raises(UserError) as err:
+        main([*args, "--verify-shards"])
+    assert str(err.value) == (
+        f"1 problem(s) in {shards}, the first: shard test-000000.tar does not match its sha256 in "
+        f"the manifest; run tools/make_shards.py --verify {shards} for the list"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_auto_precision_wants_native_bf16(monkeypatch):
+    from trainer.engine import resolve_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    # a GPU that only emulates bf16 (torch counts emulation unless told not to)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+    )
+    assert resolve_precision("auto", cuda=True) == "fp16"
+    with pytest.raises(UserError, match="does not support bf16"):
+        resolve_precision("bf16", cuda=True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("auto", cuda=True) == "bf16"
+    assert resolve_precision("auto", cuda=False) == "no"
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes_keeps_the_schedule(tiny_shards, tmp_path):
+    """2 ranks for 1 epoch, then --resume on 1 rank: the lr of every later epoch is the one an
+    uninterrupted 1-rank run has at the same point of training."""
+    recipe = [
+        "--shards",
+        str(tiny_shards),
+        "--image-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--backend",
+        "torch",
+        "--workers",
+        "0",
+        "--schedule",
+        "cosine",
+        "--warmup-epochs",
+        "0.5",
+        "--quiet",
+    ]
+    ok(launch([*recipe, "--out", str(tmp_path / "moved"), "--epochs", "1"], tmp_path, processes=2))
+    ok(python(["--out", str(tmp_path / "moved"), "--resume", "--epochs", "3"], tmp_path))
+    ok(python([*recipe, "--out", str(tmp_path / "straight"), "--epochs", "3"], tmp_path))
+    moved, straight = rows(tmp_path / "moved"), rows(tmp_path / "straight")
+    assert [r["epoch"] for r in moved] == [1, 2, 3]
+    for a, b in zip(moved[1:], straight[1:], strict=True):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12), (a["epoch"], a["lr"], b["lr"])
+    assert moved[2]["lr"] < moved[1]["lr"]  # still annealing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_and_eval_steps_never_wait_for_the_host():
+    """No step creates a CPU tensor or reads a value back: CUDA's sync debug mode raises if one does."""
+    from accelerate import Accelerator
+
+    from trainer.engine import build_optimizer, build_scheduler, cross_entropy_sums, train_step
+    from trainer.metrics import confusion_matrix
+
+    accelerator = Accelerator(mixed_precision="bf16")
+    model = build_model("resnet18").to(accelerator.device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, 0.01, 0.9, 5e-4)
+    scheduler = build_scheduler(optimizer, "cosine", 2, 10)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    images = torch.randn(8, 3, 64, 64, device=accelerator.device).contiguous(
+        memory_format=torch.channels_last
+    )
+    labels = torch.randint(0, 5, (8,), device=accelerator.device)
+    weights = class_weights_for([50, 5, 10, 2, 1], "sqrt", accelerator.device)
+    train_step(
+        model, images, labels, optimizer, scheduler, accelerator
+    )  # warm-up: lazy inits may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for class_weights in (None, weights):
+            train_step(model, images, labels, optimizer, scheduler, accelerator, class_weights)
+            with torch.inference_mode(), accelerator.autocast():
+                logits = model(images)
+            cross_entropy_sums(logits, labels, class_weights)
+            confusion_matrix(labels, logits.argmax(1))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

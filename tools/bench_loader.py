@@ -162,11 +162,16 @@ def decode_only_batches(cfg: BenchConfig, gpu: bool) -> Iterable:
         yield images, labels
 
 
-def images_per_second(batches: Iterable, cfg: BenchConfig, gpu: bool) -> tuple[float, tuple]:
-    """Time ``cfg.batches`` batches after ``cfg.warmup``; also return the batch shape."""
-    it = iter(batches)
+def images_per_second(batches: Iterable, cfg: BenchConfig, gpu: bool) -> tuple[float, tuple, float]:
+    """Time ``cfg.batches`` batches after ``cfg.warmup``; also return the batch shape and the
+    seconds to the first batch (start-up: for DALI, building the pipeline)."""
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     shape = ()
+    begin = time.perf_counter()
+    it = iter(batches)
+    next(it)
+    sync()
+    first = time.perf_counter() - begin
     for _ in range(cfg.warmup):
         images, _ = next(it)
     sync()
@@ -180,7 +185,7 @@ def images_per_second(batches: Iterable, cfg: BenchConfig, gpu: bool) -> tuple[f
     elapsed = time.perf_counter() - start
     if hasattr(it, "close"):
         it.close()
-    return n / elapsed, shape
+    return n / elapsed, shape, first
 
 
 def machine_info() -> dict:
@@ -260,9 +265,15 @@ def run(cfg: BenchConfig, console: Console) -> dict:
     try:
         for name, what, on_gpu, make in paths:
             console.print(f"timing {what} ...")
-            rate, shape = images_per_second(make(), cfg, on_gpu)
+            rate, shape, first = images_per_second(make(), cfg, on_gpu)
             results.append(
-                {"path": name, "what": what, "images_per_s": round(rate, 1), "batch_shape": shape}
+                {
+                    "path": name,
+                    "what": what,
+                    "images_per_s": round(rate, 1),
+                    "batch_shape": shape,
+                    "first_batch_s": round(first, 3),
+                }
             )
     finally:
         tmp.cleanup()
@@ -289,13 +300,15 @@ def show(report: dict, console: Console) -> None:
         title=f"{c['split']} split, {c['samples']} samples, {c['image_size']} px, batch {c['batch_size']}, "
         f"{c['batches']} timed batches · {m['cores_available']} cores · {m['device']}"
     )
-    for col in ("path", "what", "images/s", "x baseline", "x decode limit"):
+    for col in ("path", "what", "images/s", "x baseline", "x decode limit", "first batch (s)"):
         table.add_column(col, justify="left" if col in ("path", "what") else "right")
     for r in report["results"]:
         ratios = [
             ("" if r[k] is None else f"{r[k]:.2f}") for k in ("vs_baseline", "vs_decode_limit")
         ]
-        table.add_row(r["path"], r["what"], f"{r['images_per_s']:.0f}", *ratios)
+        table.add_row(
+            r["path"], r["what"], f"{r['images_per_s']:.0f}", *ratios, f"{r['first_batch_s']:.2f}"
+        )
     console.print(table)
 
 

@@ -147,6 +147,15 @@ class GpuBenchConfig:
     out: Path = arg(Path("."), "folder to write gpu_train_bench.json into", metavar="DIR")
 
 
+def gpu_memory() -> dict:
+    """GiB: torch's own peak since the last reset, and the device's use now (DALI's buffers too)."""
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "torch_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "device_used_gib": (total - free) / 2**30,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(
         GpuBenchConfig, argv, prog="gpu_train_bench.py", description=__doc__.splitlines()[0]
@@ -181,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = []
     for arch in args.arch:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         real = time_steps(batches_from_loader(loader), arch, args, accelerator)
+        memory = gpu_memory() if cuda else {}
         resident = time_steps(
             resident_batches(args.batch_size, args.image_size, accelerator.device, cuda),
             arch,
@@ -193,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "loader_images_per_s": real,
             "resident_images_per_s": resident,
             "loader_overhead": 1 - real / resident,
+            **memory,
         }
         results.append(row)
         print(

@@ -3,32 +3,40 @@
     python tools/predict.py --checkpoint runs/resnet18/best.pt photos/ [more.jpeg ...] \
         --out predictions/ [--tta]
 
-Each image gets the shard builder's preprocessing (black border cropped, padded to a
-square, resized; Ben Graham's normalisation if the shards had it), so raw camera photos
-work as they are. Writes ``OUT/predictions.csv``, one row per image: the predicted grade,
-the five probabilities, or the reason it could not be read. An unreadable image is reported and
-skipped; the exit status is 1 when any was, 0 when all were graded.
+Each photo goes through exactly what a training image went through: the shard builder's
+decision (a photo already at the shards' size is kept as it is, any other is border-cropped,
+padded square, resized, Graham-normalised if the shards were, and JPEG-encoded), then the
+loaders' evaluation path (decode, resize to the model's size, normalise). So raw camera
+photos work as they are, and a photo packed into shards gets the same probabilities here
+as from ``trainer/evaluate.py``. Writes ``OUT/predictions.csv``, one row per image: the
+predicted grade, the five probabilities, or the reason it could not be graded (unreadable,
+too small, a symlink loop). Such an image is reported and skipped; the exit status is 1
+when any was, 0 when all were graded.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES
 from pipeline.errors import UserError
-from pipeline.writing.preprocess import BadImage, open_image, preprocess
+from pipeline.loading.contract import normalization
+from pipeline.loading.samples import eval_image
+from pipeline.writing.preprocess import BadImage, prepare
 from trainer.checkpoint import load_best
 
 PHOTO_EXTENSIONS = (*IMAGE_EXTENSIONS, ".png")
 PREDICTIONS_FILE = "predictions.csv"
+MIN_SIDE = 64  # px; a smaller photo holds too little of the retina to grade
 
 
 @dataclass
@@ -57,47 +65,60 @@ class Prediction:
     error: str | None = None
 
 
-def find_images(inputs: list[Path]) -> list[Path]:
-    """Files named directly, and every photo (.jpeg/.jpg/.png, any case) below named folders."""
-    found = []
+def find_images(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
+    """Files named directly, and every photo (.jpeg/.jpg/.png, any case) below named folders
+    (symbolic links followed); the second list reports the symlink loops met on the way."""
+    found: list[Path] = []
+    problems: list[Prediction] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            found += sorted(
-                p for p in item.rglob("*") if p.suffix.lower() in PHOTO_EXTENSIONS and p.is_file()
-            )
-        else:
+        if not item.is_dir():
             found.append(item)  # a missing file is reported per image, like an unreadable one
-    if not found:
+            continue
+        seen: dict[tuple[int, int], str] = {}
+        for folder, dirs, files in os.walk(item, followlinks=True):
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                problems.append(
+                    Prediction(
+                        Path(folder), error=f"symlink loop (back to {seen[st.st_dev, st.st_ino]})"
+                    )
+                )
+                dirs.clear()
+                continue
+            seen[st.st_dev, st.st_ino] = folder
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(folder) / name
+                if path.suffix.lower() in PHOTO_EXTENSIONS:
+                    found.append(path)
+    if not found and not problems:
         raise UserError(f"no .jpeg/.jpg/.png images found in {', '.join(map(str, inputs))}")
-    return found
+    return found, problems
 
 
 def load_for_model(path: Path, shard_size: int, image_size: int, graham: bool) -> torch.Tensor:
-    """uint8 CHW tensor: the shard builder's preprocessing, then the training resolution."""
-    img = preprocess(open_image(path, draft_size=shard_size), shard_size, graham=graham)
-    array = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    if shard_size != image_size:
-        array = (
-            F.interpolate(
-                array[None].float(),
-                size=(image_size, image_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )[0]
-            .round()
-            .clamp(0, 255)
-            .byte()
+    """uint8 CHW tensor of one photo, exactly as training saw it (see the module docstring)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        width = height = None  # prepare() says what is wrong with it
+    if width is not None and min(width, height) < MIN_SIDE:
+        raise BadImage(
+            f"too small to grade ({width}x{height} pixels; at least {MIN_SIDE} on the short side)"
         )
-    return array
+    try:
+        return eval_image(prepare(path, shard_size, graham=graham), image_size, str(path))
+    except UserError as err:
+        raise BadImage(str(err)) from None
 
 
 @torch.no_grad()
 def predict_batch(
-    model, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, tta: bool
+    model, images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tta: bool
 ) -> torch.Tensor:
     """Class probabilities (N, 5); with ``tta`` averaged over the four flips."""
-    x = (images.float() - mean) / std
+    x = torch.addcmul(shift, images, scale)  # the loaders' normalisation, to the bit
     views = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)] if tta else [x]
     return torch.stack([model(v).float().softmax(1) for v in views]).mean(0)
 
@@ -109,17 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     image_size = int(info["image_size"])
     prep = info.get("preprocess") or {}
     shard_size, graham = int(prep.get("size", image_size)), bool(prep.get("graham", False))
-    mean = torch.tensor(info["mean"], device=args.device).view(1, 3, 1, 1)
-    std = torch.tensor(info["std"], device=args.device).view(1, 3, 1, 1)
-    paths = find_images(args.inputs)
+    shift, scale = normalization(args.device, info["mean"], info["std"])
+    paths, results = find_images(args.inputs)
+    for problem in results:
+        print(f"error: cannot grade {problem.path}: {problem.error}", file=sys.stderr)
 
-    results: list[Prediction] = []
     pending: list[tuple[Prediction, torch.Tensor]] = []
 
     def flush():
         if pending:
             probs = predict_batch(
-                model, torch.stack([t for _, t in pending]).to(args.device), mean, std, args.tta
+                model, torch.stack([t for _, t in pending]).to(args.device), shift, scale, args.tta
             )
             for (pred, _), p in zip(pending, probs.cpu().tolist(), strict=True):
                 pred.probs, pred.grade = p, int(np.argmax(p))
@@ -144,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     graded = len(results) - failed
     counts = np.bincount([r.grade for r in results if r.grade is not None], minlength=NUM_CLASSES)
     print(
-        f"graded {graded} image(s), {failed} unreadable; predicted grades 0-4: "
+        f"graded {graded} image(s), {failed} not graded; predicted grades 0-4: "
         f"{' / '.join(map(str, counts))}; wrote {out}"
     )
     if graded == 0:
@@ -158,7 +179,7 @@ def write_csv(path: Path, results: list[Prediction]) -> None:
         writer = csv.writer(f)
         writer.writerow(["image", "grade", *[f"p{g}" for g in range(NUM_CLASSES)], "error"])
         for r in results:
-            probs = [f"{p:.4f}" for p in r.probs] if r.probs else [""] * NUM_CLASSES
+            probs = [f"{p:.6f}" for p in r.probs] if r.probs else [""] * NUM_CLASSES
             writer.writerow(
                 [str(r.path), "" if r.grade is None else r.grade, *probs, r.error or ""]
             )

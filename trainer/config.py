@@ -20,7 +20,17 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 # Options a resumed run may change; any other option given with --resume must match the run.
-RESUMABLE = ("resume", "out", "shards", "epochs", "lr", "workers", "backend", "quiet")
+RESUMABLE = (
+    "resume",
+    "out",
+    "shards",
+    "epochs",
+    "lr",
+    "workers",
+    "backend",
+    "quiet",
+    "verify_shards",
+)
 
 
 @dataclass
@@ -72,6 +82,23 @@ class TrainConfig:
         "autocast dtype; auto: bf16 on a GPU (fp16 where bf16 is not "
         "native or the launcher asks for fp16), fp32 (no) on the CPU",
         choices=PRECISIONS,
+    )
+    deterministic: bool = arg(
+        False,
+        "deterministic GPU kernels and no cuDNN autotuning: a resumed "
+        "run then ends bit for bit like an uninterrupted one on a GPU too (slower)",
+    )
+    shard_io: str = arg(
+        "auto",
+        "how DALI reads the tars: mmap, read (better on network filesystems), "
+        "or auto (read on NFS/Lustre/FUSE and the like, else mmap)",
+        choices=("auto", "mmap", "read"),
+    )
+    verify_shards: bool = arg(
+        False,
+        "check every shard byte by byte against the manifest before "
+        "training (sha256, indexes, keys, patients, grades); the sizes and index "
+        "counts are always checked",
     )
     quiet: bool = arg(False, "no progress bar; one line per epoch")
 

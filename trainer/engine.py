@@ -15,15 +15,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from pipeline.constants import NUM_CLASSES
 from pipeline.errors import RunError, UserError
+from pipeline.shardformat import eye_of, patient_of
 from trainer.metrics import accuracy, confusion_matrix, quadratic_kappa, recall_per_class
 
 CHECK_EVERY = 50  # steps between cross-rank loss checks (a sync point; also feeds the progress bar)
@@ -53,10 +56,28 @@ class EvalResult:
     kappa: float
     recall: list[float]
     confusion: np.ndarray  # summed over ranks, [true, predicted]
+    keys: list[str]  # every sample of the split once, sorted
+    labels: np.ndarray  # (N,) true grades, in the order of keys
+    probs: np.ndarray  # (N, 5) class probabilities, in the order of keys
 
     @property
     def samples(self) -> int:
         return int(self.confusion.sum())
+
+    def predictions(self) -> pd.DataFrame:
+        """One row per image: key, patient, eye, true, pred, p0..p4."""
+        table = pd.DataFrame(
+            {
+                "key": self.keys,
+                "patient": [patient_of(k) for k in self.keys],
+                "eye": [eye_of(k) for k in self.keys],
+                "true": self.labels,
+                "pred": self.probs.argmax(1),
+            }
+        )
+        for grade in range(self.probs.shape[1]):
+            table[f"p{grade}"] = self.probs[:, grade]
+        return table
 
 
 # ---------------------------------------------------------------- builders
@@ -67,7 +88,7 @@ def resolve_precision(requested: str, cuda: bool) -> str:
 
     fp16 autocast on the CPU does nothing at all, so it is refused rather than ignored.
     """
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    bf16_ok = cuda and native_bf16()
     if requested == "auto":
         if not cuda:
             return "no"
@@ -78,6 +99,15 @@ def resolve_precision(requested: str, cuda: bool) -> str:
     if requested == "bf16" and cuda and not bf16_ok:
         raise UserError("this GPU does not support bf16; use --precision fp16")
     return requested
+
+
+def native_bf16() -> bool:
+    """Whether this GPU computes bf16 in hardware (Ampere and later). torch's own check
+    counts emulation by default, which is slower than fp16 with a scaler."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument
+        return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> Optimizer:
@@ -102,12 +132,15 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def set_peak_lr(optimizer: Optimizer, scheduler: LambdaLR, lr: float) -> None:
-    """A new --lr for a resumed run (loading the optimizer and scheduler restored the old one)."""
+def seek_schedule(optimizer: Optimizer, scheduler: LambdaLR, step: int, lr: float) -> None:
+    """Put a restored schedule at optimizer step ``step`` (of the steps per epoch of *this*
+    run) with peak ``lr``. A checkpoint's own step count is in steps of the world size that
+    wrote it; resumed on another number of processes it would put the schedule elsewhere."""
+    scheduler.last_epoch = step
     scheduler.base_lrs = [lr] * len(optimizer.param_groups)
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
         group["initial_lr"] = lr
-        group["lr"] = lr * factor(scheduler.last_epoch)
+        group["lr"] = lr * factor(step)
 
 
 def class_weights_for(
@@ -134,12 +167,14 @@ def cross_entropy_sums(
 ) -> tuple[Tensor, Tensor]:
     """(weighted) loss summed over the batch, and the weights summed: their ratio is the mean."""
     loss_sum = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="sum")
-    weight_sum = (
-        class_weights[labels].sum()
+    # No tensor from a Python number here: on a GPU that is a host-to-device copy and a sync
+    # in every step.
+    weights = (
+        class_weights[labels]
         if class_weights is not None
-        else labels.new_tensor(len(labels), dtype=torch.float32)
+        else torch.ones_like(labels, dtype=torch.float32)
     )
-    return loss_sum, weight_sum
+    return loss_sum, weights.sum()
 
 
 def train_step(
@@ -206,15 +241,16 @@ def check_finite(accelerator: Accelerator, totals: Tensor, step: int) -> float:
 
 def evaluate(
     model: nn.Module,
-    loader: Iterable[tuple[Tensor, Tensor]],
+    loader: Iterable[tuple[Tensor, Tensor, list[str]]],
     accelerator: Accelerator,
     class_weights: Tensor | None = None,
     expected: int | None = None,
 ) -> EvalResult:
-    """Loss, accuracy, kappa, recall and the confusion matrix over every rank's slice.
+    """Loss, accuracy, kappa, recall, the confusion matrix and every image's probabilities,
+    over every rank's slice; ``loader`` yields keys (``build_loader(..., with_keys=True)``).
 
-    ``expected``: the split's sample count; a matrix with another total means samples were
-    dropped or duplicated across ranks, and that is a bug worth stopping for.
+    ``expected``: the split's sample count; another total, or a key seen twice, means
+    samples were dropped or duplicated across ranks, and that is a bug worth stopping for.
     """
     sync_batchnorm_stats(model, accelerator)
     # The bare module: DDP's forward can broadcast buffers, a collective that would wait
@@ -222,19 +258,25 @@ def evaluate(
     model = accelerator.unwrap_model(model).eval()
     confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
     sums = torch.zeros(2, device=accelerator.device)
+    keys: list[str] = []
+    labels_seen, probs_seen = [], []
     with torch.inference_mode():
-        for images, labels in loader:
+        for images, labels, batch_keys in loader:
             with accelerator.autocast():
                 logits = model(images)
             loss_sum, weight_sum = cross_entropy_sums(logits, labels, class_weights)
             sums += torch.stack([loss_sum, weight_sum])
             confusion += confusion_matrix(labels, logits.argmax(1))
+            keys += batch_keys
+            labels_seen.append(labels)
+            probs_seen.append(logits.float().softmax(1))
     confusion = accelerator.reduce(confusion, "sum").cpu().numpy()
     sums = accelerator.reduce(sums, "sum").tolist()
-    if expected is not None and confusion.sum() != expected:
+    keys, labels, probs = gather_per_image(keys, labels_seen, probs_seen)
+    if expected is not None and (confusion.sum() != expected or len(set(keys)) != expected):
         raise RuntimeError(
-            f"evaluation saw {confusion.sum()} samples over all ranks, the split has "
-            f"{expected}: the loader dropped or repeated samples"
+            f"evaluation saw {confusion.sum()} samples ({len(set(keys))} distinct) over all ranks, "
+            f"the split has {expected}: the loader dropped or repeated samples"
         )
     return EvalResult(
         loss=sums[0] / max(sums[1], 1e-12),
@@ -242,7 +284,27 @@ def evaluate(
         kappa=quadratic_kappa(confusion),
         recall=recall_per_class(confusion),
         confusion=confusion,
+        keys=keys,
+        labels=labels,
+        probs=probs,
     )
+
+
+def gather_per_image(
+    keys: list[str], labels: list[Tensor], probs: list[Tensor]
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Every rank's per-image results on every rank, sorted by key (one copy to the host each)."""
+    mine = (
+        keys,
+        torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int64),
+        torch.cat(probs).cpu().numpy() if probs else np.zeros((0, NUM_CLASSES), np.float32),
+    )
+    parts = gather_object([mine])  # one (keys, labels, probs) per rank
+    all_keys = [k for part in parts for k in part[0]]
+    order = np.argsort(all_keys, kind="stable")
+    all_labels = np.concatenate([part[1] for part in parts])[order]
+    all_probs = np.concatenate([part[2] for part in parts])[order]
+    return [all_keys[i] for i in order], all_labels, all_probs
 
 
 def sync_batchnorm_stats(model: nn.Module, accelerator: Accelerator) -> None:

@@ -4,7 +4,9 @@
     accelerate launch --multi_gpu --num_processes 4 trainer/evaluate.py --checkpoint ... --shards ...
 
 Accuracy, quadratic weighted kappa, per-class recall, loss and the confusion matrix
-(CSV + PNG), over every sample of the split exactly once, on 1..N processes. It
+(CSV + PNG), over every sample of the split exactly once, on 1..N processes; with --out,
+also ``predictions.csv``: one row per image (key, patient, eye, true, pred, p0..p4), the
+file to open to see which photographs were graded wrong. It
 evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the
 numbers logged for that epoch.
@@ -15,18 +17,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from accelerate import Accelerator
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import read_manifest
 from trainer.checkpoint import load_best
 from trainer.config import BACKENDS
 from trainer.engine import class_weights_for, evaluate, resolve_precision
 from trainer.metrics import plot_confusion, write_confusion_csv
+
+PREDICTIONS_FILE = "predictions.csv"
 
 
 @dataclass
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         device=accelerator.device,
         workers=args.workers,
         channels_last=gpu,
+        with_keys=True,
     )
     # the trainer's test loss is weighted as its training loss was, by the train split's counts
     weights_mode = cfg.get("class_weights", "none")
@@ -118,9 +124,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{info['arch']} on {args.split}: accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}"
             ),
         )
-        accelerator.print(f"wrote {out / 'metrics.json'} and confusion_{args.split}.csv/.png")
+        write_predictions(result.predictions(), out / PREDICTIONS_FILE)
+        accelerator.print(
+            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE} and confusion_{args.split}.csv/.png"
+        )
     accelerator.end_training()
     return 0
+
+
+def write_predictions(table: pd.DataFrame, path: Path) -> None:
+    """One row per image, probabilities to 6 decimals (enough to compare with predict.py)."""
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
 
 
 def cli() -> None:

@@ -53,6 +53,7 @@ from pipeline.fileio import atomic_write_json, reporting_disk_full
 from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import read_manifest
+from pipeline.verify import verify_shards
 from trainer.checkpoint import (
     BEST_FILE,
     last_dir,
@@ -74,7 +75,7 @@ from trainer.engine import (
     class_weights_for,
     evaluate,
     resolve_precision,
-    set_peak_lr,
+    seek_schedule,
     train_one_epoch,
 )
 from trainer.metrics import plot_confusion, write_confusion_csv
@@ -99,6 +100,8 @@ HEADER = (
 
 def main(argv: list[str] | None = None) -> int:
     cfg, given = parse_args(argv)
+    if cfg.deterministic:
+        make_deterministic()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=resolve_precision(cfg.precision, torch.cuda.is_available()),
@@ -111,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.print(f"{out} has no complete epoch to resume from; starting at epoch 1")
     cfg.out = str(out)
     manifest = read_manifest(cfg.shards)
+    if cfg.verify_shards:
+        on_leader(accelerator, lambda: check_shards(cfg.shards))
     test_count = manifest.split("test").samples
     set_seed(cfg.seed)
 
     gpu = accelerator.device.type == "cuda"
-    torch.backends.cudnn.benchmark = gpu
+    torch.backends.cudnn.benchmark = (
+        gpu and not cfg.deterministic
+    )  # autotuning picks kernels by timing
     train_loader, test_loader = build_loaders(cfg, accelerator, channels_last=gpu)
     model = build_model_on_every_rank(cfg, accelerator)
     if gpu:
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.print(f"config: {json.dumps(cfg.to_dict())}\nenvironment: {json.dumps(env)}")
     start, best = 0, None
     if state:
-        start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, out)
+        start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, out, steps)
     if accelerator.is_main_process:
         atomic_write_json(
             out / CONFIG_FILE,
@@ -240,6 +247,23 @@ def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     return Path(on_leader(accelerator, choose))
 
 
+def make_deterministic() -> None:
+    """Kernels that give the same bits every run (cuBLAS needs its workspace fixed before CUDA
+    starts); a kernel without such a version then raises instead of running."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
+def check_shards(shards: str) -> None:
+    """--verify-shards: the full verification of ``make_shards --verify``, or a UserError."""
+    report = verify_shards(shards)
+    if report.problems:
+        raise UserError(
+            f"{len(report.problems)} problem(s) in {shards}, the first: {report.problems[0]}; "
+            f"run tools/make_shards.py --verify {shards} for the list"
+        )
+
+
 def saved_config(out: Path) -> dict:
     """The config of a run that never finished an epoch (its config.json), for --resume."""
     try:
@@ -264,10 +288,11 @@ def build_loaders(
         device=accelerator.device,
         workers=cfg.workers,
         channels_last=channels_last,
+        mmap={"auto": None, "mmap": True, "read": False}[cfg.shard_io],
     )
     return (
         build_loader(cfg.shards, "train", train=True, augment=cfg.augment_config(), **args),
-        build_loader(cfg.shards, "test", train=False, **args),
+        build_loader(cfg.shards, "test", train=False, with_keys=True, **args),
     )
 
 
@@ -288,6 +313,7 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
     out: Path,
+    steps_per_epoch: int,
 ) -> tuple[int, dict | None]:
     """Load last/ into the prepared objects; the epochs it completed and the best row so far."""
     accelerator.unwrap_model(model).load_state_dict(state["model"])
@@ -295,8 +321,8 @@ def restore(
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
-    if cfg.lr != state["config"]["lr"]:
-        set_peak_lr(optimizer, scheduler, cfg.lr)
+    # the schedule's position is a number of epochs, whatever the world size that wrote it
+    seek_schedule(optimizer, scheduler, state["epoch"] * steps_per_epoch, cfg.lr)
     rngs, rank = state["rng"], accelerator.process_index
     if len(rngs) != accelerator.num_processes:
         accelerator.print(

@@ -33,6 +33,20 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cores_per_process() -> int:
+    """This machine's cores divided among the processes the launcher started on it.
+
+    torchrun (``accelerate launch``) sets LOCAL_WORLD_SIZE; without it this is the only
+    process. Eight ranks that each took every core would run eight times the threads (and
+    DALI buffers) the machine has.
+    """
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, available_cores() // local)
+
+
 def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
     """Samples ``[lo, hi)`` of rank ``rank``: the slice DALI's readers give ``shard_id=rank``."""
     return n * rank // world, n * (rank + 1) // world
@@ -54,6 +68,7 @@ class LoaderSpec:
     workers: int
     augment: AugmentConfig
     channels_last: bool
+    mmap: bool = True  # DALI memory-maps the tars (not on network filesystems)
 
     @property
     def total(self) -> int:
@@ -102,14 +117,25 @@ class LoaderSpec:
         return [self.seed, epoch, self.rank, *more]
 
 
+def normalization(
+    device: torch.device | str = "cpu", mean=IMAGENET_MEAN, std=IMAGENET_STD
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) with ``pixel * scale + shift == (pixel - mean) / std``, shaped (3, 1, 1).
+
+    Every path from uint8 pixels to the model (both torch-side loaders, predict.py) computes
+    ``torch.addcmul(shift, pixels, scale)``, so they give the same floats bit for bit.
+    """
+    scale = 1.0 / torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
+    return -torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1) * scale, scale
+
+
 class Normalizer:
     """uint8 NCHW (or float already normalised) -> float NCHW normalised on the device."""
 
     def __init__(self, device: torch.device, channels_last: bool):
         self.device = device
         self.channels_last = channels_last
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.inv_std = 1.0 / torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.shift, self.scale = normalization(device)
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor
@@ -119,7 +145,9 @@ class Normalizer:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if images.dtype == torch.uint8:
-            images = images.float().sub_(self.mean).mul_(self.inv_std)
+            images = torch.addcmul(self.shift, images, self.scale)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
         return images, labels
 
 
@@ -134,7 +162,7 @@ class Loader:
 
     def __init__(self, spec: LoaderSpec, with_keys: bool = False):
         self.spec = spec
-        self.with_keys = with_keys  # tests: also yield the batch's sample keys
+        self.with_keys = with_keys  # also yield the batch's sample keys
         self.steps = spec.steps
         self.num_samples = spec.num_samples
         self.epoch = 0

@@ -1,10 +1,12 @@
 """The DALI backends: ``dali-gpu`` (decode "mixed", augment on the GPU) and ``dali-cpu``.
 
 The reader (``read_shards``) is apart from the processing (``decode_and_augment``); the
-``@pipeline_def`` builders join them. Each epoch builds a fresh pipeline seeded from
+``@pipeline_def`` builders join them. Each train epoch builds a fresh pipeline seeded from
 (seed, epoch, rank), so an epoch's batches depend only on those -- ``set_epoch`` after a
 resume gives the same batches as the first run -- and a train epoch can stop after its
-``steps`` batches without leaving a half-read epoch in the reader.
+``steps`` batches without leaving a half-read epoch in the reader. An evaluation pipeline
+has no randomness and always reads the same slice to its end, so it is built once and
+reused for every epoch (docs/benchmarks.md has what a rebuild costs).
 
 Slicing: ``shard_id``/``num_shards`` give rank r the samples ``[r*N//w, (r+1)*N//w)``
 (``pipeline.loading.contract.rank_range``; checked against DALI in the tests). With
@@ -30,16 +32,23 @@ from pipeline.loading.samples import find_bad_sample
 
 READER = "shards"
 SHUFFLE_FILL = 1024  # DALI's shuffle buffer (undecoded samples); shards are pre-shuffled on disk
-# nvJPEG on the GPU: share of each batch sent to the hardware decoder (A100/H100 have one),
-# and allocation padding so ~512x512 RGB images (0.75 MiB decoded) never reallocate.
+# nvJPEG on the GPU: share of each batch sent to the hardware decoder (A100/H100 have one).
 HW_DECODER_LOAD = 0.65
-DEVICE_MEMORY_PADDING = 64 << 20
-HOST_MEMORY_PADDING = 16 << 20
 
 
-def read_shards(files, indexes, *, shard_id: int, num_shards: int, shuffle: bool):
+def memory_padding(stored_size: int) -> int:
+    """nvJPEG's allocation padding, per decoder thread, for shards of ``stored_size`` px:
+    room for two decoded images (1.5 MiB at 512 px), so a slightly larger JPEG never
+    reallocates, without DALI's fixed 16-64 MiB per thread (GBs over many threads and ranks)."""
+    return max(1 << 20, 2 * stored_size * stored_size * 3)
+
+
+def read_shards(
+    files, indexes, *, shard_id: int, num_shards: int, shuffle: bool, mmap: bool = True
+):
     """(jpegs, cls) from the split's tars, this rank's slice, padded to whole batches."""
     return fn.readers.webdataset(
+        dont_use_mmap=not mmap,
         paths=files,
         index_paths=indexes,
         ext=[IMAGE_EXT, LABEL_EXT],
@@ -60,8 +69,11 @@ def decode(jpegs, *, gpu: bool, size_hint: int, crop_area: float = 0.0):
     if gpu:
         opts.update(
             hw_decoder_load=HW_DECODER_LOAD,
-            device_memory_padding=DEVICE_MEMORY_PADDING,
-            host_memory_padding=HOST_MEMORY_PADDING,
+            device_memory_padding=memory_padding(size_hint),
+            host_memory_padding=memory_padding(size_hint),
+            # libjpeg's chroma upsampling, as the CPU decoders (PIL, torchvision) do: a model
+            # trained on GPU-decoded pictures then sees the same pictures in predict.py
+            jpeg_fancy_upsampling=True,
             preallocate_width_hint=size_hint,
             preallocate_height_hint=size_hint,
         )
@@ -134,9 +146,10 @@ def shard_pipeline(
     augment,
     channels_last,
     with_keys,
+    mmap=True,
 ):
     jpegs, cls = read_shards(
-        files, indexes, shard_id=shard_id, num_shards=num_shards, shuffle=train
+        files, indexes, shard_id=shard_id, num_shards=num_shards, shuffle=train, mmap=mmap
     )
     images = decode_and_augment(
         jpegs,
@@ -196,6 +209,8 @@ class DaliLoader(Loader):
         self.backend = "dali-gpu" if self.gpu else "dali-cpu"
         self.files = [str(p) for p in spec.manifest.tar_paths(spec.split)]
         self.indexes = [str(p) for p in spec.manifest.index_paths(spec.split)]
+        self.kept = None  # evaluation: the pipeline, ready for the next epoch
+        self.builds = 0
 
     def build_pipeline(self, epoch: int):
         spec = self.spec
@@ -213,9 +228,11 @@ class DaliLoader(Loader):
             augment=spec.augment,
             channels_last=spec.channels_last,
             with_keys=self.with_keys,
+            mmap=spec.mmap,
             **pipeline_kwargs(spec, seed),
         )
         pipe.build()
+        self.builds += 1
         return pipe
 
     def _run_epoch(self, epoch: int) -> Iterator:
@@ -224,7 +241,11 @@ class DaliLoader(Loader):
         if hi == lo:  # more ranks than samples: this rank has nothing to evaluate
             return
         steps = spec.steps if spec.train else math.ceil((hi - lo) / spec.batch_size)
-        pipe = self.reading(lambda: self.build_pipeline(epoch), lo, hi)
+        pipe, self.kept = (
+            self.kept or self.reading(lambda: self.build_pipeline(epoch), lo, hi),
+            None,
+        )
+        finished = False
         try:
             for step in range(steps):
                 outputs = self.reading(pipe.run, lo, hi)
@@ -239,8 +260,22 @@ class DaliLoader(Loader):
                     )
                 else:
                     yield images, labels
+            if not spec.train:
+                # DALI pads every rank's slice to the largest one: read this rank's share of
+                # that padding too, so the next epoch starts at the slice's first sample.
+                meta = pipe.reader_meta(READER)
+                per_shard = meta["epoch_size_padded"] // meta["number_of_shards"]
+                for _ in range(math.ceil(per_shard / spec.batch_size) - steps):
+                    self.reading(pipe.run, lo, hi)
+            finished = True
         finally:
+            # a whole eval epoch leaves the reader at the start of its slice again
+            if finished and not spec.train:  # (a train epoch stops mid-reader: rebuilt)
+                self.kept = pipe
             del pipe
+
+    def close(self) -> None:
+        self.kept = None
 
     def reading(self, run, lo: int, hi: int):
         """``run()``; a DALI reading failure becomes one sentence naming the bad sample.

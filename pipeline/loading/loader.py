@@ -15,11 +15,14 @@ an epoch is: ``pipeline.loading.contract``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from pipeline.errors import UserError
 from pipeline.loading.augment import AugmentConfig
-from pipeline.loading.contract import Loader, LoaderSpec, available_cores
+from pipeline.loading.contract import Loader, LoaderSpec, cores_per_process
 from pipeline.manifest import read_manifest, verify_split
 
 
@@ -95,44 +98,15 @@ def build_loader(
     augment: AugmentConfig = AugmentConfig(),  # noqa: B008 (frozen, so shared safely)
     channels_last: bool = False,
     verify: bool = False,
+    with_keys: bool = False,
+    mmap: bool | None = None,
 ) -> Loader:
-    """The loader for ``split`` of the shard folder ``shards`` (see the module docstring)."""
-    spec, name = _resolve(
-        shards,
-        split,
-        batch_size=batch_size,
-        image_size=image_size,
-        train=train,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        backend=backend,
-        device=device,
-        workers=workers,
-        augment=augment,
-        channels_last=channels_last,
-        verify=verify,
-    )
-    return _backend_class(name)(spec)
+    """The loader for ``split`` of the shard folder ``shards`` (see the module docstring).
 
-
-def _resolve(
-    shards,
-    split,
-    *,
-    batch_size,
-    image_size,
-    train,
-    rank,
-    world_size,
-    seed,
-    backend,
-    device,
-    workers,
-    augment,
-    channels_last,
-    verify,
-) -> tuple[LoaderSpec, str]:
+    ``with_keys``: batches are ``(images, labels, keys)``, the sample keys in batch order
+    (evaluation uses them to write a row per image). ``mmap``: whether DALI memory-maps the
+    tars; None chooses by the filesystem (not on network filesystems, where it is slow).
+    """
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if image_size < 8:
@@ -150,7 +124,8 @@ def _resolve(
             f"{batch_size}; use a smaller batch size or fewer processes"
         )
     if workers is None:  # torch: DataLoader processes; DALI: its CPU threads
-        workers = min(4, available_cores()) if name == "torch" else available_cores()
+        share = cores_per_process()
+        workers = min(4, share) if name == "torch" else share
     if workers < 0:
         raise UserError(f"workers must be 0 or more, got {workers}")
     spec = LoaderSpec(
@@ -166,5 +141,46 @@ def _resolve(
         workers=workers,
         augment=augment,
         channels_last=channels_last,
+        mmap=not on_network_filesystem(manifest.root) if mmap is None else mmap,
     )
-    return spec, name
+    return _backend_class(name)(spec, with_keys=with_keys)
+
+
+# Filesystems where memory-mapped reading of large files crawls (every page fault a round trip).
+NETWORK_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "glusterfs",
+    "ceph",
+    "9p",
+    "afs",
+    "panfs",
+    "wekafs",
+)
+
+
+def on_network_filesystem(path: Path, mounts: str | None = None) -> bool:
+    """Whether ``path`` lies on a network (or FUSE) filesystem, from /proc/mounts."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return False  # not Linux: keep DALI's default
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(
+            best
+        ):
+            best, kind = point, parts[2]
+    return kind in NETWORK_FILESYSTEMS or kind.startswith("fuse.")

@@ -20,6 +20,7 @@ except ImportError:
 
 from pipeline.constants import NUM_CLASSES
 from pipeline.errors import UserError
+from pipeline.loading.augment import TorchTransform
 from pipeline.shardformat import SampleRef
 
 CHUNK_SAMPLES = 16  # consecutive samples read with one call; the unit of shuffling and of work
@@ -74,7 +75,14 @@ def parse_grade(ref: SampleRef, text: bytes) -> int:
 
 
 def decode_sample(ref: SampleRef, data: memoryview) -> torch.Tensor:
-    """JPEG bytes -> uint8 RGB CHW tensor, or a UserError naming the shard and the sample."""
+    """A stored sample's JPEG -> uint8 RGB CHW tensor, or a UserError naming shard and sample."""
+    return decode_jpeg_bytes(data, f"sample {ref.key} in shard {ref.shard}")
+
+
+def decode_jpeg_bytes(data: bytes | memoryview, what: str) -> torch.Tensor:
+    """JPEG bytes -> uint8 RGB CHW tensor (libjpeg-turbo), or a UserError naming ``what``."""
+    if isinstance(data, bytes):
+        data = bytearray(data)  # torch.frombuffer wants a writable buffer
     try:
         if decode_jpeg is not None:
             return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -82,9 +90,13 @@ def decode_sample(ref: SampleRef, data: memoryview) -> torch.Tensor:
             return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
     except (RuntimeError, ValueError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"sample {ref.key} in shard {ref.shard} is not a readable JPEG ({reason})"
-        ) from None
+        raise UserError(f"{what} is not a readable JPEG ({reason})") from None
+
+
+def eval_image(data: bytes, image_size: int, what: str) -> torch.Tensor:
+    """What evaluation makes of one stored JPEG: decoded, resized only if its size differs
+    (uint8 CHW). The torch backend's eval batches and predict.py both come through here."""
+    return TorchTransform(image_size, None)(decode_jpeg_bytes(data, what), None)
 
 
 def find_bad_sample(root, refs: list[SampleRef], decode: bool = True) -> str | None:

@@ -23,10 +23,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
 from pipeline.loading.augment import TorchTransform
-from pipeline.loading.contract import Loader, LoaderSpec
+from pipeline.loading.contract import Loader, LoaderSpec, normalization
 from pipeline.loading.samples import chunked, decode_sample, read_chunk
 from pipeline.shardformat import SampleRef
 
@@ -50,8 +49,7 @@ class ShardSlice(IterableDataset):
         self.shape = (3, spec.image_size, spec.image_size)
         self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
         self.normalize = normalize
-        self.scale = 1.0 / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        self.shift = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * self.scale
+        self.shift, self.scale = normalization()
 
     def __iter__(self):
         info = get_worker_info()
