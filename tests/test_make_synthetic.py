@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import subprocess
 import sys
 from collections import Counter
@@ -179,3 +181,36 @@ def test_render_shapes_and_eye_side():
     assert np.unravel_index(right.sum(2).argmax(), (128, 192))[1] > 96
     with pytest.raises(ValueError):
         render_fundus(5, rng, 64)
+
+
+# sha256 of the pixels render_fundus drew before --difficulty existed (numpy 2.4.6, Pillow
+# 13.0.0; another Pillow may anti-alias or blur a pixel differently and change them).
+EASY_PIXELS = {
+    (
+        2,
+        2024,
+        128,
+        "left",
+        None,
+    ): "e6bc3a339bf583a7476fe625e80173b26b0bea94af1bd25022ed7a581252743a",
+    (4, 2025, 96, "right", 144): "4339b6aba502cd70940192437365c58c3172735ca16c1c87781cab3ef1e9f5f3",
+}
+EASY_GRADES_SEED_0 = [1, 1, 0, 0, 0, 0, 0, 0, 2, 2, 4, 4, 0, 0, 0, 0, 0, 0, 2, 2, 3, 3, 0, 0]
+
+
+@pytest.mark.parametrize("key", sorted(EASY_PIXELS, key=str))
+def test_easy_pictures_are_unchanged(key):
+    grade, seed, size, eye, width = key
+    pixels = render_fundus(grade, np.random.default_rng(seed), size, eye, width=width)
+    assert hashlib.sha256(pixels.tobytes()).hexdigest() == EASY_PIXELS[key]
+
+
+def test_easy_dataset_is_unchanged(tmp_path):
+    items = generate(tmp_path, n=24, size=32, layout="kaggle", seed=0)
+    assert [g for _, g in items] == EASY_GRADES_SEED_0
+    for i in (0, 10, 21):  # the files are those pictures, encoded as before
+        image_id, grade = items[i]
+        pixels = render_fundus(grade, np.random.default_rng([0, 1, i]), 32, image_id.split("_")[1])
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=92)
+        assert (tmp_path / "train" / f"{image_id}.jpeg").read_bytes() == buf.getvalue()
