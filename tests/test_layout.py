@@ -72,6 +72,7 @@ COMMANDS = (
     "dr-compare",
     "dr-bench-loader",
     "dr-bench-shards",
+    "dr-export",
 )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import subprocess
 import sys
 from collections import Counter
@@ -12,7 +14,15 @@ import pytest
 from PIL import Image, ImageFilter
 
 from pipeline.constants import EYEPACS_CLASS_MIX, NUM_CLASSES
-from tools.make_synthetic import draw_grades, generate, render_fundus
+from pipeline.writing.preprocess import preprocess
+from tools.make_synthetic import (
+    DIFFICULTIES,
+    EYES,
+    draw_grades,
+    draw_labels,
+    generate,
+    render_fundus,
+)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic.py"
 
@@ -119,6 +129,8 @@ def test_cli_writes_and_summarises(tmp_path):
         ["--layout", "folder"],
         ["--n", "ten"],
         ["--bogus"],
+        ["--difficulty", "hard"],
+        ["--size", "64", "--width", "96", "--difficulty", "realistic"],
         "under-a-file",
     ],
 )
@@ -179,3 +191,120 @@ def test_render_shapes_and_eye_side():
     assert np.unravel_index(right.sum(2).argmax(), (128, 192))[1] > 96
     with pytest.raises(ValueError):
         render_fundus(5, rng, 64)
+
+
+# sha256 of the pixels render_fundus drew before --difficulty existed (numpy 2.4.6, Pillow
+# 13.0.0; another Pillow may anti-alias or blur a pixel differently and change them).
+EASY_PIXELS = {
+    (
+        2,
+        2024,
+        128,
+        "left",
+        None,
+    ): "e6bc3a339bf583a7476fe625e80173b26b0bea94af1bd25022ed7a581252743a",
+    (4, 2025, 96, "right", 144): "4339b6aba502cd70940192437365c58c3172735ca16c1c87781cab3ef1e9f5f3",
+}
+EASY_GRADES_SEED_0 = [1, 1, 0, 0, 0, 0, 0, 0, 2, 2, 4, 4, 0, 0, 0, 0, 0, 0, 2, 2, 3, 3, 0, 0]
+
+
+@pytest.mark.parametrize("key", sorted(EASY_PIXELS, key=str))
+def test_easy_pictures_are_unchanged(key):
+    grade, seed, size, eye, width = key
+    pixels = render_fundus(grade, np.random.default_rng(seed), size, eye, width=width)
+    assert hashlib.sha256(pixels.tobytes()).hexdigest() == EASY_PIXELS[key]
+
+
+def test_easy_dataset_is_unchanged(tmp_path):
+    items = generate(tmp_path, n=24, size=32, layout="kaggle", seed=0)
+    assert [g for _, g in items] == EASY_GRADES_SEED_0
+    for i in (0, 10, 21):  # the files are those pictures, encoded as before
+        image_id, grade = items[i]
+        pixels = render_fundus(grade, np.random.default_rng([0, 1, i]), 32, image_id.split("_")[1])
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=92)
+        assert (tmp_path / "train" / f"{image_id}.jpeg").read_bytes() == buf.getvalue()
+
+
+def test_realistic_differs_from_easy(tmp_path):
+    easy = generate(tmp_path / "easy", n=6, size=64, layout="kaggle", seed=4)
+    real = generate(
+        tmp_path / "real", n=6, size=64, layout="kaggle", seed=4, difficulty="realistic"
+    )
+    assert [i for i, _ in easy] == [i for i, _ in real]
+    for image_id, _ in easy:
+        a = (tmp_path / "easy/train" / f"{image_id}.jpeg").read_bytes()
+        assert a != (tmp_path / "real/train" / f"{image_id}.jpeg").read_bytes()
+    # and realistic is seeded like easy
+    again = generate(
+        tmp_path / "again", n=6, size=64, layout="kaggle", seed=4, difficulty="realistic"
+    )
+    assert again == real
+    assert all(
+        (tmp_path / "again/train" / f"{i}.jpeg").read_bytes()
+        == (tmp_path / "real/train" / f"{i}.jpeg").read_bytes()
+        for i, _ in real
+    )
+
+
+def test_realistic_label_noise_and_class_mix():
+    drawn, written = map(
+        np.array, draw_labels(40000, EYEPACS_CLASS_MIX, np.random.default_rng(5), "realistic")
+    )
+    assert np.abs(drawn - written).max() == 1
+    assert 0.09 < np.mean(drawn != written) < 0.11
+    share = np.bincount(written, minlength=NUM_CLASSES) / len(written)
+    assert np.abs(share - EYEPACS_CLASS_MIX).max() < 0.01, share.round(3)
+    drawn, written = draw_labels(100, EYEPACS_CLASS_MIX, np.random.default_rng(5), "easy")
+    assert drawn == written
+
+
+def test_realistic_generate_writes_the_noisy_labels(tmp_path):
+    items = generate(tmp_path, n=60, size=32, layout="kaggle", seed=6, difficulty="realistic")
+    drawn, written = draw_labels(60, EYEPACS_CLASS_MIX, np.random.default_rng([6, 0]), "realistic")
+    assert [g for _, g in items] == written and drawn != written
+
+
+def test_realistic_eyes_agree():
+    drawn, written = draw_labels(40000, EYEPACS_CLASS_MIX, np.random.default_rng(7), "realistic")
+    for grades, least in ((drawn, 0.85), (written, 0.8)):
+        left, right = np.reshape(grades, (-1, 2)).T
+        assert np.mean(left == right) > least
+        assert np.corrcoef(left, right)[0, 1] > 0.8
+    left, right = np.reshape(drawn, (-1, 2)).T
+    assert np.abs(left - right).max() == 1
+
+
+def test_realistic_frames_vary_and_pack(tmp_path):
+    items = generate(tmp_path, n=16, size=96, layout="kaggle", seed=8, difficulty="realistic")
+    sizes = set()
+    for image_id, _ in items:
+        with Image.open(tmp_path / "train" / f"{image_id}.jpeg") as im:
+            w, h = im.size
+            sizes.add((w, h))
+            assert 72 <= h <= 96 and any(abs(w - a * h) <= 1 for a in (1, 4 / 3, 3 / 2))
+            square = preprocess(im.convert("RGB"), 64)  # what the shard builder makes of it
+        assert square.size == (64, 64) and max(square.getpixel((32, 32))) > 40
+    assert len(sizes) >= 8 and len({round(w / h, 1) for w, h in sizes}) == 3, sizes
+
+
+def test_realistic_is_much_harder_to_grade():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    grades = np.tile(np.arange(NUM_CLASSES), 20)
+    half = len(grades) // 2
+    accuracy = {}
+    for difficulty in DIFFICULTIES:
+        rng = np.random.default_rng(0)
+        x = np.stack(
+            [
+                features(render_fundus(int(g), rng, 64, EYES[i % 2], difficulty=difficulty))
+                for i, g in enumerate(grades)
+            ]
+        )
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        accuracy[difficulty] = model.fit(x[:half], grades[:half]).score(x[half:], grades[half:])
+    # the same simple features: easy is nearly solved, realistic far from it but not noise
+    assert 0.3 < accuracy["realistic"] < accuracy["easy"] - 0.3, accuracy

@@ -1,6 +1,7 @@
 """Synthetic colour fundus photographs with diabetic-retinopathy lesions that grow with the grade.
 
-    python tools/make_synthetic.py --out data/ --n 200 --size 512 --layout lab --seed 0
+    python tools/make_synthetic.py --out data/ --n 200 --size 512 --layout lab --seed 0 \
+        [--difficulty easy|realistic]
 
 Each picture is a black frame holding an orange-red retina (darker towards the rim), a bright
 optic disc (left in a left eye, right in a right eye), a branching vessel tree and, by grade:
@@ -13,6 +14,29 @@ Layouts (those tools/make_shards.py reads): `lab` writes train/test_img.csv + tr
 header, split by patient here) and images/<id>.jpeg; `kaggle` writes trainLabels.csv
 (`image,level`) and train/<id>.jpeg. `--width 768 --size 512` makes 3:2 raw-camera-like frames
 with wide black side borders. 200 images at 256 px take a few seconds on one core.
+
+`--difficulty easy` (the default) is the above, unchanged for a given seed: lesions big and
+plentiful enough that colour histograms and spot counts grade it (see the tests), too easy to
+show whether a training option helps. `--difficulty realistic` is meant to be hard the way
+EyePACS is:
+
+- lesions at their real size: microaneurysms 2.3-3.5 px across in a 512 px high frame
+  (scaling with the frame, so sub-pixel smudges at 128 px), haemorrhages and exudates half the
+  size of easy's, cotton-wool spots and new vessels two thirds; few lesions in mild disease
+  (grade 1: 1-6 microaneurysms, nothing else), counts that overlap between neighbouring grades,
+  and each lesion faint by a random amount, fainter in lower grades;
+- camera variation: frames 75-100 % of `--size` high, square, 4:3 or 3:2, the eye off-centre
+  and sometimes cut at the frame's edge; exposure (gain 0.6-1.4, gamma 0.8-1.25), a colour cast
+  per channel, light falling off towards one side, soft dust shadows, half the pictures out of
+  focus (Gaussian blur up to 0.4 % of the frame height), sensor noise, JPEG quality 75-95.
+  `--width` is refused: the frame is drawn per picture (the shard builder crops the black
+  border, pads and resizes, so any frame packs);
+- label noise: 10 % of the written labels (seeded) are one grade off the drawn picture. The
+  written labels keep the EyePACS class mix, so the pictures have a slightly different one (about
+  66/14/14/3/2 %), and since grade 0 outnumbers grade 1 ten to one, about half the pictures
+  with grade-1 lesions are labelled 0 (`label_noise`, `draw_labels`);
+- the two eyes of a patient share their drawn grade about 90 % of the time (85 % of the
+  written labels agree), never more than one grade apart in the picture.
 """
 
 from __future__ import annotations
@@ -32,6 +56,7 @@ from pipeline.errors import UserError
 from pipeline.fileio import make_writable_dir
 
 LAYOUTS = ("lab", "kaggle")
+DIFFICULTIES = ("easy", "realistic")
 EYES = ("left", "right")
 JPEG_QUALITY = 92
 MIN_SIZE = 32
@@ -46,6 +71,74 @@ LESION_COUNTS = {
     "tangle": ((0, 0), (0, 0), (0, 0), (0, 0), (3, 5)),
     "preretinal": ((0, 0), (0, 0), (0, 0), (0, 0), (1, 2)),
 }
+
+# realistic: few lesions in mild disease, and ranges that overlap so that neighbouring grades
+# share pictures (a grade 2 with three microaneurysms looks like a grade 1).
+REALISTIC_LESION_COUNTS = {
+    "microaneurysm": ((0, 0), (1, 6), (3, 14), (8, 24), (6, 24)),
+    "haemorrhage": ((0, 0), (0, 0), (0, 4), (4, 14), (2, 14)),
+    "exudate": ((0, 0), (0, 0), (0, 10), (0, 18), (0, 18)),
+    "cotton_wool": ((0, 0), (0, 0), (0, 1), (0, 3), (0, 3)),
+    "tangle": ((0, 0), (0, 0), (0, 0), (0, 0), (1, 3)),
+    "preretinal": ((0, 0), (0, 0), (0, 0), (0, 0), (0, 1)),
+}
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a difficulty draws: lesion counts, lesion sizes (fractions of the frame height, with a
+    floor in px), per-lesion opacity per grade (None: opaque), and where the eye sits."""
+
+    counts: dict
+    microaneurysm: tuple[float, float]
+    haemorrhage: float
+    exudate: tuple[float, float]
+    cotton_wool: float
+    tangle: tuple[float, float]  # radius, step of the new vessel's random walk
+    new_vessel: tuple[float, float]
+    preretinal: float
+    opacity: tuple[tuple[float, float], ...] | None
+    retina: tuple[
+        float, float, float
+    ]  # radius / height: low, high in a square, high in a wide frame
+    off_centre: float  # sd of the eye's centre / height
+
+
+EASY = Style(
+    counts=LESION_COUNTS,
+    microaneurysm=(0.008, 0.8),
+    haemorrhage=0.022,
+    exudate=(0.009, 0.6),
+    cotton_wool=0.03,
+    tangle=(0.07, 0.014),
+    new_vessel=(0.0045, 0.6),
+    preretinal=0.06,
+    opacity=None,
+    retina=(0.42, 0.47, 0.53),
+    off_centre=0.01,
+)
+# Microaneurysms about 2.3-3.5 px across at 512 px: real ones are 25-100 um, and a 45-degree
+# field (about 12 mm) spans some 450 px of a 512 px photograph.
+REALISTIC = Style(
+    counts=REALISTIC_LESION_COUNTS,
+    microaneurysm=(0.0026, 0.0),
+    haemorrhage=0.009,
+    exudate=(0.004, 0.0),
+    cotton_wool=0.02,
+    tangle=(0.045, 0.009),
+    new_vessel=(0.003, 0.0),
+    preretinal=0.035,
+    opacity=((1.0, 1.0), (0.25, 0.6), (0.35, 0.8), (0.45, 0.9), (0.45, 0.9)),
+    retina=(0.42, 0.48, 0.56),
+    off_centre=0.035,
+)
+STYLES = {"easy": EASY, "realistic": REALISTIC}
+
+# realistic frames: (height / --size) range, and aspect ratios with their shares.
+FRAME_HEIGHT = (0.75, 1.0)
+FRAME_ASPECTS = ((1.0, 0.4), (4 / 3, 0.3), (3 / 2, 0.3))
+LABEL_NOISE = 0.10  # share of realistic labels one grade off the picture
+REALISTIC_PAIR_STEPS = (0.15, 0.7, 0.15)  # second eye: one grade down, same, one up (proposal)
 
 RETINA = np.array([200, 92, 42], np.float32)
 OPTIC_DISC = np.array([252, 226, 150], np.float32)
@@ -65,19 +158,20 @@ class _Mask:
         self.draw = ImageDraw.Draw(self.im)
         self.empty = True
 
-    def dot(self, x: float, y: float, r: float) -> None:
+    def dot(self, x: float, y: float, r: float, value: int = 255) -> None:
         s, r = self.ss, max(r * self.ss, 0.75)
-        self.draw.ellipse([x * s - r, y * s - r, x * s + r, y * s + r], fill=255)
+        self.draw.ellipse([x * s - r, y * s - r, x * s + r, y * s + r], fill=value)
         self.empty = False
 
-    def line(self, points: Sequence[tuple[float, float]], width: float) -> None:
+    def line(self, points: Sequence[tuple[float, float]], width: float, value: int = 255) -> None:
         s = self.ss
         scaled = [(x * s, y * s) for x, y in points]
-        self.draw.line(scaled, fill=255, width=max(1, round(width * s)), joint="curve")
+        self.draw.line(scaled, fill=value, width=max(1, round(width * s)), joint="curve")
         self.empty = False
 
-    def polygon(self, points: np.ndarray) -> None:
-        self.draw.polygon([(float(x) * self.ss, float(y) * self.ss) for x, y in points], fill=255)
+    def polygon(self, points: np.ndarray, value: int = 255) -> None:
+        pts = [(float(x) * self.ss, float(y) * self.ss) for x, y in points]
+        self.draw.polygon(pts, fill=value)
         self.empty = False
 
     def array(self, blur: float = 0.0) -> np.ndarray | None:
@@ -115,9 +209,16 @@ def _random_points(rng, n, cx, cy, radius, avoid, avoid_r) -> np.ndarray:
     return pts[keep][:n]
 
 
-def _count(rng: np.random.Generator, kind: str, grade: int) -> int:
-    low, high = LESION_COUNTS[kind][grade]
+def _count(rng: np.random.Generator, style: Style, kind: str, grade: int) -> int:
+    low, high = style.counts[kind][grade]
     return int(rng.integers(low, high + 1))
+
+
+def _opacity(rng: np.random.Generator, style: Style, grade: int) -> int:
+    """A lesion's mask value; easy draws nothing here, so its random stream is as it always was."""
+    if style.opacity is None:
+        return 255
+    return round(255 * rng.uniform(*style.opacity[grade]))
 
 
 def _vessel_tree(mask: _Mask, rng, disc, radius_px, centre, retina_r, size, side) -> None:
@@ -154,21 +255,23 @@ def _vessel_tree(mask: _Mask, rng, disc, radius_px, centre, retina_r, size, side
         mask.line(points, width)
 
 
-def _lesions(rng, grade, size, centre, retina_r, disc, disc_r, macula, shape, ss):
+def _lesions(rng, style, grade, size, centre, retina_r, disc, disc_r, macula, shape, ss):
     """Masks (sharp red, blotchy red, exudate, cotton wool, fibrous) for the grade's lesions."""
     red, blot, yellow, cotton, fibrous = (_Mask(*shape, ss) for _ in range(5))
     cx, cy = centre
     spread = 0.86 * retina_r
+    ma_size, ma_floor = style.microaneurysm
 
     for x, y in _random_points(
-        rng, _count(rng, "microaneurysm", grade), cx, cy, spread, disc, 1.4 * disc_r
+        rng, _count(rng, style, "microaneurysm", grade), cx, cy, spread, disc, 1.4 * disc_r
     ):
-        red.dot(x, y, max(0.8, 0.008 * size) * rng.uniform(0.85, 1.3))
+        r = max(ma_floor, ma_size * size) * rng.uniform(0.85, 1.3)
+        red.dot(x, y, r, _opacity(rng, style, grade))
 
     for x, y in _random_points(
-        rng, _count(rng, "haemorrhage", grade), cx, cy, spread, disc, 1.6 * disc_r
+        rng, _count(rng, style, "haemorrhage", grade), cx, cy, spread, disc, 1.6 * disc_r
     ):
-        r = 0.022 * size * rng.uniform(0.8, 1.6)
+        r = style.haemorrhage * size * rng.uniform(0.8, 1.6)
         k = 11
         t = np.linspace(0, 2 * math.pi, k, endpoint=False) + rng.random()
         stretch = rng.uniform(1.0, 2.2)  # some blot, some flame-shaped
@@ -182,9 +285,9 @@ def _lesions(rng, grade, size, centre, retina_r, disc, disc_r, macula, shape, ss
             ],
             1,
         )
-        blot.polygon(poly)
+        blot.polygon(poly, _opacity(rng, style, grade))
 
-    n_exudates = _count(rng, "exudate", grade)
+    n_exudates = _count(rng, style, "exudate", grade)
     if n_exudates:
         # Hard exudates gather in clusters, often in a ring around the macula.
         n_clusters = 1 + n_exudates // 8
@@ -198,23 +301,26 @@ def _lesions(rng, grade, size, centre, retina_r, disc, disc_r, macula, shape, ss
                 math.hypot(x - cx, y - cy) < spread
                 and math.hypot(x - disc[0], y - disc[1]) > 1.4 * disc_r
             ):
-                yellow.dot(x, y, max(0.6, 0.009 * size) * rng.uniform(0.8, 1.7))
+                r = max(style.exudate[1], style.exudate[0] * size) * rng.uniform(0.8, 1.7)
+                yellow.dot(x, y, r, _opacity(rng, style, grade))
 
     for x, y in _random_points(
-        rng, _count(rng, "cotton_wool", grade), cx, cy, 0.7 * retina_r, disc, 2 * disc_r
+        rng, _count(rng, style, "cotton_wool", grade), cx, cy, 0.7 * retina_r, disc, 2 * disc_r
     ):
-        r = 0.03 * size * rng.uniform(0.8, 1.3)
-        cotton.dot(x, y, r)
+        r = style.cotton_wool * size * rng.uniform(0.8, 1.3)
+        cotton.dot(x, y, r, _opacity(rng, style, grade))
 
-    n_tangles = _count(rng, "tangle", grade)
+    n_tangles = _count(rng, style, "tangle", grade)
     if n_tangles:
         # New vessels: one at the optic disc (NVD), the rest elsewhere (NVE).
         heads = _random_points(rng, n_tangles - 1, cx, cy, 0.75 * retina_r, disc, 2 * disc_r)
         a = rng.random() * 2 * math.pi
         nvd = (disc[0] + 1.1 * disc_r * math.cos(a), disc[1] + 1.1 * disc_r * math.sin(a))
         for hx, hy in [nvd, *heads]:
-            tangle_r = 0.07 * size * rng.uniform(0.9, 1.3)
-            fibrous.dot(hx, hy, 1.2 * tangle_r)  # the grey-white membrane new vessels grow on
+            tangle_r = style.tangle[0] * size * rng.uniform(0.9, 1.3)
+            value = _opacity(rng, style, grade)
+            # the grey-white membrane new vessels grow on
+            fibrous.dot(hx, hy, 1.2 * tangle_r, value)
             x, y, angle = hx, hy, rng.random() * 2 * math.pi
             points = [(x, y)]
             for _ in range(100):
@@ -222,17 +328,20 @@ def _lesions(rng, grade, size, centre, retina_r, disc, disc_r, macula, shape, ss
                     angle = math.atan2(hy - y, hx - x) + rng.normal(0, 0.6)
                 else:
                     angle += rng.normal(0, 1.0)
-                x, y = x + 0.014 * size * math.cos(angle), y + 0.014 * size * math.sin(angle)
+                step = style.tangle[1] * size
+                x, y = x + step * math.cos(angle), y + step * math.sin(angle)
                 points.append((x, y))
-            red.line(points, max(0.6, 0.0045 * size))
+            width, floor = style.new_vessel
+            red.line(points, max(floor, width * size), value)
 
     # Proliferative disease also bleeds in front of the retina: large boat-shaped pools.
     for x, y in _random_points(
-        rng, _count(rng, "preretinal", grade), cx, cy, 0.6 * retina_r, disc, 2 * disc_r
+        rng, _count(rng, style, "preretinal", grade), cx, cy, 0.6 * retina_r, disc, 2 * disc_r
     ):
-        r = 0.06 * size * rng.uniform(0.9, 1.2)
+        r = style.preretinal * size * rng.uniform(0.9, 1.2)
         t = np.linspace(0, math.pi, 13)  # a flat top (blood settles) over a half-ellipse
-        blot.polygon(np.stack([x + 1.5 * r * np.cos(t), y + r * np.sin(t)], 1))
+        pool = np.stack([x + 1.5 * r * np.cos(t), y + r * np.sin(t)], 1)
+        blot.polygon(pool, _opacity(rng, style, grade))
     return (
         red.array(),
         blot.array(blur=0.004 * size),
@@ -242,6 +351,13 @@ def _lesions(rng, grade, size, centre, retina_r, disc, disc_r, macula, shape, ss
     )
 
 
+def _frame(rng: np.random.Generator, size: int) -> tuple[int, int]:
+    """A realistic frame (height, width): at most `size` high, square or wider."""
+    h = round(size * rng.uniform(*FRAME_HEIGHT))
+    aspects, shares = zip(*FRAME_ASPECTS, strict=True)
+    return h, round(h * aspects[rng.choice(len(aspects), p=shares)])
+
+
 def render_fundus(
     grade: int,
     rng: np.random.Generator,
@@ -249,22 +365,33 @@ def render_fundus(
     eye: str = "left",
     *,
     width: int | None = None,
+    difficulty: str = "easy",
 ) -> np.ndarray:
-    """One synthetic fundus photograph of `grade` as a (size, width or size, 3) uint8 RGB array."""
+    """One synthetic fundus photograph of `grade` as an (H, W, 3) uint8 RGB array.
+
+    easy: H = size, W = width or size. realistic: the frame is drawn (H <= size, W >= H, `width`
+    must be None) and the photograph goes through `_camera`.
+    """
     if not 0 <= grade < NUM_CLASSES:
         raise ValueError(f"grade must be 0-{NUM_CLASSES - 1}, got {grade}")
     if eye not in EYES:
         raise ValueError(f"eye must be one of {EYES}, got {eye!r}")
-    h, w = size, width or size
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+    if difficulty == "realistic" and width is not None:
+        raise ValueError("a realistic picture draws its own frame: pass no width")
+    style = STYLES[difficulty]
+    h, w = _frame(rng, size) if difficulty == "realistic" else (size, width or size)
     if w < h:
         raise ValueError(f"width ({w}) must be at least size ({h})")
+    size = h  # lesions and vessels scale with the frame
 
     # Geometry: the retina leaves a black border in a square frame; in a wide frame it may be
     # cut at top and bottom like raw camera photos, with wide black borders at the sides.
-    max_r = 0.47 if w == h else 0.53
-    retina_r = size * rng.uniform(0.42, max_r)
-    cx = w / 2 + rng.normal(0, 0.01 * size)
-    cy = h / 2 + rng.normal(0, 0.01 * size)
+    low_r, square_r, wide_r = style.retina
+    retina_r = size * rng.uniform(low_r, square_r if w == h else wide_r)
+    cx = w / 2 + rng.normal(0, style.off_centre * size)
+    cy = h / 2 + rng.normal(0, style.off_centre * size)
     side = -1 if eye == "left" else 1
     disc = (cx + side * retina_r * rng.uniform(0.38, 0.48), cy + rng.normal(0, 0.05 * retina_r))
     disc_r = retina_r * rng.uniform(0.11, 0.13)
@@ -296,7 +423,7 @@ def render_fundus(
     _blend(img, vessels.array(), VESSEL, 0.8)
 
     red, blot, yellow, cotton, fibrous = _lesions(
-        rng, grade, size, (cx, cy), retina_r, disc, disc_r, macula, (h, w), ss
+        rng, style, grade, size, (cx, cy), retina_r, disc, disc_r, macula, (h, w), ss
     )
     _blend(img, fibrous, FIBROUS, 0.55)
     _blend(img, cotton, COTTON_WOOL, 0.8)
@@ -304,15 +431,48 @@ def render_fundus(
     _blend(img, red, RED_LESION, 0.9)
     _blend(img, yellow, EXUDATE, 0.95)
 
-    img += rng.normal(0.0, 2.0, (h, w, 1)).astype(np.float32)  # sensor noise
+    if difficulty == "realistic":
+        img = _camera(img, rng, xx, yy, (cx, cy), retina_r)
+    else:
+        img += rng.normal(0.0, 2.0, (h, w, 1)).astype(np.float32)  # sensor noise
     edge = np.clip((1.0 - r) * retina_r / 1.5, 0.0, 1.0)  # anti-aliased rim, black outside
     img *= edge[..., None]
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def draw_grades(n: int, class_mix: Sequence[float], rng: np.random.Generator) -> list[int]:
+def _camera(img, rng, xx, yy, centre, retina_r) -> np.ndarray:
+    """What cameras and photographers vary: uneven light, exposure, colour, dust, focus, noise."""
+    h, w, _ = img.shape
+    # light falling off towards one side of the pupil
+    angle = rng.uniform(0, 2 * math.pi)
+    along = ((xx - centre[0]) * math.cos(angle) + (yy - centre[1]) * math.sin(angle)) / retina_r
+    img = img * (1.0 + rng.uniform(0.0, 0.3) * along)[..., None]
+    # exposure (log-uniform gain), gamma and a colour cast of the whole picture
+    gain = math.exp(rng.uniform(math.log(0.6), math.log(1.4)))
+    cast = rng.normal(1.0, (0.06, 0.1, 0.18)).clip(0.6, 1.4).astype(np.float32)
+    img = 255.0 * (np.clip(img * gain, 0, 255) / 255.0) ** rng.uniform(0.8, 1.25) * cast
+    # dust on the lens: soft dark blotches, a few microaneurysms across
+    dust = _Mask(h, w, 1)
+    for _ in range(int(rng.integers(0, 3))):
+        x, y = centre + rng.normal(0, 0.4 * retina_r, 2)
+        dust.dot(x, y, 0.015 * h * rng.uniform(0.6, 1.4), round(255 * rng.uniform(0.1, 0.3)))
+    _blend(img, dust.array(blur=0.01 * h), np.zeros(3, np.float32), 1.0)
+    if rng.random() < 0.5:  # half the photographs are a little out of focus
+        sigma = 0.004 * h * rng.uniform(0.3, 1.0)
+        blurred = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+        img = np.asarray(blurred.filter(ImageFilter.GaussianBlur(sigma)), np.float32)
+    return img + rng.normal(0.0, rng.uniform(1.5, 5.0), (h, w, 3)).astype(np.float32)
+
+
+def draw_grades(
+    n: int,
+    class_mix: Sequence[float],
+    rng: np.random.Generator,
+    steps: tuple[float, float, float] = (0.3, 0.4, 0.3),
+) -> list[int]:
     """Grades for images `1_left, 1_right, 2_left, ...`: the eyes of a patient differ by at most 1.
 
+    `steps`: how often the second eye is proposed one grade lower, the same, one higher.
     With n >= 20 every grade appears at least twice (five patients get one grade each, both eyes).
     """
     p = np.asarray(class_mix, np.float64)
@@ -320,7 +480,7 @@ def draw_grades(n: int, class_mix: Sequence[float], rng: np.random.Generator) ->
     n_patients = (n + 1) // 2
     left = rng.choice(NUM_CLASSES, size=n_patients, p=p)
     # The other eye: a Metropolis step of +-1 from the first, which keeps the class mix exact.
-    proposal = left + rng.choice((-1, 0, 1), size=n_patients, p=(0.3, 0.4, 0.3))
+    proposal = left + rng.choice((-1, 0, 1), size=n_patients, p=steps)
     valid = (proposal >= 0) & (proposal < NUM_CLASSES)
     proposal = np.where(valid, proposal, left)
     accept = rng.random(n_patients) < np.minimum(1.0, p[proposal] / p[left])
@@ -329,6 +489,43 @@ def draw_grades(n: int, class_mix: Sequence[float], rng: np.random.Generator) ->
         forced = rng.permutation(n // 2)[:NUM_CLASSES]  # patients with both eyes present
         left[forced] = right[forced] = np.arange(NUM_CLASSES)
     return [int(g) for g in np.stack([left, right], 1).ravel()[:n]]
+
+
+def label_noise(
+    class_mix: Sequence[float], rate: float = LABEL_NOISE
+) -> tuple[np.ndarray, np.ndarray]:
+    """(picture mix, P[written | drawn]) such that written labels follow `class_mix` exactly and
+    a share `rate` of them is one grade off the picture (either way inside the scale)."""
+    p = np.asarray(class_mix, np.float64)
+    p = p / p.sum()
+    off = np.zeros((NUM_CLASSES, NUM_CLASSES))  # P[drawn | written]
+    for g in range(NUM_CLASSES):
+        near = [x for x in (g - 1, g + 1) if 0 <= x < NUM_CLASSES]
+        off[g, near] = rate / len(near)
+        off[g, g] = 1.0 - rate
+    joint = p[:, None] * off  # [written, drawn]
+    picture_mix = joint.sum(0)
+    given = np.divide(joint, picture_mix, out=np.zeros_like(joint), where=picture_mix > 0)
+    return picture_mix, given.T
+
+
+def draw_labels(
+    n: int, class_mix: Sequence[float], rng: np.random.Generator, difficulty: str = "easy"
+) -> tuple[list[int], list[int]]:
+    """(drawn, written) grades for images `1_left, 1_right, ...`: what each picture shows, and
+    its label. easy: the same, from `draw_grades`. realistic: the eyes of a patient share their
+    drawn grade most of the time, and `LABEL_NOISE` of the labels are one grade off it.
+    """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+    if difficulty == "easy":
+        grades = draw_grades(n, class_mix, rng)
+        return grades, list(grades)
+    picture_mix, written_given = label_noise(class_mix)
+    drawn = draw_grades(n, picture_mix, rng, REALISTIC_PAIR_STEPS)
+    cumulative = written_given[drawn].cumsum(1)
+    written = (rng.random((n, 1)) > cumulative[:, :-1]).sum(1)
+    return drawn, [int(g) for g in written]
 
 
 def image_ids(n: int) -> list[str]:
@@ -357,7 +554,7 @@ def split_patients(items: Sequence[tuple[str, int]], test_fraction: float, rng) 
     return {patients[order[i]] for i in picks}
 
 
-def _check_options(n, size, layout, width, class_mix, test_fraction) -> None:
+def _check_options(n, size, layout, width, class_mix, test_fraction, difficulty) -> None:
     if n < 2:
         raise UserError(f"--n must be at least 2 (one left/right pair), got {n}")
     if size < MIN_SIZE:
@@ -366,6 +563,12 @@ def _check_options(n, size, layout, width, class_mix, test_fraction) -> None:
         raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if width is not None and width < size:
         raise UserError(f"--width ({width}) must be at least --size ({size})")
+    if difficulty not in DIFFICULTIES:
+        raise UserError(
+            f"--difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}"
+        )
+    if difficulty == "realistic" and width is not None:
+        raise UserError("--width is for --difficulty easy: realistic draws a frame per picture")
     if len(class_mix) != NUM_CLASSES or min(class_mix) < 0 or sum(class_mix) <= 0:
         raise UserError(f"class_mix must be {NUM_CLASSES} non-negative weights, got {class_mix}")
     if not 0 <= test_fraction < 1:
@@ -394,24 +597,28 @@ def generate(
     test_fraction: float = 0.2,
     width: int | None = None,
     *,
+    difficulty: str = "easy",
     progress: bool = False,
 ) -> list[tuple[str, int]]:
-    """Write n synthetic fundus JPEGs and their labels in `layout`; return (image_id, grade) for all."""
-    _check_options(n, size, layout, width, class_mix, test_fraction)
+    """Write n synthetic fundus JPEGs and their labels in `layout`; return (image_id, label) for all."""
+    _check_options(n, size, layout, width, class_mix, test_fraction, difficulty)
     out = Path(out_dir)
     image_dir = _writable_dir(out / ("train" if layout == "kaggle" else "images"))
 
     ids = image_ids(n)
-    items = list(zip(ids, draw_grades(n, class_mix, np.random.default_rng([seed, 0])), strict=True))
-    jobs = list(enumerate(items))
+    drawn, written = draw_labels(n, class_mix, np.random.default_rng([seed, 0]), difficulty)
+    items = list(zip(ids, written, strict=True))
+    jobs = list(enumerate(zip(ids, drawn, strict=True)))
     if progress:
         from rich.progress import track
 
         jobs = track(jobs, description=f"rendering {n} images", transient=True)
     for i, (image_id, grade) in jobs:
         eye = image_id.rsplit("_", 1)[1]
-        pixels = render_fundus(grade, np.random.default_rng([seed, 1, i]), size, eye, width=width)
-        Image.fromarray(pixels).save(image_dir / f"{image_id}.jpeg", "JPEG", quality=JPEG_QUALITY)
+        rng = np.random.default_rng([seed, 1, i])
+        pixels = render_fundus(grade, rng, size, eye, width=width, difficulty=difficulty)
+        quality = JPEG_QUALITY if difficulty == "easy" else int(rng.integers(75, 96))
+        Image.fromarray(pixels).save(image_dir / f"{image_id}.jpeg", "JPEG", quality=quality)
 
     if layout == "kaggle":
         _write_lines(out / "trainLabels.csv", ["image,level", *(f"{i},{g}" for i, g in items)])
@@ -428,11 +635,17 @@ def generate(
 class SynthConfig:
     out: Path = arg(help="folder to write the images and label files into (created)", metavar="DIR")
     n: int = arg(200, "number of images")
-    size: int = arg(512, "image height in px")
+    size: int = arg(512, "image height in px (realistic: the largest)")
     width: int | None = arg(None, "image width in px (default: square)")
     layout: str = arg("lab", "label files to write", choices=LAYOUTS)
     seed: int = arg(0, "seed of the grades and the pictures")
     test_fraction: float = arg(0.2, "lab layout: share of patients in test")
+    difficulty: str = arg(
+        "easy",
+        "easy: big, plentiful lesions; realistic: EyePACS-like tiny faint lesions, camera "
+        "variation, 10%% label noise",
+        choices=DIFFICULTIES,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -447,13 +660,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=cfg.seed,
         test_fraction=cfg.test_fraction,
         width=cfg.width,
+        difficulty=cfg.difficulty,
         progress=True,
     )
     counts = np.bincount([g for _, g in items], minlength=NUM_CLASSES)
     per_grade = ", ".join(f"{g}: {c}" for g, c in enumerate(counts))
-    frame = f"{cfg.width or cfg.size}x{cfg.size}"
+    what = f"{cfg.width or cfg.size}x{cfg.size} images"
+    if cfg.difficulty == "realistic":
+        what = f"realistic images (frames up to {cfg.size} px high)"
     print(
-        f"wrote {len(items)} {frame} images (per grade {per_grade}) to {os.fspath(cfg.out)} ({cfg.layout} layout)"
+        f"wrote {len(items)} {what} (per grade {per_grade}) to {os.fspath(cfg.out)} ({cfg.layout} layout)"
     )
     return 0
 
