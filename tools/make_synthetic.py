@@ -54,6 +54,7 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import EYEPACS_CLASS_MIX, NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.fileio import make_writable_dir
+from pipeline.shardformat import patient_of
 
 LAYOUTS = ("lab", "kaggle")
 DIFFICULTIES = ("easy", "realistic")
@@ -531,10 +532,6 @@ def draw_labels(
 def image_ids(n: int) -> list[str]:
     """EyePACS-style ids in pairs: 1_left, 1_right, 2_left, ..."""
     return [f"{i // 2 + 1}_{EYES[i % 2]}" for i in range(n)]
-
-
-def patient_of(image_id: str) -> str:
-    return image_id.rsplit("_", 1)[0]
 
 
 def split_patients(items: Sequence[tuple[str, int]], test_fraction: float, rng) -> set[str]:
