@@ -16,7 +16,7 @@ EYEPACS_CLASS_MIX = tuple(c / sum(EYEPACS_CLASS_COUNTS) for c in EYEPACS_CLASS_C
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg")  # matched case-insensitively
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # val chooses (best epoch, thresholds); test only reports
 SHARD_NAME = "{split}-{index:06d}.tar"  # e.g. train-000000.tar
 INDEX_SUFFIX = ".idx"  # DALI wds2idx index beside each tar
 MANIFEST_NAME = "manifest.json"

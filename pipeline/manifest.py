@@ -72,6 +72,10 @@ class Manifest:
             raise UserError(f"split '{name}' is empty or missing in {self.root / MANIFEST_NAME}")
         return info
 
+    def has(self, name: str) -> bool:
+        """Whether the folder holds samples of split ``name``."""
+        return name in self.splits and self.splits[name].samples > 0
+
     def tar_paths(self, name: str) -> list[Path]:
         return [self.root / s.file for s in self.split(name).shards]
 

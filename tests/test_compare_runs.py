@@ -13,7 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_run(
-    path: Path, arch: str, pretrained: bool, epochs: int, planned: int, partial_line=False
+    path: Path,
+    arch: str,
+    pretrained: bool,
+    epochs: int,
+    planned: int,
+    partial_line=False,
+    val=False,
 ):
     path.mkdir(parents=True)
     (path / "config.json").write_text(
@@ -34,6 +40,16 @@ def fake_run(
                     "images_per_s": 100.0,
                     "epoch_s": 3.0,
                     "lr": 0.01,
+                    **(
+                        {
+                            "val_qwk": [0.2, 0.5, 0.4][e - 1],
+                            "val_acc": 0.5,
+                            "val_loss": 1.0,
+                            "test_referable_auc": 0.7 + 0.05 * e,
+                        }
+                        if val
+                        else {}
+                    ),
                 }
             )
         )
@@ -60,11 +76,32 @@ def test_compare_two_runs(tmp_path):
     table = (out / "compare.md").read_text()
     assert table.strip() in proc.stdout
     rows = [line for line in table.splitlines() if line.startswith("| resnet")]
-    assert rows[0].startswith("| resnet18, pretrained | 3/3 | 60.0 % (3) | 0.300 (3) |")
-    # best accuracy of the in-progress run is epoch 1 (epoch 2 dips), its last line is ignored
-    assert rows[1].startswith(
-        "| resnet50, from scratch | 2/5 (in progress) | 50.0 % (1) | 0.200 (2) |"
+    # no val in these runs: chosen on test, and the table says it is optimistic
+    assert rows[0].startswith(
+        "| resnet18, pretrained | 3/3 | test (optimistic) | 3 | 60.0 % | 0.300 | - |"
     )
+    # the in-progress run: its last line is cut short and ignored
+    assert rows[1].startswith(
+        "| resnet50, from scratch | 2/5 (in progress) | test (optimistic) | 2 | 35.0 % | 0.200 |"
+    )
+
+
+def test_test_figures_are_reported_at_the_best_val_epoch(tmp_path):
+    run = fake_run(tmp_path / "r", "resnet50", True, 3, 3, val=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/compare_runs.py"),
+            str(run),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # val kappa peaks at epoch 2 (test kappa at 3): epoch 2's test figures are the ones reported
+    assert "| resnet50, pretrained | 3/3 | val | 2 | 35.0 % | 0.200 | 0.800 |" in proc.stdout
 
 
 def test_same_label_gets_folder_names(tmp_path):

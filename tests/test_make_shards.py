@@ -19,6 +19,7 @@ from PIL import Image
 from rich.console import Console
 
 from pipeline.cli import build_parser, run_cli
+from pipeline.constants import SPLITS
 from pipeline.fileio import file_sha256
 from pipeline.manifest import read_manifest, verify_split
 from pipeline.writing import packing
@@ -140,27 +141,30 @@ def read_dali(out: Path, split: str) -> list[tuple[str, int, bytes]]:
 def test_every_sample_reads_back_with_its_key_and_label(request, run_name, reader):
     run: Run = request.getfixturevalue(run_name)
     manifest = read_manifest(run.out)
-    seen = {}
-    for split in ("train", "test"):
+    seen, keys = {}, {}
+    assert manifest.has("val")  # carved out of train by default (--val-fraction 0.1)
+    for split in SPLITS:
         samples = reader(run.out, split)
         assert len(samples) == manifest.split(split).samples
         assert (
             tuple(np.bincount([lab for _, lab, _ in samples], minlength=5))
             == manifest.split(split).class_counts
         )
-        if run.splits is not None:
-            assert {key for key, _, _ in samples} == run.splits[split]
+        keys[split] = {key for key, _, _ in samples}
         for key, label, jpeg in samples:
             assert jpeg_frame(io.BytesIO(jpeg)) == (0xC0, SIZE, SIZE, 3)  # baseline RGB, square
             seen[key] = label
     assert seen == run.labels
+    if run.splits is not None:  # lab: test as the lists say, val out of the train list
+        assert keys["test"] == run.splits["test"]
+        assert keys["train"] | keys["val"] == run.splits["train"]
 
 
 @pytest.mark.parametrize("run_name", RUNS)
 def test_index_files_equal_wds2idx(request, run_name, wds2idx, tmp_path):
     out = request.getfixturevalue(run_name).out
     manifest = read_manifest(out)
-    for split in ("train", "test"):
+    for split in SPLITS:
         for tar, idx in zip(manifest.tar_paths(split), manifest.index_paths(split), strict=True):
             ref = tmp_path / f"{tar.stem}.idx"
             subprocess.run([wds2idx, str(tar), str(ref)], check=True, capture_output=True)
@@ -176,7 +180,7 @@ def test_manifest_counts_and_sha256_match_the_files(request, run_name):
         n for s in manifest.splits.values() for sh in s.shards for n in (sh.file, sh.index)
     )
     assert on_disk == sorted([*listed, "manifest.json", "rejects.csv"])
-    for split in ("train", "test"):
+    for split in SPLITS:
         verify_split(manifest, split, full=True)
         for shard in manifest.split(split).shards:
             tar = run.out / shard.file
@@ -184,7 +188,7 @@ def test_manifest_counts_and_sha256_match_the_files(request, run_name):
             with tarfile.open(tar) as t:
                 assert len(t.getnames()) == 2 * shard.samples
     assert manifest.report["rejected"] == 0 and manifest.source["path"] == str(run.data.resolve())
-    assert manifest.split("train").samples + manifest.split("test").samples == len(run.labels)
+    assert sum(manifest.split(split).samples for split in SPLITS) == len(run.labels)
     assert (run.out / "rejects.csv").read_text().strip() == "image,reason"
 
 
@@ -193,13 +197,15 @@ def test_kaggle_split_shares_no_patient(kaggle_run):
     assert manifest.source["layout"] == "kaggle" and manifest.report["patients_in_both_splits"] == 0
     patients = {
         split: {k.rsplit("_", 1)[0] for k, _, _ in read_webdataset(kaggle_run.out, split)}
-        for split in ("train", "test")
+        for split in SPLITS
     }
-    assert patients["train"] and patients["test"] and not patients["train"] & patients["test"]
+    assert all(patients.values())
+    assert not patients["train"] & patients["test"] and not patients["train"] & patients["val"]
+    assert not patients["val"] & patients["test"]
 
 
 def test_pass_through_packs_the_original_bytes(lab_run):
-    for split in ("train", "test"):
+    for split in SPLITS:
         for key, _, jpeg in read_webdataset(lab_run.out, split):
             assert jpeg == (lab_run.data / "images" / f"{key}.jpeg").read_bytes()
 
@@ -463,12 +469,12 @@ def test_rerun_gives_identical_shards_and_reuses_them(tmp_path):
 
 def test_rerun_rebuilds_what_changed_and_removes_stale_shards(tmp_path):
     data = lab_folder(tmp_path / "data", [(f"{i}_right", "0", eye_jpeg(20 + i)) for i in range(6)])
-    run_pack(data, tmp_path / "out", shard_size=2)
+    run_pack(data, tmp_path / "out", shard_size=2, val_fraction=0)  # shard lists, no val to move
     assert (tmp_path / "out" / "train-000004.tar").exists()
     labels = (data / "train_label.csv").read_text().splitlines()
     labels[-1] = "4"
     (data / "train_label.csv").write_text("\n".join(labels) + "\n")
-    result = run_pack(data, tmp_path / "out", shard_size=4)
+    result = run_pack(data, tmp_path / "out", shard_size=4, val_fraction=0)
     assert sorted(shard_bytes(tmp_path / "out")) == [
         "test-000000.idx",
         "test-000000.tar",
@@ -531,7 +537,7 @@ def test_interrupted_run_leaves_no_manifest_and_no_partial_shard(
         tmp_path / "data", [(f"{i}_right", "1", square_jpeg(20 + i)) for i in range(6)], square=True
     )
     out = tmp_path / "out"
-    run_pack(data, out)
+    run_pack(data, out, val_fraction=0)
     assert (out / "manifest.json").exists()
 
     real_write = packing.write_shard
@@ -546,7 +552,7 @@ def test_interrupted_run_leaves_no_manifest_and_no_partial_shard(
     # forked workers inherit the patched function (spawned ones would not: nothing would fail)
     monkeypatch.setattr(packing, "write_shard", dies_halfway)
     with pytest.raises(RuntimeError, match="power cut"):
-        run_pack(data, out, shard_size=4, seed=1, workers=workers)
+        run_pack(data, out, shard_size=4, seed=1, workers=workers, val_fraction=0)
     assert (cut_in.read_text() == str(os.getpid())) == (
         workers == 1
     )  # with 2, the cut hit a worker
@@ -558,7 +564,7 @@ def test_interrupted_run_leaves_no_manifest_and_no_partial_shard(
         assert ref.read_text() == tar.with_suffix(".idx").read_text()
 
     monkeypatch.setattr(packing, "write_shard", real_write)
-    result = run_pack(data, out, shard_size=4, seed=1)
+    result = run_pack(data, out, shard_size=4, seed=1, val_fraction=0)
     assert (
         result.reused_shards == 2
     )  # train-000000, finished before the cut, and the unchanged test shard

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -120,10 +122,63 @@ def test_evaluate_reproduces_the_trainers_numbers(two_runs, tiny_shards, tmp_pat
         assert got["qwk"] == want["test_qwk"]
         assert got["recall"] == want["test_recall"]
         assert math.isclose(got["loss"], want["test_loss"], rel_tol=1e-5)
-        logged = read_confusion_csv(run_dir / "confusion" / f"epoch_{want['epoch']:03d}.csv")
+        logged = read_confusion_csv(run_dir / "confusion" / f"test_epoch_{want['epoch']:03d}.csv")
         assert (read_confusion_csv(out / "confusion_test.csv") == logged).all()
         assert Image.open(out / "confusion_test.png").size[0] > 300
         assert f"kappa {want['test_qwk']:.4f}" in proc.stdout
+
+
+def launch_evaluate(run_dir: Path, shards: Path, out: Path, processes: int, tmp: Path, *more):
+    multi = ["--multi_gpu"] if processes > 1 else []
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *multi,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(processes),
+        "trainer/evaluate.py",
+        "--checkpoint",
+        str(run_dir / "best.pt"),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        *more,
+    ]
+    return run(cmd, tmp)
+
+
+@pytest.mark.slow
+def test_per_image_scores_are_the_same_set_on_1_2_and_3_ranks(two_runs, tiny_shards, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    tables = {}
+    for processes in (1, 2, 3):
+        out = tmp_path / f"eval-{processes}"
+        launch_evaluate(two_runs[1], tiny_shards, out, processes, tmp_path)
+        tables[processes] = pd.read_csv(out / "predictions.csv")
+        metrics = json.loads((out / "metrics.json").read_text())
+        table = tables[processes]
+        assert len(table) == 13 and table["key"].is_unique
+        # the AUC evaluate reports is sklearn's on the file it wrote
+        auc = roc_auc_score(table["true"] >= 2, table["p2"] + table["p3"] + table["p4"])
+        assert metrics["referable_auc"] == pytest.approx(auc, abs=1e-9)
+        assert np.allclose(
+            table["referable_score"], table[["p2", "p3", "p4"]].sum(axis=1), atol=2e-8
+        )
+    for processes in (2, 3):
+        pd.testing.assert_frame_equal(tables[processes], tables[1], atol=1e-6)
+    # and it is the AUC the trainer logged for that epoch
+    assert metrics["referable_auc"] == pytest.approx(
+        best_row(two_runs[1])["test_referable_auc"], abs=1e-9
+    )
 
 
 def test_evaluate_bad_split_is_one_sentence(two_runs, tiny_shards, tmp_path):

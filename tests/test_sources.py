@@ -140,13 +140,13 @@ def test_kaggle_layout_only_looks_in_train(tmp_path):
 
 
 def test_generic_labels_with_split_column(tmp_path):
-    write_images(tmp_path / "imgs", ["a1.jpg", "b2.jpg", "c3.jpg"])
+    write_images(tmp_path / "imgs", ["a1.jpg", "b2.jpg", "c3.jpg", "d4.jpg"])
     labels = tmp_path / "labels.csv"
-    labels.write_text("image,level,split\na1,0,train\nb2.jpg,1,TEST\nc3,2,val\n")
+    labels.write_text("image,level,split\na1,0,train\nb2.jpg,1,TEST\nc3,2,val\nd4,1,dev\n")
     src = read_source(tmp_path, labels)
     assert src.layout == "generic"
-    assert keys(src) == [("a1", 0, "train"), ("b2", 1, "test")]
-    assert src.rejects == [("c3", "bad split: 'val' is not train or test")]
+    assert keys(src) == [("a1", 0, "train"), ("b2", 1, "test"), ("c3", 2, "val")]
+    assert src.rejects == [("d4", "bad split: 'dev' is not train or val or test")]
 
 
 def test_generic_labels_need_a_header(tmp_path):
@@ -214,3 +214,47 @@ def test_split_is_grouped_by_patient_stratified_and_seeded():
     assert split == assign_splits(samples, 0.2, seed=3)
     assert split != assign_splits(samples, 0.2, seed=4)
     assert all(s.split == "train" for s in assign_splits(samples, 0.0, seed=3))
+
+
+def splits_of(samples) -> dict[str, set]:
+    sides: dict[str, set] = {}
+    for s in samples:
+        sides.setdefault(s.patient, set()).add(s.split)
+    return sides
+
+
+@pytest.mark.parametrize("layout", ["kaggle", "generic-train-test", "lab"])
+def test_val_is_carved_from_train_by_patient_and_grade(layout):
+    from dataclasses import replace
+
+    samples = _kaggle_like(800, seed=5)
+    if layout == "generic-train-test":  # a split column that says train or test, never val
+        samples = [
+            replace(s, split="test" if int(s.patient) % 5 == 0 else "train") for s in samples
+        ]
+    if layout == "lab":  # the lab's lists: one patient in both, as real lists may have
+        samples = [
+            replace(s, split="test" if int(s.patient) % 5 == 0 else "train") for s in samples
+        ]
+        samples[0] = replace(samples[0], split="test")  # patient 1: left in test, right in train
+    split = assign_splits(samples, 0.2, seed=3, val_fraction=0.1)
+    sides = splits_of(split)
+    mixed = [p for p, v in sides.items() if len(v) > 1]
+    assert mixed == (["1"] if layout == "lab" else [])  # only the lab's own overlap
+    assert "val" not in sides["1"] if layout == "lab" else True
+    train = Counter(s.label for s in split if s.split in ("train", "val"))
+    val = Counter(s.label for s in split if s.split == "val")
+    for grade in range(5):
+        assert abs(val[grade] - 0.1 * train[grade]) <= max(2, 0.03 * train[grade]), grade
+    if layout != "kaggle":  # the given test split is untouched
+        assert [s.split == "test" for s in split] == [s.split == "test" for s in samples]
+    assert split == assign_splits(samples, 0.2, seed=3, val_fraction=0.1)  # seeded
+
+
+def test_val_fraction_0_or_a_given_val_split_carves_nothing():
+    from dataclasses import replace
+
+    samples = _kaggle_like(200)
+    assert "val" not in {s.split for s in assign_splits(samples, 0.2, seed=1, val_fraction=0)}
+    given = [replace(s, split="val" if int(s.patient) % 7 == 0 else "train") for s in samples]
+    assert assign_splits(given, 0.2, seed=1, val_fraction=0.1) == given

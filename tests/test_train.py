@@ -36,10 +36,23 @@ KEYS = {
     "epoch",
     "train_loss",
     "train_acc",
-    "test_loss",
-    "test_acc",
-    "test_qwk",
-    "test_recall",
+    *(
+        f"test_{k}"
+        for k in (
+            "loss",
+            "acc",
+            "qwk",
+            "qwk_paired",
+            "recall",
+            "referable_auc",
+            "any_dr_auc",
+            "sensitivity",
+            "specificity",
+        )
+    ),
+    "referable_threshold",
+    "cut_points",
+    "pair_blend",
     "images_per_s",
     "epoch_s",
     "lr",
@@ -128,7 +141,8 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def straight_run(tiny_shards, tmp_path_factory) -> Path:
     """Two epochs through a one-process ``accelerate launch``."""
     tmp = tmp_path_factory.mktemp("straight")
-    ok(launch(["--shards", str(tiny_shards), "--out", str(tmp / "run"), *RECIPE], tmp))
+    proc = ok(launch(["--shards", str(tiny_shards), "--out", str(tmp / "run"), *RECIPE], tmp))
+    (tmp / "stdout.txt").write_text(proc.stdout)
     return tmp / "run"
 
 
@@ -146,9 +160,9 @@ def test_one_process_launch_writes_every_file(straight_run, tiny_shards):
         assert len(row["test_recall"]) == 5 and all(0 <= r <= 1 for r in row["test_recall"])
         assert row["images_per_s"] > 0 and row["epoch_s"] > 0 and row["lr"] > 0
         assert all(math.isfinite(row[k]) for k in ("train_loss", "test_loss", "test_qwk"))
-        cm = read_confusion_csv(run / "confusion" / f"epoch_{row['epoch']:03d}.csv")
+        cm = read_confusion_csv(run / "confusion" / f"test_epoch_{row['epoch']:03d}.csv")
         assert cm.shape == (5, 5) and cm.sum() == test_count
-        assert (run / "confusion" / f"epoch_{row['epoch']:03d}.png").stat().st_size > 10_000
+        assert (run / "confusion" / f"test_epoch_{row['epoch']:03d}.png").stat().st_size > 10_000
         assert row["test_acc"] == pytest.approx(cm.trace() / cm.sum())
     assert lines[1]["lr"] < lines[0]["lr"]  # cosine decays
 
@@ -182,7 +196,15 @@ def test_one_process_launch_writes_every_file(straight_run, tiny_shards):
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
 
+    # the tiny shards have no val split: chosen on test, with a warning saying so
+    stdout = (run.parent / "stdout.txt").read_text()
+    assert (
+        "has no val split (made with --val-fraction 0): best.pt and the screening threshold are chosen on test"
+        in stdout
+    )
+    assert info["referable_threshold"] == best["referable_threshold"]
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["chosen_on"] == "test"
     assert summary["best_epoch"] == best["epoch"] and summary["last"] == lines[-1]
     assert summary["weights_sha256_per_rank"] == [state_checksum(state["model"])]
 
@@ -218,7 +240,10 @@ def test_two_ranks_count_every_test_sample_once_and_agree_on_the_weights(tiny_sh
     assert env["world_size"] == 2 and env["backend"] == "dali-cpu"
     test_count = read_manifest(tiny_shards).split("test").samples  # 13: uneven over 2 ranks
     for epoch in (1, 2):
-        assert read_confusion_csv(run / "confusion" / f"epoch_{epoch:03d}.csv").sum() == test_count
+        assert (
+            read_confusion_csv(run / "confusion" / f"test_epoch_{epoch:03d}.csv").sum()
+            == test_count
+        )
     # every rank hashes the weights it holds at the end; rank 0 saved what all of them hold
     checksums = json.loads((run / "summary.json").read_text())["weights_sha256_per_rank"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
@@ -394,7 +419,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(straight_run, 
     assert isinstance(NonFiniteLossError("x"), RunError)
     assert load_last(run)["epoch"] == 2
     assert (run / "metrics.jsonl").read_text() == before
-    assert not (run / "confusion" / "epoch_003.csv").exists()
+    assert not (run / "confusion" / "test_epoch_003.csv").exists()
 
 
 def test_unknown_or_invalid_options_exit_2():
@@ -536,9 +561,11 @@ def test_augment_options_reach_the_train_loader(tiny_shards):
     cfg = TrainConfig(
         shards=str(tiny_shards), image_size=64, augment="strong", color_jitter=0.1, workers=0
     )
-    train, test = build_loaders(cfg, Accelerator(cpu=True), channels_last=False)
+    train, evals = build_loaders(
+        cfg, read_manifest(tiny_shards), Accelerator(cpu=True), channels_last=False
+    )
     assert train.spec.augment == AugmentConfig(rotate=180.0, scale=0.25, color=0.1)
-    assert train.spec.train and not test.spec.train  # evaluation never augments
+    assert train.spec.train and not evals["test"].spec.train  # evaluation never augments
     assert TrainConfig().augment_config() == AugmentConfig()  # the reference recipe: flips only
 
 
@@ -710,3 +737,68 @@ def test_train_and_eval_steps_never_wait_for_the_host():
             confusion_matrix(labels, logits.argmax(1))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.slow
+def test_val_chooses_and_test_reports(tmp_path):
+    shards = build_shard_dir(tmp_path / "shards", {"train": 40, "val": 15, "test": 13}, seed=2)
+    run = tmp_path / "run"
+    proc = ok(
+        python(
+            [
+                "--shards",
+                str(shards),
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+                "--epochs",
+                "3",
+                "--backend",
+                "torch",
+                "--workers",
+                "0",
+                "--schedule",
+                "cosine",
+                "--quiet",
+            ],
+            tmp_path,
+        )
+    )
+    lines = rows(run)
+    for row in lines:
+        for split, count in (("val", 15), ("test", 13)):
+            assert {
+                f"{split}_{k}"
+                for k in (
+                    "loss",
+                    "acc",
+                    "qwk",
+                    "recall",
+                    "referable_auc",
+                    "any_dr_auc",
+                    "sensitivity",
+                    "specificity",
+                )
+            } <= set(row)
+            cm = read_confusion_csv(run / "confusion" / f"{split}_epoch_{row['epoch']:03d}.csv")
+            assert cm.sum() == count
+        if row["val_referable_auc"] is not None:  # the operating point: >= 90 % sensitivity on val
+            assert row["val_sensitivity"] >= 0.9
+    best = max(lines, key=lambda r: r["val_qwk"])  # the first of equals, as the trainer keeps
+    _, info = load_best(run / "best.pt")
+    assert (
+        info["epoch"] == best["epoch"]
+        and info["referable_threshold"] == best["referable_threshold"]
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["chosen_on"] == "val" and summary["best_epoch"] == best["epoch"]
+    assert summary["test_at_best_epoch"]["qwk"] == best["test_qwk"]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(
+        f"best val kappa {best['val_qwk']:.4f} at epoch {best['epoch']}; test at that "
+        f"epoch: kappa {best['test_qwk']:.4f}"
+    )
+    assert "no val split" not in proc.stdout

@@ -2,8 +2,10 @@
 
     python tools/compare_runs.py runs/resnet18 runs/resnet50 --out runs/compare
 
-Writes ``OUT/compare.png`` (train dashed, test solid, one colour per run; a loss panel and
-a kappa panel) and ``OUT/compare.md`` (the markdown table it also prints). Runs of
+Writes ``OUT/compare.png`` (accuracy, loss and kappa per epoch; train dashed, val dotted,
+test solid, one colour per run) and ``OUT/compare.md`` (the markdown table it also prints).
+The table reports each run's test figures at its best-val epoch: val chooses, test reports
+(a run whose shards had no val split was chosen on test, and the table says so). Runs of
 different lengths and runs still in progress are fine: each is drawn as far as it got.
 """
 
@@ -42,7 +44,14 @@ class Run:
     finished: bool
     metrics: pd.DataFrame  # one row per finished epoch
 
-    def best(self, key: str) -> pd.Series | None:
+    @property
+    def chosen_on(self) -> str:
+        """The split the trainer chose best.pt on: val, or test when the shards had none."""
+        return "val" if "val_qwk" in self.metrics else "test"
+
+    def best(self) -> pd.Series | None:
+        """The epoch the trainer kept as best.pt (the first of equals, as the trainer does)."""
+        key = f"{self.chosen_on}_qwk"
         return None if self.metrics.empty else self.metrics.loc[self.metrics[key].idxmax()]
 
 
@@ -84,21 +93,27 @@ def _unique_names(runs: list[Run]) -> None:
 
 
 def results_table(runs: list[Run]) -> str:
-    header = "| run | epochs | best test acc (epoch) | best test kappa (epoch) | final recall per grade 0-4 |"
-    lines = [header, "|---|---|---|---|---|"]
+    header = (
+        "| run | epochs | chosen on | best epoch | test acc | test kappa | test referable AUC "
+        "| test recall per grade 0-4 |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         done = len(run.metrics)
         epochs = f"{done}/{run.epochs_planned}" if run.epochs_planned else str(done)
         if not run.finished:
             epochs += " (in progress)"
-        if run.metrics.empty:
-            lines.append(f"| {run.name} | {epochs} | - | - | - |")
+        best = run.best()
+        if best is None:
+            lines.append(f"| {run.name} | {epochs} | - | - | - | - | - | - |")
             continue
-        acc, qwk = run.best("test_acc"), run.best("test_qwk")
-        recall = " / ".join(f"{r:.2f}" for r in run.metrics["test_recall"].iloc[-1][:NUM_CLASSES])
+        auc = best.get("test_referable_auc")
+        auc = "-" if auc is None or pd.isna(auc) else f"{auc:.3f}"
+        recall = " / ".join(f"{r:.2f}" for r in best["test_recall"][:NUM_CLASSES])
+        chosen = run.chosen_on + (" (optimistic)" if run.chosen_on == "test" else "")
         lines.append(
-            f"| {run.name} | {epochs} | {100 * acc['test_acc']:.1f} % ({acc['epoch']}) "
-            f"| {qwk['test_qwk']:.3f} ({qwk['epoch']}) | {recall} |"
+            f"| {run.name} | {epochs} | {chosen} | {best['epoch']} | {100 * best['test_acc']:.1f} % "
+            f"| {best['test_qwk']:.3f} | {auc} | {recall} |"
         )
     return "\n".join(lines)
 
@@ -115,27 +130,25 @@ def plot_runs(runs: list[Run], out: Path) -> None:
         colour = colours[i % len(colours)]
         m = run.metrics
         marker = "o" if len(m) < 30 else None
-        for ax, key, scale in ((ax_acc, "acc", 100), (ax_loss, "loss", 1)):
-            ax.plot(
-                m["epoch"],
-                scale * m[f"test_{key}"],
-                color=colour,
-                marker=marker,
-                label=f"{run.name} test",
-            )
-            ax.plot(
-                m["epoch"],
-                scale * m[f"train_{key}"],
-                color=colour,
-                linestyle="--",
-                marker=marker,
-                alpha=0.8,
-                label=f"{run.name} train",
-            )
-        ax_qwk.plot(m["epoch"], m["test_qwk"], color=colour, marker=marker, label=run.name)
-    ax_acc.set(title="Accuracy (solid: test, dashed: train)", xlabel="epoch", ylabel="accuracy (%)")
-    ax_loss.set(title="Cross-entropy loss", xlabel="epoch", ylabel="loss")
-    ax_qwk.set(title="Test quadratic weighted kappa", xlabel="epoch", ylabel="kappa")
+        styles = (("train", "--"), ("val", ":"), ("test", "-"))
+        for ax, key, scale in ((ax_acc, "acc", 100), (ax_loss, "loss", 1), (ax_qwk, "qwk", 1)):
+            for split, style in styles:
+                if f"{split}_{key}" in m:
+                    ax.plot(
+                        m["epoch"],
+                        scale * m[f"{split}_{key}"],
+                        color=colour,
+                        linestyle=style,
+                        marker=marker,
+                        label=f"{run.name} {split}",
+                    )
+    ax_acc.set(
+        title="Accuracy (dashed: train, dotted: val, solid: test)",
+        xlabel="epoch",
+        ylabel="accuracy (%)",
+    )
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
+    ax_qwk.set(title="Quadratic weighted kappa (val, test)", xlabel="epoch", ylabel="kappa")
     for ax in (ax_acc, ax_loss, ax_qwk):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -33,6 +33,8 @@ from pipeline.loading.contract import normalization
 from pipeline.loading.samples import eval_image
 from pipeline.writing.preprocess import BadImage, prepare
 from trainer.checkpoint import load_best
+from trainer.heads import build_head
+from trainer.pairing import blend_partners
 
 PHOTO_EXTENSIONS = (*IMAGE_EXTENSIONS, ".png")
 PREDICTIONS_FILE = "predictions.csv"
@@ -50,6 +52,11 @@ class PredictConfig:
     out: Path = arg(Path("."), "folder to write predictions.csv into", metavar="DIR")
     tta: bool = arg(False, "average over horizontal/vertical flips")
     batch_size: int = arg(16, "images per forward pass")
+    pair_eyes: bool = arg(
+        False,
+        "blend each eye's outputs with its partner's (10_left with 10_right, "
+        "by file name; the weight chosen on val, stored in the checkpoint)",
+    )
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
 
     def __post_init__(self):
@@ -117,10 +124,10 @@ def load_for_model(path: Path, shard_size: int, image_size: int, graham: bool) -
 def predict_batch(
     model, images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tta: bool
 ) -> torch.Tensor:
-    """Class probabilities (N, 5); with ``tta`` averaged over the four flips."""
+    """The head's raw outputs (N, k); with ``tta`` averaged over the four flips."""
     x = torch.addcmul(shift, images, scale)  # the loaders' normalisation, to the bit
     views = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)] if tta else [x]
-    return torch.stack([model(v).float().softmax(1) for v in views]).mean(0)
+    return torch.stack([model(v).float() for v in views]).mean(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,19 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     prep = info.get("preprocess") or {}
     shard_size, graham = int(prep.get("size", image_size)), bool(prep.get("graham", False))
     shift, scale = normalization(args.device, info["mean"], info["std"])
+    head = build_head(info.get("head", "classify"))
+    cuts = tuple(info["cut_points"]) if info.get("cut_points") else None
     paths, results = find_images(args.inputs)
     for problem in results:
         print(f"error: cannot grade {problem.path}: {problem.error}", file=sys.stderr)
 
     pending: list[tuple[Prediction, torch.Tensor]] = []
+    graded: list[tuple[Prediction, np.ndarray]] = []
 
     def flush():
         if pending:
-            probs = predict_batch(
+            outputs = predict_batch(
                 model, torch.stack([t for _, t in pending]).to(args.device), shift, scale, args.tta
             )
-            for (pred, _), p in zip(pending, probs.cpu().tolist(), strict=True):
-                pred.probs, pred.grade = p, int(np.argmax(p))
+            graded.extend(zip((p for p, _ in pending), outputs.cpu().numpy(), strict=True))
             pending.clear()
 
     for path in paths:
@@ -158,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         if len(pending) == args.batch_size:
             flush()
     flush()
+    if graded:
+        outputs = np.stack([o for _, o in graded])
+        if args.pair_eyes:  # partners found by file name: 10_left.jpeg beside 10_right.jpeg
+            stems = [p.path.stem for p, _ in graded]
+            outputs = blend_partners(stems, outputs, info.get("pair_blend") or 0.0)
+        probs, grades = head.probs(outputs, cuts), head.grades(outputs, cuts)
+        for (pred, _), p, g in zip(graded, probs, grades, strict=True):
+            pred.probs, pred.grade = [float(x) for x in p], int(g)
 
     out = args.out / PREDICTIONS_FILE
     write_csv(out, results)
@@ -177,11 +194,14 @@ def write_csv(path: Path, results: list[Prediction]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "grade", *[f"p{g}" for g in range(NUM_CLASSES)], "error"])
+        writer.writerow(
+            ["image", "grade", *[f"p{g}" for g in range(NUM_CLASSES)], "referable_score", "error"]
+        )
         for r in results:
-            probs = [f"{p:.6f}" for p in r.probs] if r.probs else [""] * NUM_CLASSES
+            probs = [f"{p:.8f}" for p in r.probs] if r.probs else [""] * NUM_CLASSES
+            referable = f"{sum(r.probs[2:]):.8f}" if r.probs else ""
             writer.writerow(
-                [str(r.path), "" if r.grade is None else r.grade, *probs, r.error or ""]
+                [str(r.path), "" if r.grade is None else r.grade, *probs, referable, r.error or ""]
             )
 
 

@@ -4,16 +4,20 @@
 it is kept as ``checkpoints/previous/``)::
 
     {"epoch": completed epochs, "model", "optimizer", "scheduler", "scaler" (fp16 only),
-     "best": {"epoch", "test_qwk"}, "rng": [per rank: python, numpy, torch, cuda],
+     "row": the epoch's metrics line, "best": the best epoch's,
+     "rng": [per rank: python, numpy, torch, cuda],
      "world_size", "config"}
 
-``OUT/best.pt`` (the epoch with the highest test kappa) holds everything evaluation and
-prediction need, with nothing else::
+``OUT/best.pt`` (the epoch with the highest val kappa; test kappa when the shards have no
+val split) holds everything evaluation and prediction need, with nothing else::
 
     {"model": state dict, "arch", "num_classes", "class_names", "image_size",
      "mean", "std" (ImageNet, on the 0-255 pixel scale), "preprocess" (the shard
      manifest's: size, graham, ... -- how new photographs must be prepared),
-     "augment" (the training augmentation), "epoch", "metrics", "config"}
+     "augment" (the training augmentation), "head" and "outputs" (classify 5, regress 1,
+     ordinal 4), "cut_points" (regress), "pair_blend" (both eyes), "referable_threshold"
+     (the screening operating point): the last three chosen on val; "epoch", "metrics",
+     "config"}
 
 Both load with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
 """
@@ -181,10 +185,13 @@ def save_best(
     config: dict,
     preprocess: dict | None = None,
     augment: dict | None = None,
+    head: str = "classify",
 ) -> None:
     payload = {
         "model": {k: v.detach().cpu() for k, v in model_state.items()},
         "arch": arch,
+        "head": head,
+        "outputs": int(model_state["fc.weight"].shape[0]),  # the head's: 5, 1 (regress) or 4
         "num_classes": NUM_CLASSES,
         "class_names": list(CLASS_NAMES),
         "image_size": image_size,
@@ -192,6 +199,10 @@ def save_best(
         "std": list(IMAGENET_STD),
         "preprocess": preprocess or {},
         "augment": augment or {},  # what training did to its images (evaluation does none of it)
+        # P(grade >= 2) at or above it means "refer": chosen on val for 90 % sensitivity
+        "referable_threshold": metrics.get("referable_threshold"),
+        "cut_points": metrics.get("cut_points"),  # regress head: tuned on val for kappa
+        "pair_blend": metrics.get("pair_blend"),  # both eyes: weight of the partner, chosen on val
         "epoch": epoch,
         "metrics": metrics,
         "config": config,
@@ -202,8 +213,9 @@ def save_best(
 def repair_best(run_dir: str | Path, state: dict) -> None:
     """Rewrite best.pt from last/ when a kill fell between the two (the best epoch is last/'s).
 
-    Per epoch the order is: metrics line, confusion, last/, best.pt; so best.pt is never
-    ahead of last/, and can only be behind it in this one way.
+    Per epoch the order is: confusion, last/, best.pt, metrics line; so best.pt is never
+    ahead of last/, and can only be behind it in this one way. With --ema, best.pt holds the
+    average's weights.
     """
     best = state.get("best")
     if not best or best["epoch"] != state["epoch"]:
@@ -215,9 +227,14 @@ def repair_best(run_dir: str | Path, state: dict) -> None:
     ):
         return
     config = state["config"]
+    weights = state["model"]
+    if "ema" in state:  # AveragedModel's state: "module."-prefixed weights and n_averaged
+        weights = {
+            k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")
+        }
     save_best(
         path,
-        state["model"],
+        weights,
         arch=config["arch"],
         image_size=config["image_size"],
         epoch=state["epoch"],
@@ -225,6 +242,7 @@ def repair_best(run_dir: str | Path, state: dict) -> None:
         config=config,
         preprocess=state.get("preprocess"),
         augment=state.get("augment"),
+        head=config.get("head", "classify"),
     )
 
 
@@ -235,7 +253,7 @@ def load_best(path: str | Path, device: str | torch.device = "cpu") -> tuple[tor
         raise UserError(f"checkpoint {path} does not exist")
     try:
         info = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(info["arch"], info["num_classes"])
+        model = build_model(info["arch"], info.get("outputs", info["num_classes"]))
     except (KeyError, TypeError) as err:
         raise UserError(f"{path} is not a best.pt written by trainer/train.py (no {err})") from None
     except Exception as err:

@@ -14,6 +14,9 @@ from pipeline.errors import UserError
 from pipeline.loading.augment import PRESETS, AugmentConfig, augment_preset
 
 ARCHS = ("resnet18", "resnet50")  # the keys of trainer.model.MODELS (checked by a test)
+HEADS = ("classify", "regress", "ordinal")  # the keys of trainer.heads.HEADS (checked by a test)
+OPTIMIZERS = ("sgd", "adamw")
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive")
 BACKENDS = ("auto", "dali", "torch")
 CLASS_WEIGHTS = ("none", "inverse", "sqrt")
 SCHEDULES = ("constant", "cosine")
@@ -30,6 +33,9 @@ RESUMABLE = (
     "backend",
     "quiet",
     "verify_shards",
+    "deterministic",
+    "shard_io",
+    "log_with",
 )
 
 
@@ -40,11 +46,38 @@ class TrainConfig:
     out: str | None = arg(None, "run folder (default: runs/ARCH-YYYYmmdd-HHMMSS)", metavar="DIR")
     epochs: int = arg(10, "epochs to train (with --resume: the new total)")
     batch_size: int = arg(8, "images per step per device (process)")
-    lr: float = arg(0.01, "SGD learning rate (peak, after warmup)")
+    head: str = arg(
+        "classify",
+        "classify: 5-way softmax (the reference); regress: one output on the "
+        "grade, cut-points tuned on val for kappa; ordinal: 4 cumulative sigmoids",
+        choices=HEADS,
+    )
+    regress_loss: str = arg("smoothl1", "loss of the regress head", choices=("mse", "smoothl1"))
+    label_smoothing: float = arg(0.0, "classify head: cross-entropy label smoothing")
+    optimizer: str = arg(
+        "sgd", "sgd (the reference, with --momentum) or adamw (try --lr 1e-3)", choices=OPTIMIZERS
+    )
+    lr: float = arg(0.01, "learning rate (peak, after warmup)")
     momentum: float = arg(0.9, "SGD momentum")
-    weight_decay: float = arg(5e-4, "SGD weight decay")
+    weight_decay: float = arg(5e-4, "weight decay")
+    ema: float | None = arg(
+        None,
+        "keep an exponential moving average of the weights with this decay "
+        "(e.g. 0.999); it is what is evaluated and saved in best.pt",
+        metavar="DECAY",
+    )
+    grad_accumulation: int = arg(
+        1, "batches per optimizer step (gradients accumulated)", metavar="N"
+    )
+    clip_grad: float | None = arg(None, "clip the gradient norm to this", metavar="NORM")
+    compile: bool = arg(False, "torch.compile the model")
     image_size: int = arg(512, "square input size in pixels")
     pretrained: bool = arg(False, "start from torchvision's ImageNet weights (downloaded once)")
+    imagenet_weights: str = arg(
+        "V1",
+        "which torchvision ImageNet weights: V1 (the reference's) or V2 (resnet50 only)",
+        choices=("V1", "V2"),
+    )
     weights: str | None = arg(
         None,
         "start from a local state dict: full model or ImageNet backbone "
@@ -100,6 +133,11 @@ class TrainConfig:
         "training (sha256, indexes, keys, patients, grades); the sizes and index "
         "counts are always checked",
     )
+    log_with: list[str] | None = arg(
+        None,
+        "also log each epoch to these trackers through Accelerate (metrics.jsonl stays the record)",
+        choices=TRACKERS,
+    )
     quiet: bool = arg(False, "no progress bar; one line per epoch")
 
     def __post_init__(self):
@@ -121,6 +159,18 @@ class TrainConfig:
                 raise UserError(f"--{name} must be 0 or more, got {value}")
         if self.pretrained and self.weights:
             raise UserError("use either --pretrained or --weights FILE, not both")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise UserError(f"--ema must be a decay between 0 and 1 (e.g. 0.999), got {self.ema}")
+        if self.grad_accumulation < 1:
+            raise UserError(f"--grad-accumulation must be at least 1, got {self.grad_accumulation}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise UserError(f"--clip-grad must be positive, got {self.clip_grad}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.label_smoothing and self.head != "classify":
+            raise UserError("--label-smoothing applies to the classify head only")
+        if self.imagenet_weights == "V2" and self.arch != "resnet50":
+            raise UserError("--imagenet-weights V2 exists for resnet50 only")
         if self.image_size < 32:
             raise UserError(
                 f"--image-size {self.image_size} is too small for a ResNet (use 32 or more)"

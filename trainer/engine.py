@@ -12,23 +12,31 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel
 
-from pipeline.constants import NUM_CLASSES
 from pipeline.errors import RunError, UserError
 from pipeline.shardformat import eye_of, patient_of
-from trainer.metrics import accuracy, confusion_matrix, quadratic_kappa, recall_per_class
+from trainer.heads import ClassifyHead, Head
+from trainer.metrics import (
+    accuracy,
+    confusion_of,
+    quadratic_kappa,
+    recall_per_class,
+    referable_score,
+)
+from trainer.pairing import blend_partners
 
+CLASSIFY = ClassifyHead()  # the reference recipe's head, the default
 CHECK_EVERY = 50  # steps between cross-rank loss checks (a sync point; also feeds the progress bar)
 
 
@@ -51,32 +59,58 @@ class TrainResult:
 
 @dataclass
 class EvalResult:
+    """A split's evaluation: every image once (gathered from all ranks, sorted by key), its
+    raw head outputs, and what they become with the head and its cut-points."""
+
     loss: float
-    accuracy: float
-    kappa: float
-    recall: list[float]
-    confusion: np.ndarray  # summed over ranks, [true, predicted]
-    keys: list[str]  # every sample of the split once, sorted
-    labels: np.ndarray  # (N,) true grades, in the order of keys
-    probs: np.ndarray  # (N, 5) class probabilities, in the order of keys
+    keys: list[str]
+    labels: np.ndarray  # (N,) true grades
+    outputs: np.ndarray  # (N, head.outputs) raw outputs
+    head: Head = field(default_factory=ClassifyHead)
+    cuts: tuple[float, ...] | None = None  # regress head: tuned on val
+
+    def __post_init__(self):
+        self.probs = self.head.probs(self.outputs, self.cuts)  # (N, 5)
+        self.grades = self.head.grades(self.outputs, self.cuts)
+        self.confusion = confusion_of(self.labels, self.grades)
 
     @property
     def samples(self) -> int:
-        return int(self.confusion.sum())
+        return len(self.keys)
+
+    @property
+    def accuracy(self) -> float:
+        return accuracy(self.confusion)
+
+    @property
+    def kappa(self) -> float:
+        return quadratic_kappa(self.confusion)
+
+    @property
+    def recall(self) -> list[float]:
+        return recall_per_class(self.confusion)
+
+    def with_cuts(self, cuts: tuple[float, ...] | None) -> EvalResult:
+        return replace(self, cuts=cuts)
+
+    def paired(self, weight: float) -> EvalResult:
+        """The same images with each eye's outputs blended with its partner's."""
+        return replace(self, outputs=blend_partners(self.keys, self.outputs, weight))
 
     def predictions(self) -> pd.DataFrame:
-        """One row per image: key, patient, eye, true, pred, p0..p4."""
+        """One row per image: key, patient, eye, true, pred, p0..p4, referable_score."""
         table = pd.DataFrame(
             {
                 "key": self.keys,
                 "patient": [patient_of(k) for k in self.keys],
                 "eye": [eye_of(k) for k in self.keys],
                 "true": self.labels,
-                "pred": self.probs.argmax(1),
+                "pred": self.grades,
             }
         )
         for grade in range(self.probs.shape[1]):
             table[f"p{grade}"] = self.probs[:, grade]
+        table["referable_score"] = referable_score(self.probs)  # P(grade >= 2)
         return table
 
 
@@ -110,8 +144,17 @@ def native_bf16() -> bool:
         return torch.cuda.get_device_capability() >= (8, 0)
 
 
-def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+def build_optimizer(
+    model: nn.Module, lr: float, momentum: float, weight_decay: float, name: str = "sgd"
+) -> Optimizer:
+    """SGD with momentum (the reference) or AdamW (momentum is Adam's own)."""
+    if name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise UserError(f"unknown optimizer '{name}'; choose sgd or adamw")
 
 
 def build_scheduler(
@@ -162,21 +205,6 @@ def class_weights_for(
 # ---------------------------------------------------------------- train and evaluate
 
 
-def cross_entropy_sums(
-    logits: Tensor, labels: Tensor, class_weights: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """(weighted) loss summed over the batch, and the weights summed: their ratio is the mean."""
-    loss_sum = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="sum")
-    # No tensor from a Python number here: on a GPU that is a host-to-device copy and a sync
-    # in every step.
-    weights = (
-        class_weights[labels]
-        if class_weights is not None
-        else torch.ones_like(labels, dtype=torch.float32)
-    )
-    return loss_sum, weights.sum()
-
-
 def train_step(
     model: nn.Module,
     images: Tensor,
@@ -184,17 +212,27 @@ def train_step(
     optimizer: Optimizer,
     scheduler: LambdaLR,
     accelerator: Accelerator,
+    head: Head = CLASSIFY,
     class_weights: Tensor | None = None,
+    clip_grad: float | None = None,
+    ema: AveragedModel | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One optimizer step; the detached logits, loss sum and weight sum (for the epoch's means)."""
-    with accelerator.autocast():
-        logits = model(images)
-        loss_sum, weight_sum = cross_entropy_sums(logits, labels, class_weights)
-    accelerator.backward(loss_sum / weight_sum)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return logits.detach(), loss_sum.detach(), weight_sum
+    """One step (an optimizer step every ``gradient_accumulation_steps`` of them); the detached
+    outputs, loss sum and weight sum (for the epoch's means)."""
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            out = model(images)
+            loss_sum, weight_sum = head.loss_sums(out, labels, class_weights)
+        accelerator.backward(loss_sum / weight_sum)  # Accelerate divides by the accumulation
+        if accelerator.sync_gradients:
+            if clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
+    return out.detach(), loss_sum.detach(), weight_sum
 
 
 def train_one_epoch(
@@ -203,25 +241,44 @@ def train_one_epoch(
     optimizer: Optimizer,
     scheduler: LambdaLR,
     accelerator: Accelerator,
+    head: Head = CLASSIFY,
     class_weights: Tensor | None = None,
     on_step: Callable[[float | None], None] | None = None,
+    clip_grad: float | None = None,
+    ema: AveragedModel | None = None,
 ) -> TrainResult:
+    """One epoch of whole optimizer steps: with gradient accumulation over N batches, the
+    epoch's last ``len(loader) % N`` batches are left out (so every epoch, and a resumed
+    one, starts on a fresh accumulation)."""
     model.train()
     totals = torch.zeros(3, device=accelerator.device)  # loss sum, weight sum, correct
     seen, lr = 0, optimizer.param_groups[0]["lr"]
+    accumulation = accelerator.gradient_accumulation_steps
+    steps = len(loader) // accumulation * accumulation
     start = time.perf_counter()
     for step, (images, labels) in enumerate(loader, 1):
         lr = optimizer.param_groups[0]["lr"]
-        logits, loss_sum, weight_sum = train_step(
-            model, images, labels, optimizer, scheduler, accelerator, class_weights
+        out, loss_sum, weight_sum = train_step(
+            model,
+            images,
+            labels,
+            optimizer,
+            scheduler,
+            accelerator,
+            head,
+            class_weights,
+            clip_grad,
+            ema,
         )
-        correct = (logits.argmax(1) == labels).sum()
+        correct = (head.train_grades(out) == labels).sum()
         totals += torch.stack([loss_sum, weight_sum, correct.float()])
         seen += len(labels)
         running = check_finite(accelerator, totals, step) if step % CHECK_EVERY == 0 else None
         if on_step:
             on_step(running)
-    loss = check_finite(accelerator, totals, len(loader))
+        if step == steps:
+            break
+    loss = check_finite(accelerator, totals, steps)
     totals = accelerator.reduce(totals, "sum").tolist()
     seconds = time.perf_counter() - start
     images = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum"))
@@ -243,11 +300,13 @@ def evaluate(
     model: nn.Module,
     loader: Iterable[tuple[Tensor, Tensor, list[str]]],
     accelerator: Accelerator,
+    head: Head = CLASSIFY,
     class_weights: Tensor | None = None,
     expected: int | None = None,
+    cuts: tuple[float, ...] | None = None,
 ) -> EvalResult:
-    """Loss, accuracy, kappa, recall, the confusion matrix and every image's probabilities,
-    over every rank's slice; ``loader`` yields keys (``build_loader(..., with_keys=True)``).
+    """Every image's outputs, over every rank's slice, and the mean loss; ``loader`` yields
+    keys (``build_loader(..., with_keys=True)``).
 
     ``expected``: the split's sample count; another total, or a key seen twice, means
     samples were dropped or duplicated across ranks, and that is a bug worth stopping for.
@@ -255,56 +314,49 @@ def evaluate(
     sync_batchnorm_stats(model, accelerator)
     # The bare module: DDP's forward can broadcast buffers, a collective that would wait
     # forever on a rank whose slice of the split has fewer batches (or none).
-    model = accelerator.unwrap_model(model).eval()
-    confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
+    model = bare(accelerator, model).eval()
     sums = torch.zeros(2, device=accelerator.device)
     keys: list[str] = []
-    labels_seen, probs_seen = [], []
+    labels_seen, outputs_seen = [], []
     with torch.inference_mode():
         for images, labels, batch_keys in loader:
             with accelerator.autocast():
-                logits = model(images)
-            loss_sum, weight_sum = cross_entropy_sums(logits, labels, class_weights)
+                out = model(images)
+            loss_sum, weight_sum = head.loss_sums(out, labels, class_weights)
             sums += torch.stack([loss_sum, weight_sum])
-            confusion += confusion_matrix(labels, logits.argmax(1))
             keys += batch_keys
             labels_seen.append(labels)
-            probs_seen.append(logits.float().softmax(1))
-    confusion = accelerator.reduce(confusion, "sum").cpu().numpy()
+            outputs_seen.append(out.float())
     sums = accelerator.reduce(sums, "sum").tolist()
-    keys, labels, probs = gather_per_image(keys, labels_seen, probs_seen)
-    if expected is not None and (confusion.sum() != expected or len(set(keys)) != expected):
+    keys, labels, outputs = gather_per_image(keys, labels_seen, outputs_seen, head.outputs)
+    if expected is not None and (len(keys) != expected or len(set(keys)) != expected):
         raise RuntimeError(
-            f"evaluation saw {confusion.sum()} samples ({len(set(keys))} distinct) over all ranks, "
+            f"evaluation saw {len(keys)} samples ({len(set(keys))} distinct) over all ranks, "
             f"the split has {expected}: the loader dropped or repeated samples"
         )
-    return EvalResult(
-        loss=sums[0] / max(sums[1], 1e-12),
-        accuracy=accuracy(confusion),
-        kappa=quadratic_kappa(confusion),
-        recall=recall_per_class(confusion),
-        confusion=confusion,
-        keys=keys,
-        labels=labels,
-        probs=probs,
-    )
+    return EvalResult(sums[0] / max(sums[1], 1e-12), keys, labels, outputs, head, cuts)
 
 
 def gather_per_image(
-    keys: list[str], labels: list[Tensor], probs: list[Tensor]
+    keys: list[str], labels: list[Tensor], outputs: list[Tensor], width: int
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Every rank's per-image results on every rank, sorted by key (one copy to the host each)."""
     mine = (
         keys,
         torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int64),
-        torch.cat(probs).cpu().numpy() if probs else np.zeros((0, NUM_CLASSES), np.float32),
+        torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, width), np.float32),
     )
-    parts = gather_object([mine])  # one (keys, labels, probs) per rank
+    parts = gather_object([mine])  # one (keys, labels, outputs) per rank
     all_keys = [k for part in parts for k in part[0]]
     order = np.argsort(all_keys, kind="stable")
     all_labels = np.concatenate([part[1] for part in parts])[order]
-    all_probs = np.concatenate([part[2] for part in parts])[order]
-    return [all_keys[i] for i in order], all_labels, all_probs
+    all_outputs = np.concatenate([part[2] for part in parts])[order]
+    return [all_keys[i] for i in order], all_labels, all_outputs
+
+
+def bare(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The module under DDP and torch.compile: the one whose state dict is saved and loaded."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def sync_batchnorm_stats(model: nn.Module, accelerator: Accelerator) -> None:
@@ -315,6 +367,6 @@ def sync_batchnorm_stats(model: nn.Module, accelerator: Accelerator) -> None:
     """
     if accelerator.num_processes == 1:
         return
-    for buffer in accelerator.unwrap_model(model).buffers():
+    for buffer in bare(accelerator, model).buffers():
         if buffer.is_floating_point():
             buffer.copy_(accelerator.reduce(buffer, "mean"))

@@ -5,8 +5,11 @@
 
 Accuracy, quadratic weighted kappa, per-class recall, loss and the confusion matrix
 (CSV + PNG), over every sample of the split exactly once, on 1..N processes; with --out,
-also ``predictions.csv``: one row per image (key, patient, eye, true, pred, p0..p4), the
-file to open to see which photographs were graded wrong. It
+also ``predictions.csv``: one row per image (key, patient, eye, true, pred, p0..p4,
+referable_score), the file to open to see which photographs were graded wrong, and
+``roc.png``. Screening figures: referable DR (grade >= 2, score p2+p3+p4) ROC-AUC, with
+sensitivity and specificity at the operating point stored in the checkpoint (chosen on
+val by the trainer), and any-DR (grade >= 1) ROC-AUC. It
 evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the
 numbers logged for that epoch.
@@ -29,22 +32,39 @@ from pipeline.manifest import read_manifest
 from trainer.checkpoint import load_best
 from trainer.config import BACKENDS
 from trainer.engine import class_weights_for, evaluate, resolve_precision
-from trainer.metrics import plot_confusion, write_confusion_csv
+from trainer.heads import build_head
+from trainer.metrics import (
+    REFERABLE_GRADE,
+    any_dr_score,
+    operating_threshold,
+    plot_confusion,
+    plot_roc,
+    referable_score,
+    screening,
+    write_confusion_csv,
+)
 
 PREDICTIONS_FILE = "predictions.csv"
+ROC_FILE = "roc.png"
 
 
 @dataclass
 class EvalConfig:
     checkpoint: Path = arg(help="best.pt written by trainer/train.py", metavar="FILE")
     shards: Path = arg(help="shard folder", metavar="DIR")
-    split: str = arg("test", "split to evaluate")
+    split: str = arg("test", "split to evaluate: train, val or test")
     out: Path | None = arg(
         None, "write metrics.json and the confusion matrix into this folder", metavar="DIR"
     )
     batch_size: int | None = arg(None, "per process (default: the checkpoint's)")
     backend: str | None = arg(None, "loader backend (default: the checkpoint's)", choices=BACKENDS)
     workers: int | None = arg(None, "loader workers per process")
+    pair_eyes: bool = arg(
+        False,
+        "blend each eye's outputs with its partner's (the weight chosen on val, "
+        "stored in the checkpoint); reports kappa with and without, and writes the "
+        "blended predictions",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,8 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(memory_format=torch.channels_last)
     model = accelerator.prepare(model)
 
-    result = evaluate(model, loader, accelerator, class_weights, expected=expected)
+    head = build_head(info.get("head", "classify"))
+    cuts = tuple(info["cut_points"]) if info.get("cut_points") else None
+    alone = evaluate(model, loader, accelerator, head, class_weights, expected=expected, cuts=cuts)
     loader.close()
+    blend = info.get("pair_blend") or 0.0
+    result = alone.paired(blend) if args.pair_eyes else alone
+    positive, score = result.labels >= REFERABLE_GRADE, referable_score(result.probs)
+    threshold, threshold_from = info.get("referable_threshold"), "the checkpoint (chosen on val)"
+    if threshold is None:  # a checkpoint of an older version: choose here, and say so
+        threshold, threshold_from = (
+            operating_threshold(positive, score),
+            f"this split ({args.split})",
+        )
+    screen = screening(result.labels, result.probs, threshold)
     metrics = {
         "checkpoint": str(args.checkpoint),
         "checkpoint_epoch": info.get("epoch"),
@@ -101,8 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         "loss": result.loss,
         "accuracy": result.accuracy,
         "qwk": result.kappa,
+        "qwk_eye_alone": alone.kappa,
+        "qwk_both_eyes": alone.paired(blend).kappa,
+        "pair_blend": blend,
+        "paired": args.pair_eyes,
+        "head": head.name,
+        "cut_points": cuts,
         "recall": result.recall,
         "confusion": result.confusion.tolist(),
+        **screen,
+        "referable_threshold": threshold,
+        "referable_threshold_from": threshold_from,
         "world_size": accelerator.num_processes,
         "backend": loader.backend,
     }
@@ -112,6 +153,26 @@ def main(argv: list[str] | None = None) -> int:
         f"accuracy {100 * result.accuracy:.2f} %, kappa {result.kappa:.4f}, loss {result.loss:.4f}, "
         f"recall 0-4 {recall}"
     )
+    if args.pair_eyes:
+        accelerator.print(
+            f"both eyes (partner weight {blend:.2f}, chosen on val): kappa {result.kappa:.4f}; "
+            f"each eye alone: kappa {alone.kappa:.4f}"
+        )
+    if screen["referable_auc"] is not None:
+        accelerator.print(
+            f"referable DR (grade >= 2): AUC {screen['referable_auc']:.4f}"
+            + (
+                f", sensitivity {screen['sensitivity']:.3f} and specificity {screen['specificity']:.3f} "
+                f"at threshold {threshold:.4f} from {threshold_from}"
+                if threshold is not None
+                else ""
+            )
+            + (
+                f"; any DR AUC {screen['any_dr_auc']:.4f}"
+                if screen["any_dr_auc"] is not None
+                else ""
+            )
+        )
     if args.out and accelerator.is_main_process:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -125,16 +186,22 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         write_predictions(result.predictions(), out / PREDICTIONS_FILE)
+        curves = {
+            "referable DR (>= 2)": (positive, score),
+            "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
+        }
+        plot_roc(curves, threshold, out / ROC_FILE, title=f"{info['arch']} on {args.split}")
         accelerator.print(
-            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE} and confusion_{args.split}.csv/.png"
+            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE} and "
+            f"confusion_{args.split}.csv/.png"
         )
     accelerator.end_training()
     return 0
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:
-    """One row per image, probabilities to 6 decimals (enough to compare with predict.py)."""
-    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+    """One row per image; 8 decimals keep the scores' ranking (and so the AUC) as computed."""
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.8f"))
 
 
 def cli() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import cohen_kappa_score
+from sklearn.metrics import cohen_kappa_score, roc_auc_score, roc_curve
 
 from pipeline.constants import CLASS_NAMES, NUM_CLASSES
 
@@ -57,6 +57,28 @@ def quadratic_kappa(cm: np.ndarray) -> float:
         warnings.simplefilter("ignore")  # sklearn warns where kappa is undefined; 0.0 below
         kappa = cohen_kappa_score(true, pred, labels=list(range(n)), weights="quadratic")
     return float(kappa) if np.isfinite(kappa) else 0.0
+
+
+def confusion_of(
+    labels: np.ndarray, grades: np.ndarray, num_classes: int = NUM_CLASSES
+) -> np.ndarray:
+    """The confusion matrix of two grade arrays (numpy), ``[true, predicted]``."""
+    flat = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(grades, dtype=np.int64)
+    return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def kappa_of(labels: np.ndarray, grades: np.ndarray) -> float:
+    """Quadratic weighted kappa of two grade arrays, by its formula (what threshold tuning
+    calls thousands of times; equal to ``quadratic_kappa``, which asks sklearn)."""
+    cm = confusion_of(labels, grades).astype(np.float64)
+    total = cm.sum()
+    if total == 0:
+        return 0.0
+    n = len(cm)
+    weights = (np.arange(n)[:, None] - np.arange(n)[None, :]) ** 2 / (n - 1) ** 2
+    expected = np.outer(cm.sum(axis=1), cm.sum(axis=0)) / total
+    denominator = (weights * expected).sum()
+    return float(1.0 - (weights * cm).sum() / denominator) if denominator > 0 else 0.0
 
 
 def write_confusion_csv(cm: np.ndarray, path: Path) -> None:
@@ -116,6 +138,96 @@ def plot_confusion(cm: np.ndarray, path: Path, title: str = "") -> None:
                 )
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- screening
+
+REFERABLE_GRADE = 2  # moderate or worse: a screening programme refers the patient
+TARGET_SENSITIVITY = 0.9  # the operating point is chosen on val to reach at least this
+
+
+def referable_score(probs: np.ndarray) -> np.ndarray:
+    """P(grade >= 2) = p2 + p3 + p4, per image."""
+    return probs[:, REFERABLE_GRADE:].sum(axis=1)
+
+
+def any_dr_score(probs: np.ndarray) -> np.ndarray:
+    """P(grade >= 1) = p1 + ... + p4, per image."""
+    return probs[:, 1:].sum(axis=1)
+
+
+def _auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """ROC-AUC; None where it is undefined (a split without positives or without negatives)."""
+    if positive.all() or not positive.any():
+        return None
+    return float(roc_auc_score(positive, score))
+
+
+def operating_threshold(
+    positive: np.ndarray, score: np.ndarray, sensitivity: float = TARGET_SENSITIVITY
+) -> float | None:
+    """The highest score threshold whose sensitivity reaches ``sensitivity`` (so the most
+    specific such one); None without positives and negatives to choose from."""
+    if positive.all() or not positive.any():
+        return None
+    _, tpr, thresholds = roc_curve(positive, score)
+    return float(thresholds[np.argmax(tpr >= sensitivity)])
+
+
+def screening(labels: np.ndarray, probs: np.ndarray, threshold: float | None) -> dict:
+    """Referable DR (grade >= 2) AUC, sensitivity and specificity at ``threshold`` (chosen on
+    val, applied unchanged elsewhere), and any-DR (grade >= 1) AUC."""
+    referable = labels >= REFERABLE_GRADE
+    score = referable_score(probs)
+    flagged = score >= threshold if threshold is not None else None
+    return {
+        "referable_auc": _auc(referable, score),
+        "any_dr_auc": _auc(labels >= 1, any_dr_score(probs)),
+        "sensitivity": float(flagged[referable].mean())
+        if flagged is not None and referable.any()
+        else None,
+        "specificity": float((~flagged[~referable]).mean())
+        if flagged is not None and (~referable).any()
+        else None,
+    }
+
+
+def plot_roc(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    threshold: float | None,
+    path: Path,
+    title: str = "",
+) -> None:
+    """Referable-DR and any-DR ROC curves of one split, the referable operating point marked.
+
+    ``curves``: name -> (positive, score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.2))
+    for name, (positive, score) in curves.items():
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, score):.3f})")
+        if name.startswith("referable") and threshold is not None:
+            flagged = score >= threshold
+            sens, spec = flagged[positive].mean(), (~flagged[~positive]).mean()
+            ax.plot(
+                [1 - spec],
+                [sens],
+                "o",
+                color="black",
+                label=f"operating point: sensitivity {sens:.2f}, specificity {spec:.2f}",
+            )
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -45,14 +45,16 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from PIL import Image
 from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json, reporting_disk_full
 from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Manifest, read_manifest
 from pipeline.verify import verify_shards
 from trainer.checkpoint import (
     BEST_FILE,
@@ -70,6 +72,7 @@ from trainer.engine import (
     EvalResult,
     NonFiniteLossError,
     TrainResult,
+    bare,
     build_optimizer,
     build_scheduler,
     class_weights_for,
@@ -78,8 +81,18 @@ from trainer.engine import (
     seek_schedule,
     train_one_epoch,
 )
-from trainer.metrics import plot_confusion, write_confusion_csv
+from trainer.heads import build_head, tune_cuts
+from trainer.metrics import (
+    REFERABLE_GRADE,
+    kappa_of,
+    operating_threshold,
+    plot_confusion,
+    referable_score,
+    screening,
+    write_confusion_csv,
+)
 from trainer.model import build_model, imagenet_state_dict
+from trainer.pairing import choose_blend
 from trainer.runfiles import (
     CONFIG_FILE,
     CONFUSION_DIR,
@@ -93,42 +106,38 @@ from trainer.runfiles import (
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 HEADER = (
-    f"{'epoch':>7} {'train loss':>10} {'train acc':>9} {'test loss':>9} {'test acc':>8} "
-    f"{'kappa':>6} {'img/s':>8} {'time':>7} {'lr':>9}  recall 0-4"
+    f"{'epoch':>7} {'train loss':>10} {'train acc':>9} {'val kappa':>9} {'test loss':>9} "
+    f"{'test acc':>8} {'kappa':>6} {'ref AUC':>7} {'img/s':>8} {'time':>7} {'lr':>9}  test recall 0-4"
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, given = parse_args(argv)
-    if cfg.deterministic:
-        make_deterministic()
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=resolve_precision(cfg.precision, torch.cuda.is_available()),
-    )
+    state, note = resumed(cfg, given) if cfg.resume else (None, None)
+    if state is not None or note:
+        cfg = merge_for_resume(
+            state["config"] if state else saved_config(Path(cfg.out)), cfg, given
+        )
+    accelerator = build_accelerator(cfg)
     out = choose_run_folder(cfg, accelerator)
-    state = load_last(out) if cfg.resume else None
-    if cfg.resume:
-        cfg = merge_for_resume(state["config"] if state else saved_config(out), cfg, given)
-        if state is None:
-            accelerator.print(f"{out} has no complete epoch to resume from; starting at epoch 1")
     cfg.out = str(out)
+    if note:
+        accelerator.print(note)
     manifest = read_manifest(cfg.shards)
     if cfg.verify_shards:
         on_leader(accelerator, lambda: check_shards(cfg.shards))
-    test_count = manifest.split("test").samples
+    chooser = choosing_split(manifest, accelerator)
     set_seed(cfg.seed)
 
     gpu = accelerator.device.type == "cuda"
-    torch.backends.cudnn.benchmark = (
-        gpu and not cfg.deterministic
-    )  # autotuning picks kernels by timing
-    train_loader, test_loader = build_loaders(cfg, accelerator, channels_last=gpu)
-    model = build_model_on_every_rank(cfg, accelerator)
+    torch.backends.cudnn.benchmark = gpu and not cfg.deterministic  # autotuning: kernels by timing
+    train_loader, eval_loaders = build_loaders(cfg, manifest, accelerator, channels_last=gpu)
+    head = build_head(cfg.head, cfg.label_smoothing, cfg.regress_loss)
+    model = build_model_on_every_rank(cfg, head.outputs, accelerator)
     if gpu:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    steps = len(train_loader)  # per rank: the schedule steps once per optimizer step
+    optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.optimizer)
+    steps = optimizer_steps_per_epoch(len(train_loader), cfg.grad_accumulation)
     scheduler = build_scheduler(
         optimizer, cfg.schedule, round(cfg.warmup_epochs * steps), cfg.epochs * steps
     )
@@ -136,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         manifest.split("train").class_counts, cfg.class_weights, accelerator.device
     )
     model, optimizer = accelerator.prepare(model, optimizer)  # never the loaders
+    ema = build_ema(bare(accelerator, model), cfg.ema) if cfg.ema else None
 
     env = environment(accelerator, train_loader.backend)
     accelerator.print(f"config: {json.dumps(cfg.to_dict())}\nenvironment: {json.dumps(env)}")
     start, best = 0, None
     if state:
-        start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, out, steps)
+        start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, ema, out, steps)
     if accelerator.is_main_process:
         atomic_write_json(
             out / CONFIG_FILE,
@@ -152,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 "resumed_after_epoch": start if state else None,
             },
         )
+    trackers = Trackers(accelerator, cfg, out)
     accelerator.print(HEADER)
     progress = EpochProgress(
         enabled=accelerator.is_main_process and not cfg.quiet and sys.stdout.isatty()
@@ -168,43 +179,54 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer,
                 scheduler,
                 accelerator,
+                head,
                 class_weights,
                 on_step=progress.advance,
+                clip_grad=cfg.clip_grad,
+                ema=ema,
             )
         except NonFiniteLossError as err:
             raise NonFiniteLossError(stopped_message(err, epoch, out)) from None
         finally:
             progress.stop()
-        test = evaluate(model, test_loader, accelerator, class_weights, expected=test_count)
-        row = metrics_row(epoch, train, test, time.perf_counter() - begin)
+        evaluated = ema.module if ema else model  # with --ema, the average is what is judged
+        results = {
+            split: evaluate(
+                evaluated, loader, accelerator, head, class_weights, manifest.split(split).samples
+            )
+            for split, loader in eval_loaders.items()
+        }
+        results, choices = choose_on(chooser, results)
+        row = metrics_row(epoch, train, results, choices, time.perf_counter() - begin)
         accelerator.print(format_row(row, cfg.epochs))
-        is_best = best is None or row["test_qwk"] > best["test_qwk"]
+        is_best = best is None or row[f"{chooser}_qwk"] > best[f"{chooser}_qwk"]
         best = row if is_best else best
         save_epoch(
             accelerator,
             out,
             cfg,
+            evaluated,
             model,
             optimizer,
             scheduler,
+            ema,
             row,
-            test.confusion,
+            {split: result.confusion for split, result in results.items()},
             best,
             is_best,
             preprocess=manifest.preprocess,
         )
+        trackers.log(row, out)
 
-    checksums = gather_object([state_checksum(accelerator.unwrap_model(model).state_dict())])
+    checksums = gather_object([state_checksum(bare(accelerator, evaluated).state_dict())])
     if len(set(checksums)) > 1:
         raise RuntimeError(f"the ranks ended with different weights: {checksums}")
     if accelerator.is_main_process:
-        write_summary(out, cfg, env, best, checksums)
-    accelerator.print(
-        f"best test kappa {best['test_qwk']:.4f} at epoch {best['epoch']}; run folder {out}"
-    )
-    train_loader.close()
-    test_loader.close()
-    accelerator.end_training()
+        write_summary(out, cfg, env, best, checksums, chooser)
+    accelerator.print(final_line(best, chooser, out))
+    for loader in (train_loader, *eval_loaders.values()):
+        loader.close()
+    accelerator.end_training()  # also closes the trackers
     return 0
 
 
@@ -247,6 +269,47 @@ def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     return Path(on_leader(accelerator, choose))
 
 
+def resumed(cfg: TrainConfig, given: set[str]) -> tuple[dict | None, str | None]:
+    """--resume: the run's last checkpoint, or (a run that never finished an epoch) a note
+    saying that it starts again at epoch 1. Every rank reads it: the saved config decides
+    how the accelerator is built."""
+    if not cfg.out:
+        raise UserError("--resume needs --out DIR, the folder of the run to continue")
+    state = load_last(cfg.out)
+    if state is not None:
+        return state, None
+    saved_config(Path(cfg.out))  # no run there at all: "nothing to resume"
+    return None, f"{cfg.out} has no complete epoch to resume from; starting at epoch 1"
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    """DDP, precision, gradient accumulation, torch.compile and trackers: all through Accelerate."""
+    if cfg.deterministic:
+        make_deterministic()
+    cuda = torch.cuda.is_available()
+    return Accelerator(
+        cpu=not cuda,
+        mixed_precision=resolve_precision(cfg.precision, cuda),
+        gradient_accumulation_steps=cfg.grad_accumulation,
+        dynamo_backend="inductor" if cfg.compile else "no",
+        log_with=cfg.log_with,
+    )
+
+
+def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
+    if batches < accumulation:
+        raise UserError(
+            f"--grad-accumulation {accumulation} is more than the {batches} batch(es) of an epoch "
+            "per process; lower it or the batch size"
+        )
+    return batches // accumulation
+
+
+def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of the weights, BatchNorm statistics included."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def make_deterministic() -> None:
     """Kernels that give the same bits every run (cuBLAS needs its workspace fixed before CUDA
     starts); a kernel without such a version then raises instead of running."""
@@ -274,10 +337,22 @@ def saved_config(out: Path) -> dict:
         ) from None
 
 
+def choosing_split(manifest: Manifest, accelerator: Accelerator) -> str:
+    """val, which chooses best.pt and the operating point; test when the shards have no val."""
+    if manifest.has("val"):
+        return "val"
+    accelerator.print(
+        f"warning: {manifest.root} has no val split (made with --val-fraction 0): best.pt and "
+        "the screening threshold are chosen on test, so the test figures are optimistic"
+    )
+    return "test"
+
+
 def build_loaders(
-    cfg: TrainConfig, accelerator: Accelerator, channels_last: bool
-) -> tuple[Loader, Loader]:
-    """This rank's train and test loaders: it reads its own slice (Accelerate shards neither)."""
+    cfg: TrainConfig, manifest: Manifest, accelerator: Accelerator, channels_last: bool
+) -> tuple[Loader, dict[str, Loader]]:
+    """This rank's train loader and its val/test loaders (with keys): each rank reads its own
+    slice (Accelerate shards none of them)."""
     args = dict(
         batch_size=cfg.batch_size,
         image_size=cfg.image_size,
@@ -290,19 +365,34 @@ def build_loaders(
         channels_last=channels_last,
         mmap={"auto": None, "mmap": True, "read": False}[cfg.shard_io],
     )
-    return (
-        build_loader(cfg.shards, "train", train=True, augment=cfg.augment_config(), **args),
-        build_loader(cfg.shards, "test", train=False, with_keys=True, **args),
-    )
+    train = build_loader(cfg.shards, "train", train=True, augment=cfg.augment_config(), **args)
+    evals = {
+        split: build_loader(cfg.shards, split, train=False, with_keys=True, **args)
+        for split in ("val", "test")
+        if manifest.has(split) or split == "test"  # a missing test split is an error to report
+    }
+    return train, evals
 
 
-def build_model_on_every_rank(cfg: TrainConfig, accelerator: Accelerator) -> torch.nn.Module:
+def build_model_on_every_rank(
+    cfg: TrainConfig, outputs: int, accelerator: Accelerator
+) -> torch.nn.Module:
     """With --pretrained the first process of each machine fills the hub cache; then all build."""
     if cfg.pretrained:
         on_leader(
-            accelerator, lambda: imagenet_state_dict(cfg.arch, progress=not cfg.quiet), local=True
+            accelerator,
+            lambda: imagenet_state_dict(
+                cfg.arch, progress=not cfg.quiet, imagenet=cfg.imagenet_weights
+            ),
+            local=True,
         )
-    return build_model(cfg.arch, pretrained=cfg.pretrained, weights=cfg.weights)
+    return build_model(
+        cfg.arch,
+        outputs,
+        pretrained=cfg.pretrained,
+        weights=cfg.weights,
+        imagenet=cfg.imagenet_weights,
+    )
 
 
 def restore(
@@ -312,11 +402,14 @@ def restore(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
+    ema: AveragedModel | None,
     out: Path,
     steps_per_epoch: int,
 ) -> tuple[int, dict | None]:
     """Load last/ into the prepared objects; the epochs it completed and the best row so far."""
-    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    bare(accelerator, model).load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and "scaler" in state:
@@ -403,27 +496,73 @@ def _git(*args: str) -> str:
 # ---------------------------------------------------------------- per epoch
 
 
-def metrics_row(epoch: int, train: TrainResult, test: EvalResult, epoch_s: float) -> dict:
-    return {
-        "epoch": epoch,
-        "train_loss": train.loss,
-        "train_acc": train.accuracy,
-        "test_loss": test.loss,
-        "test_acc": test.accuracy,
-        "test_qwk": test.kappa,
-        "test_recall": test.recall,
-        "images_per_s": train.images_per_s,
-        "epoch_s": epoch_s,
-        "lr": train.lr,
-    }
+def referable(result: EvalResult) -> tuple[np.ndarray, np.ndarray]:
+    """(referable DR or not, referable score) per image of a split."""
+    return result.labels >= REFERABLE_GRADE, referable_score(result.probs)
+
+
+def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, EvalResult], dict]:
+    """What the choosing split (val; test without one) decides, applied unchanged to every
+    split: the regress head's cut-points, the both-eyes blend weight, the screening threshold."""
+    base = results[chooser]
+    cuts = tune_cuts(base.outputs[:, 0], base.labels) if base.head.name == "regress" else None
+    results = {split: result.with_cuts(cuts) for split, result in results.items()}
+    base = results[chooser]
+    blend = choose_blend(
+        base.keys, base.outputs, lambda o: kappa_of(base.labels, base.head.grades(o, cuts))
+    )
+    threshold = operating_threshold(*referable(base))
+    return results, {"cut_points": cuts, "pair_blend": blend, "referable_threshold": threshold}
+
+
+def metrics_row(
+    epoch: int, train: TrainResult, results: dict[str, EvalResult], choices: dict, epoch_s: float
+) -> dict:
+    """The epoch's line of metrics.jsonl: train, then per split the grading and screening
+    figures (and kappa with both eyes blended), then what was chosen on val."""
+    row = {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy}
+    for split, r in results.items():
+        screen = screening(r.labels, r.probs, choices["referable_threshold"])
+        row |= {
+            f"{split}_loss": r.loss,
+            f"{split}_acc": r.accuracy,
+            f"{split}_qwk": r.kappa,
+            f"{split}_qwk_paired": r.paired(choices["pair_blend"]).kappa,
+            f"{split}_recall": r.recall,
+            **{f"{split}_{k}": v for k, v in screen.items()},
+        }
+    return row | choices | {"images_per_s": train.images_per_s, "epoch_s": epoch_s, "lr": train.lr}
 
 
 def format_row(row: dict, epochs: int) -> str:
     recall = "/".join(f"{r:.2f}" for r in row["test_recall"])
+    val = f"{row['val_qwk']:>9.3f}" if "val_qwk" in row else f"{'-':>9}"
+    auc = (
+        f"{row['test_referable_auc']:>7.3f}"
+        if row["test_referable_auc"] is not None
+        else f"{'-':>7}"
+    )
     return (
-        f"{row['epoch']:>3}/{epochs:<3} {row['train_loss']:>10.4f} {100 * row['train_acc']:>8.1f}% "
-        f"{row['test_loss']:>9.4f} {100 * row['test_acc']:>7.1f}% {row['test_qwk']:>6.3f} "
+        f"{row['epoch']:>3}/{epochs:<3} {row['train_loss']:>10.4f} {100 * row['train_acc']:>8.1f}% {val} "
+        f"{row['test_loss']:>9.4f} {100 * row['test_acc']:>7.1f}% {row['test_qwk']:>6.3f} {auc} "
         f"{row['images_per_s']:>8.1f} {row['epoch_s']:>6.1f}s {row['lr']:>9.2e}  {recall}"
+    )
+
+
+def final_line(best: dict, chooser: str, out: Path) -> str:
+    """The run's verdict: the test figures at the epoch chosen on ``chooser``."""
+    screening_part = ""
+    if best.get("test_referable_auc") is not None:
+        screening_part = f", referable DR AUC {best['test_referable_auc']:.3f}"
+        if best.get("test_sensitivity") is not None and best.get("test_specificity") is not None:
+            screening_part += (
+                f" (sensitivity {best['test_sensitivity']:.2f}, "
+                f"specificity {best['test_specificity']:.2f})"
+            )
+    return (
+        f"best {chooser} kappa {best[f'{chooser}_qwk']:.4f} at epoch {best['epoch']}; test at that "
+        f"epoch: kappa {best['test_qwk']:.4f}, accuracy {100 * best['test_acc']:.1f} %"
+        f"{screening_part}; run folder {out}"
     )
 
 
@@ -431,11 +570,13 @@ def save_epoch(
     accelerator: Accelerator,
     out: Path,
     cfg: TrainConfig,
+    evaluated: torch.nn.Module,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
+    ema: AveragedModel | None,
     row: dict,
-    confusion: np.ndarray,
+    confusions: dict[str, np.ndarray],
     best: dict,
     is_best: bool,
     preprocess: dict,
@@ -447,18 +588,21 @@ def save_epoch(
         return
     folder = out / CONFUSION_DIR
     folder.mkdir(exist_ok=True)
-    name = folder / f"epoch_{row['epoch']:03d}"
-    with reporting_disk_full(name.with_suffix(".csv")):
-        write_confusion_csv(confusion, name.with_suffix(".csv"))
-    with reporting_disk_full(name.with_suffix(".png")):
-        title = f"{cfg.arch} epoch {row['epoch']}: accuracy {100 * row['test_acc']:.1f} %, kappa {row['test_qwk']:.3f}"
-        plot_confusion(confusion, name.with_suffix(".png"), title=title)
-    model_state = accelerator.unwrap_model(model).state_dict()
+    for split, confusion in confusions.items():
+        name = folder / f"{split}_epoch_{row['epoch']:03d}"
+        with reporting_disk_full(name.with_suffix(".csv")):
+            write_confusion_csv(confusion, name.with_suffix(".csv"))
+        with reporting_disk_full(name.with_suffix(".png")):
+            title = (
+                f"{cfg.arch} epoch {row['epoch']}, {split}: accuracy {100 * row[f'{split}_acc']:.1f} %, "
+                f"kappa {row[f'{split}_qwk']:.3f}"
+            )
+            plot_confusion(confusion, name.with_suffix(".png"), title=title)
     augment = asdict(cfg.augment_config())
     state = {
         "epoch": row["epoch"],
         "row": row,
-        "model": model_state,
+        "model": bare(accelerator, model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "best": best,
@@ -470,11 +614,13 @@ def save_epoch(
     }
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler.state_dict()
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     save_last(out, state)
     if is_best:
         save_best(
             out / BEST_FILE,
-            model_state,
+            bare(accelerator, evaluated).state_dict(),  # the EMA's weights with --ema
             arch=cfg.arch,
             image_size=cfg.image_size,
             epoch=row["epoch"],
@@ -482,8 +628,47 @@ def save_epoch(
             config=cfg.to_dict(),
             preprocess=preprocess,
             augment=augment,
+            head=cfg.head,
         )
     append_metrics(out, row)
+
+
+class Trackers:
+    """--log-with: every epoch's figures and confusion matrices through Accelerate's trackers
+    (metrics.jsonl stays the record)."""
+
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, out: Path):
+        self.accelerator, self.on = accelerator, bool(cfg.log_with)
+        if self.on:
+            accelerator.project_configuration.set_directories(str(out))
+            hparams = {
+                k: v if isinstance(v, int | float | str | bool) else str(v)
+                for k, v in cfg.to_dict().items()
+                if v is not None
+            }
+            accelerator.init_trackers(out.name, config=hparams)
+
+    def log(self, row: dict, out: Path) -> None:
+        if not self.on:
+            return
+        scalars = {}
+        for key, value in row.items():
+            if isinstance(value, list | tuple):
+                scalars |= {f"{key}_{i}": v for i, v in enumerate(value)}
+            elif isinstance(value, int | float) and key != "epoch":
+                scalars[key] = value
+        self.accelerator.log(scalars, step=row["epoch"])
+        if not self.accelerator.is_main_process:
+            return
+        images = {
+            f"confusion/{png.name.split('_epoch')[0]}": np.asarray(Image.open(png).convert("RGB"))[
+                None
+            ]
+            for png in sorted((out / CONFUSION_DIR).glob(f"*_epoch_{row['epoch']:03d}.png"))
+        }
+        for tracker in self.accelerator.trackers:
+            options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+            tracker.log_images(images, step=row["epoch"], **options)
 
 
 def stopped_message(err: Exception, epoch: int, out: Path) -> str:
@@ -497,14 +682,18 @@ def stopped_message(err: Exception, epoch: int, out: Path) -> str:
     )
 
 
-def write_summary(out: Path, cfg: TrainConfig, env: dict, best: dict, checksums: list[str]) -> None:
+def write_summary(
+    out: Path, cfg: TrainConfig, env: dict, best: dict, checksums: list[str], chooser: str
+) -> None:
     rows = read_metrics(out)
     atomic_write_json(
         out / SUMMARY_FILE,
         {
             "arch": cfg.arch,
             "epochs": cfg.epochs,
+            "chosen_on": chooser,
             "best_epoch": best["epoch"],
+            "test_at_best_epoch": {k[5:]: v for k, v in best.items() if k.startswith("test_")},
             "best": best,
             "last": rows[-1],
             "world_size": env["world_size"],

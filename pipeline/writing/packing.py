@@ -2,9 +2,10 @@
 
 The steps, in order:
 
-1. read the source layout (``pipeline.writing.sources``), split kaggle/generic samples by patient;
+1. read the source layout (``pipeline.writing.sources``), split the samples by patient into
+   train, val and test (as far as the layout does not already say);
 2. order the samples: train in a seeded shuffle (DALI only shuffles inside a buffer, so
-   the order on disk matters), test sorted by key; cut them into chunks of ``shard_size``,
+   the order on disk matters), val and test sorted by key; cut them into chunks of ``shard_size``,
    chunk ``i`` of a split becomes ``<split>-<i>.tar``;
 3. a chunk whose first file is already a ``size`` x ``size`` baseline JPEG goes whole to a
    worker process, which reads, hashes and writes its shard from the original bytes
@@ -100,6 +101,11 @@ class PackConfig:
     workers: int | None = arg(None, "decoding processes (default: every core)")
     seed: int = arg(0, "seeds the train order and the kaggle split")
     test_fraction: float = arg(0.2, "test share for kaggle/--labels without a split column")
+    val_fraction: float = arg(
+        0.1,
+        "share of the training images (whole patients) set apart as the "
+        "validation split, which chooses the best epoch; 0: none",
+    )
     graham: bool = arg(False, "Ben Graham normalisation (local average subtracted)")
     strict: bool = arg(False, "fail (exit 2) if any input is rejected")
     labels: Path | None = arg(None, "CSV image,level[,split] for any other layout", metavar="FILE")
@@ -127,6 +133,8 @@ class PackConfig:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if not 0 <= self.test_fraction < 1:
             raise UserError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -159,7 +167,7 @@ def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
 
 def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackResult:
     """``pack`` once the output folder is ours alone."""
-    samples = assign_splits(source.samples, cfg.test_fraction, cfg.seed)
+    samples = assign_splits(source.samples, cfg.test_fraction, cfg.seed, cfg.val_fraction)
     rejects = list(source.rejects)
     if cfg.strict and rejects:  # no point preparing images for a run that will fail
         _write_rejects(out, rejects)
@@ -251,7 +259,7 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
 
 
 def plan_chunks(samples: list[Sample], shard_size: int, seed: int, settings: dict) -> list[_Chunk]:
-    """Train in a seeded shuffled order, test sorted by key; ``shard_size`` samples a chunk."""
+    """Train in a seeded shuffled order, val and test sorted by key; ``shard_size`` samples a chunk."""
     chunks = []
     for split in SPLITS:
         members = sorted((s for s in samples if s.split == split), key=lambda s: s.key)

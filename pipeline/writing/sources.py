@@ -4,7 +4,8 @@
 with one walk of the folder, and returns the samples it can pack plus the rows it
 rejects, each with a reason (bad label, duplicate id, missing file, unmatched row).
 Kaggle and generic layouts without a split column are split by ``assign_splits``:
-seeded, stratified by grade and grouped by patient.
+seeded, stratified by grade and grouped by patient; it also carves the validation split
+out of the training samples.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES, SPLITS
 from pipeline.errors import UserError
 from pipeline.shardformat import key_problem, patient_of
 
-LAB_FILES = {split: (f"{split}_img.csv", f"{split}_label.csv") for split in SPLITS}
+LAB_FILES = {split: (f"{split}_img.csv", f"{split}_label.csv") for split in ("train", "test")}
 KAGGLE_LABELS = "trainLabels.csv"
 KAGGLE_IMAGES = "train"
 LOOKED_FOR = (
@@ -252,42 +253,69 @@ def read_source(data_dir: str | os.PathLike, labels: str | os.PathLike | None = 
     return Source(layout, root, out.samples, out.rejects)
 
 
-def assign_splits(samples: list[Sample], test_fraction: float, seed: int) -> list[Sample]:
-    """Give samples without a split one: about ``test_fraction`` of each grade go to test.
+def assign_splits(
+    samples: list[Sample], test_fraction: float, seed: int, val_fraction: float = 0.0
+) -> list[Sample]:
+    """Give every sample a split: train, val or test, stratified by grade, grouped by patient.
 
-    Patients (``10_left`` + ``10_right``) stay whole. Patients are visited in a seeded
-    random order and each goes to test when that brings the test split's per-grade counts
-    closer to their targets (relative error, so rare grades count as much as grade 0).
+    Samples without a split (kaggle, or --labels without a split column): about
+    ``test_fraction`` of each grade go to test, the rest to train. Then, unless some sample
+    already is in val, about ``val_fraction`` of the train samples go to val; a patient who
+    also has an image outside train (the lab layout's lists may mix them) stays in train.
     """
-    todo = [s for s in samples if s.split is None]
-    if not todo:
+    samples = _carve(samples, lambda s: s.split is None, "test", "train", test_fraction, seed)
+    if val_fraction <= 0 or any(s.split == "val" for s in samples):
         return samples
+    elsewhere = {s.patient for s in samples if s.split != "train"}
+    return _carve(
+        samples,
+        lambda s: s.split == "train" and s.patient not in elsewhere,
+        "val",
+        "train",
+        val_fraction,
+        [seed, 2],
+    )
+
+
+def _carve(
+    samples: list[Sample], eligible, chosen: str, rest: str, fraction: float, seed
+) -> list[Sample]:
+    """Move about ``fraction`` of each grade of the ``eligible`` samples to split ``chosen``
+    (the others to ``rest``), whole patients at a time.
+
+    Patients (``10_left`` + ``10_right``) are visited in a seeded random order and each is
+    chosen when that brings the chosen split's per-grade counts closer to their targets
+    (relative error, so rare grades count as much as grade 0).
+    """
     by_patient: dict[str, list[Sample]] = defaultdict(list)
-    for s in todo:
-        by_patient[s.patient].append(s)
+    for s in samples:
+        if eligible(s):
+            by_patient[s.patient].append(s)
+    if not by_patient:
+        return samples
     patients = sorted(by_patient)
     order = np.random.default_rng(seed).permutation(len(patients))
     grades = np.array(
         [np.bincount([s.label for s in by_patient[p]], minlength=NUM_CLASSES) for p in patients]
     )
-    target = test_fraction * grades.sum(axis=0)
+    target = fraction * grades.sum(axis=0)
     scale = np.maximum(target, 1.0)
-    test_counts = np.zeros(NUM_CLASSES)
-    test: set[str] = set()
+    counts = np.zeros(NUM_CLASSES)
+    picked: set[str] = set()
     for i in order:
-        before = np.abs(test_counts - target) / scale
-        after = np.abs(test_counts + grades[i] - target) / scale
+        before = np.abs(counts - target) / scale
+        after = np.abs(counts + grades[i] - target) / scale
         if after.sum() < before.sum():
-            test_counts += grades[i]
-            test.add(patients[i])
+            counts += grades[i]
+            picked.add(patients[i])
     return [
-        replace(s, split="test" if s.patient in test else "train") if s.split is None else s
+        replace(s, split=chosen if s.patient in picked else rest) if eligible(s) else s
         for s in samples
     ]
 
 
 def patients_in_both(samples: list[Sample]) -> int:
-    """How many patients have images in both splits (the lab CSVs may mix them)."""
+    """How many patients have images in more than one split (the lab CSVs may mix them)."""
     splits: dict[str, set] = defaultdict(set)
     for s in samples:
         splits[s.patient].add(s.split)

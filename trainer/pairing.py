@@ -1,0 +1,45 @@
+"""Both eyes of a patient: each eye's outputs blended with its partner's.
+
+EyePACS photographs both eyes of every patient, and their grades are strongly correlated
+(the disease is systemic). ``blend_partners`` replaces each eye's raw head outputs by
+``(1 - w) * own + w * partner``; an eye whose partner is not in the set keeps its own.
+The weight is chosen on val (``choose_blend``) and stored in best.pt as ``pair_blend``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from pipeline.shardformat import eye_of, patient_of
+
+BLENDS = tuple(round(0.05 * i, 2) for i in range(11))  # 0 (eye alone) .. 0.5 (the two averaged)
+OTHER_EYE = {"left": "right", "right": "left"}
+
+
+def partner_index(keys: Sequence[str]) -> np.ndarray:
+    """For each key, the index of the other eye of the same patient in ``keys``, else -1."""
+    where = {(patient_of(k), eye_of(k)): i for i, k in enumerate(keys) if eye_of(k)}
+    return np.array(
+        [where.get((patient_of(k), OTHER_EYE.get(eye_of(k), "")), -1) for k in keys], dtype=np.int64
+    )
+
+
+def blend_partners(keys: Sequence[str], outputs: np.ndarray, weight: float) -> np.ndarray:
+    partner = partner_index(keys)
+    blended = np.array(outputs, dtype=np.float32, copy=True)
+    paired = partner >= 0
+    blended[paired] = (1 - weight) * outputs[paired] + weight * outputs[partner[paired]]
+    return blended
+
+
+def choose_blend(
+    keys: Sequence[str], outputs: np.ndarray, score: Callable[[np.ndarray], float]
+) -> float:
+    """The weight of ``BLENDS`` whose blended outputs ``score`` best (val kappa); ties go to
+    the smaller weight, 0 when no eye has its partner in the set."""
+    if (partner_index(keys) < 0).all():
+        return 0.0
+    results = [(score(blend_partners(keys, outputs, w)), -w) for w in BLENDS]
+    return -max(results)[1]
