@@ -73,6 +73,7 @@ COMMANDS = (
     "dr-bench-loader",
     "dr-bench-shards",
     "dr-export",
+    "dr-doctor",
     "dr-make-fixture",
 )
 
