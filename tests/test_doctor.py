@@ -135,6 +135,14 @@ def test_accelerate_config_asking_for_more_gpus_than_here_fails(accelerate_confi
     assert result.fix.endswith("--num_processes 2 to accelerate launch")
 
 
+def test_accelerate_config_using_fewer_gpus_than_here_warns(accelerate_config, monkeypatch):
+    monkeypatch.setattr(doctor, "torch_gpus", lambda: 4)
+    write_config(accelerate_config, "NO", 1)
+    result, plan = doctor.check_accelerate()
+    assert result.status == doctor.WARN and result.found.endswith("leaving 3 of 4 GPUs idle")
+    assert "--num_processes 4" in result.fix and plan.processes == 1
+
+
 def test_a_multi_machine_config_smoke_tests_this_machines_share(accelerate_config, monkeypatch):
     monkeypatch.setattr(doctor, "torch_gpus", lambda: 8)
     write_config(accelerate_config, "MULTI_GPU", 16, machines=2)

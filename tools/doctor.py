@@ -76,6 +76,8 @@ class LaunchPlan:
     args: list[str] = field(default_factory=list)
 
 
+ONE_ON_CPU = LaunchPlan(1, False)  # what is left to go on when the launcher cannot be read
+
 # ---------------------------------------------------------------- facts, looked up once
 
 
@@ -367,9 +369,7 @@ def check_accelerate() -> tuple[Result, LaunchPlan]:
             load_config_from_file,
         )
     except Exception as err:
-        return Result(FAIL, f"does not import: {err}", "pip install accelerate"), LaunchPlan(
-            1, False
-        )
+        return Result(FAIL, f"does not import: {err}", "pip install accelerate"), ONE_ON_CPU
     gpus = torch_gpus()
     head = f"{accelerate.__version__}; "
     if not os.path.isfile(default_config_file):
@@ -386,7 +386,7 @@ def check_accelerate() -> tuple[Result, LaunchPlan]:
             FAIL,
             head + f"{default_config_file} does not load ({err})",
             f"run `accelerate config` again, or delete {default_config_file}",
-        ), LaunchPlan(1, False)
+        ), ONE_ON_CPU
     kind = str(getattr(config.distributed_type, "value", config.distributed_type))
     total, machines = config.num_processes, max(config.num_machines or 1, 1)
     found = (
@@ -396,7 +396,7 @@ def check_accelerate() -> tuple[Result, LaunchPlan]:
     if total is None or total < 1:
         return Result(
             FAIL, found, f"set num_processes in {default_config_file} (`accelerate config`)"
-        ), LaunchPlan(1, False)
+        ), ONE_ON_CPU
     local = max(total // machines, 1)
     on_gpus = gpus > 0 and not config.use_cpu
     plan = LaunchPlan(local, on_gpus)
@@ -411,6 +411,13 @@ def check_accelerate() -> tuple[Result, LaunchPlan]:
             f"run `accelerate config` again (or delete {default_config_file}), or pass "
             f"--num_processes {gpus} to accelerate launch",
         ), plan
+    if on_gpus and local < gpus and machines == 1:
+        return Result(
+            WARN,
+            found + f", leaving {gpus - local} of {gpus} GPUs idle",
+            f"accelerate launch --multi_gpu --num_processes {gpus} trainer/train.py ..., "
+            f"or `accelerate config` again",
+        ), plan
     if kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
         return Result(
             WARN,
@@ -422,7 +429,7 @@ def check_accelerate() -> tuple[Result, LaunchPlan]:
 
 
 def _processes(plan: LaunchPlan) -> str:
-    where = "one per GPU" if plan.on_gpus else "on the CPU"
+    where = "one GPU each" if plan.on_gpus else "on the CPU"
     return f"{plan.processes} process{'es' if plan.processes > 1 else ''} ({where})"
 
 
@@ -569,8 +576,8 @@ class Report:
         print(f"  {result.status:<5} {name:<18} {result.found}", flush=True)
         if result.status == FAIL:
             self.failed.append(name)
-            if result.fix:
-                print(f"  {'':<5} {'':<18} fix: {result.fix}", flush=True)
+        if result.fix and result.status in (FAIL, WARN):
+            print(f"  {'':<5} {'':<18} fix: {result.fix}", flush=True)
         return result
 
 
