@@ -73,6 +73,8 @@ COMMANDS = (
     "dr-bench-loader",
     "dr-bench-shards",
     "dr-export",
+    "dr-doctor",
+    "dr-make-fixture",
 )
 
 

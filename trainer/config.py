@@ -139,6 +139,9 @@ class TrainConfig:
         choices=TRACKERS,
     )
     quiet: bool = arg(False, "no progress bar; one line per epoch")
+    smoke: bool = arg(
+        False, "check this machine: 2 epochs at 64 px on the packaged fixture (trainer/smoke.py)"
+    )
 
     def __post_init__(self):
         positive = {

@@ -5,6 +5,7 @@
     accelerate launch --config_file accelerate_config.yaml --num_processes 4 \\
         trainer/train.py --arch resnet50 --pretrained             # DDP + bf16 on 4 GPUs
     python trainer/train.py --arch resnet18 --image-size 128      # one process, no launcher
+    accelerate launch trainer/train.py --arch resnet18 --smoke    # does training work here?
     accelerate launch --multi_gpu --num_processes 2 trainer/train.py ...   # 2 DDP ranks on a CPU
     accelerate launch --config_file accelerate_config.yaml --num_machines 2 --machine_rank R \\
         --main_process_ip HOST --main_process_port 29500 --num_processes 16 \\
@@ -56,6 +57,7 @@ from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.verify import verify_shards
+from trainer import smoke
 from trainer.checkpoint import (
     BEST_FILE,
     last_dir,
@@ -113,6 +115,8 @@ HEADER = (
 
 def main(argv: list[str] | None = None) -> int:
     cfg, given = parse_args(argv)
+    if cfg.smoke:
+        cfg = smoke.smoke_config(cfg, given)
     state, note = resumed(cfg, given) if cfg.resume else (None, None)
     if state is not None or note:
         cfg = merge_for_resume(
@@ -226,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.print(final_line(best, chooser, out))
     for loader in (train_loader, *eval_loaders.values()):
         loader.close()
+    if cfg.smoke:
+        smoke.finish(accelerator, cfg, out, env)
     accelerator.end_training()  # also closes the trackers
     return 0
 
@@ -255,7 +261,8 @@ def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     """--out, or runs/ARCH-TIMESTAMP from rank 0's clock; a new run never appends to an old one."""
 
     def choose():
-        out = Path(cfg.out or f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+        default = f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(cfg.out or (smoke.run_folder() if cfg.smoke else default))
         if not cfg.resume and ((out / METRICS_FILE).exists() or last_dir(out).exists()):
             raise UserError(
                 f"{out} already holds a run; add --resume to continue it, or pick another --out"
