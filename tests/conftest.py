@@ -40,16 +40,29 @@ def build_shard_dir(
     size: int = 64,
     shard_size: int = 7,
     seed: int = 0,
+    pairs: bool = False,
 ) -> Path:
-    """Write a shard folder with ``counts[split]`` samples per split, labels cycling 0-4."""
+    """Write a shard folder with ``counts[split]`` samples per split, labels cycling 0-4.
+
+    ``pairs``: samples come as both eyes of a patient (``val3_left``, ``val3_right``) with a
+    grade apart by at most one, as in EyePACS; otherwise every sample is its own patient.
+    """
     counts = counts or {"train": 40, "test": 13}
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, n in counts.items():
         labels = [int(x) for x in rng.permutation(np.arange(n) % NUM_CLASSES)]
+        if pairs:  # the right eye near the left one's grade
+            for i in range(1, n, 2):
+                labels[i] = int(np.clip(labels[i - 1] + rng.integers(-1, 2), 0, NUM_CLASSES - 1))
+        names = [
+            f"{split}{i // 2}_{('left', 'right')[i % 2]}" if pairs else f"{split}{i}_left"
+            for i in range(n)
+        ]
         samples = [
-            (f"{split}{i}_left", class_image(lab, size, rng), lab) for i, lab in enumerate(labels)
+            (name, class_image(lab, size, rng), lab)
+            for name, lab in zip(names, labels, strict=True)
         ]
         shards = []
         for index, start in enumerate(range(0, n, shard_size)):

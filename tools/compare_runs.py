@@ -56,13 +56,15 @@ class Run:
 
 
 def run_label(config: dict, fallback: str) -> str:
-    """ "resnet50, pretrained" from a run's config; the folder name when there is none."""
+    """ "resnet50, pretrained" (", regress" for another head) from a run's config; the folder
+    name when there is none."""
     cfg = config.get("config", config)
     arch = cfg.get("arch")
     if not arch:
         return fallback
     init = "pretrained" if cfg.get("pretrained") or cfg.get("weights") else "from scratch"
-    return f"{arch}, {init}"
+    head = cfg.get("head", "classify")
+    return f"{arch}, {init}" + ("" if head == "classify" else f", {head}")
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -94,10 +96,10 @@ def _unique_names(runs: list[Run]) -> None:
 
 def results_table(runs: list[Run]) -> str:
     header = (
-        "| run | epochs | chosen on | best epoch | test acc | test kappa | test referable AUC "
-        "| test recall per grade 0-4 |"
+        "| run | epochs | chosen on | best epoch | test acc | test kappa | test kappa, both eyes "
+        "| test referable AUC | test recall per grade 0-4 |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         done = len(run.metrics)
         epochs = f"{done}/{run.epochs_planned}" if run.epochs_planned else str(done)
@@ -105,17 +107,20 @@ def results_table(runs: list[Run]) -> str:
             epochs += " (in progress)"
         best = run.best()
         if best is None:
-            lines.append(f"| {run.name} | {epochs} | - | - | - | - | - | - |")
+            lines.append(f"| {run.name} | {epochs} | - | - | - | - | - | - | - |")
             continue
-        auc = best.get("test_referable_auc")
-        auc = "-" if auc is None or pd.isna(auc) else f"{auc:.3f}"
+        auc, paired = (_figure(best.get(k)) for k in ("test_referable_auc", "test_qwk_paired"))
         recall = " / ".join(f"{r:.2f}" for r in best["test_recall"][:NUM_CLASSES])
         chosen = run.chosen_on + (" (optimistic)" if run.chosen_on == "test" else "")
         lines.append(
             f"| {run.name} | {epochs} | {chosen} | {best['epoch']} | {100 * best['test_acc']:.1f} % "
-            f"| {best['test_qwk']:.3f} | {auc} | {recall} |"
+            f"| {best['test_qwk']:.3f} | {paired} | {auc} | {recall} |"
         )
     return "\n".join(lines)
+
+
+def _figure(value) -> str:
+    return "-" if value is None or pd.isna(value) else f"{value:.3f}"
 
 
 def plot_runs(runs: list[Run], out: Path) -> None:

@@ -80,7 +80,7 @@ def metadata(info: dict) -> dict[str, str]:
         "preprocess": info.get("preprocess") or {},
         "head": info.get("head", "classify"),
     }
-    props.update({key: info[key] for key in THRESHOLDS if key in info})
+    props.update({key: info[key] for key in THRESHOLDS if info.get(key) is not None})
     return {key: json.dumps(value) for key, value in props.items()}
 
 

@@ -300,6 +300,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accumulation,
         dynamo_backend="inductor" if cfg.compile else "no",
         log_with=cfg.log_with,
+        # trackers need a folder when named; the run folder, once chosen, replaces this one
+        project_dir=cfg.out or "runs",
     )
 
 
@@ -519,7 +521,8 @@ def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, E
         base.keys, base.outputs, lambda o: kappa_of(base.labels, base.head.grades(o, cuts))
     )
     threshold = operating_threshold(*referable(base))
-    return results, {"cut_points": cuts, "pair_blend": blend, "referable_threshold": threshold}
+    cut_points = list(cuts) if cuts else None  # a list, as in metrics.jsonl
+    return results, {"cut_points": cut_points, "pair_blend": blend, "referable_threshold": threshold}
 
 
 def metrics_row(

@@ -1,0 +1,318 @@
+"""The recipe options beyond the reference: heads, both eyes, EMA, accumulation, clipping,
+AdamW, ImageNet V2, trackers, torch.compile; each through the real trainer on tiny shards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from tests.conftest import build_shard_dir
+from trainer.checkpoint import load_best, load_last, state_checksum
+from trainer.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "trainer" / "train.py")
+BASE = [
+    "--image-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--backend",
+    "torch",
+    "--workers",
+    "0",
+    "--quiet",
+]
+
+
+def env(tmp: Path) -> dict:
+    return dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_HOME=str(tmp / "torch")
+    )
+
+
+def python(script: str, args, tmp: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, script, *map(str, args)],
+        cwd=ROOT,
+        env=env(tmp),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def paired_shards(tmp_path_factory) -> Path:
+    """Both eyes of every patient, in train, val and test."""
+    return build_shard_dir(
+        tmp_path_factory.mktemp("paired") / "shards",
+        {"train": 40, "val": 16, "test": 16},
+        pairs=True,
+        seed=4,
+    )
+
+
+@pytest.fixture(scope="module")
+def regress_run(paired_shards, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("regress")
+    python(
+        TRAIN,
+        [
+            "--shards",
+            paired_shards,
+            "--out",
+            tmp / "run",
+            "--head",
+            "regress",
+            "--epochs",
+            "2",
+            "--schedule",
+            "cosine",
+            *BASE,
+        ],
+        tmp,
+    )
+    return tmp / "run"
+
+
+@pytest.mark.slow
+def test_regress_head_tunes_cut_points_on_val_and_evaluate_applies_them(
+    regress_run, paired_shards, tmp_path
+):
+    lines = rows(regress_run)
+    for row in lines:
+        cuts = row["cut_points"]
+        assert len(cuts) == 4 and cuts == sorted(cuts)
+        assert 0 <= row["pair_blend"] <= 0.5 and {"val_qwk_paired", "test_qwk_paired"} <= set(row)
+    best = max(lines, key=lambda r: r["val_qwk"])
+    model, info = load_best(regress_run / "best.pt")
+    assert (info["head"], info["outputs"]) == ("regress", 1) and info["cut_points"] == best[
+        "cut_points"
+    ]
+    assert info["pair_blend"] == best["pair_blend"]
+    out = tmp_path / "eval"
+    proc = python(
+        "trainer/evaluate.py",
+        [
+            "--checkpoint",
+            regress_run / "best.pt",
+            "--shards",
+            paired_shards,
+            "--out",
+            out,
+            "--pair-eyes",
+        ],
+        tmp_path,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    # each eye alone: the logged test kappa; both eyes: the logged paired one
+    assert (
+        metrics["qwk_eye_alone"] == best["test_qwk"]
+        and metrics["qwk_both_eyes"] == best["test_qwk_paired"]
+    )
+    assert (
+        metrics["qwk"] == metrics["qwk_both_eyes"] and metrics["cut_points"] == best["cut_points"]
+    )
+    assert f"each eye alone: kappa {best['test_qwk']:.4f}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_predict_pair_eyes_gives_evaluates_blended_probabilities(
+    regress_run, paired_shards, tmp_path
+):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for tar_path in sorted(paired_shards.glob("test-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg"):  # the stored 64 px JPEGs: kept as they are
+                    (photos / member.name.replace(".jpg", ".jpeg")).write_bytes(
+                        tar.extractfile(member).read()
+                    )
+    python(
+        "trainer/evaluate.py",
+        [
+            "--checkpoint",
+            regress_run / "best.pt",
+            "--shards",
+            paired_shards,
+            "--out",
+            tmp_path / "eval",
+            "--pair-eyes",
+        ],
+        tmp_path,
+    )
+    for paired in (False, True):
+        out = tmp_path / f"pred-{paired}"
+        python(
+            "tools/predict.py",
+            [
+                "--checkpoint",
+                regress_run / "best.pt",
+                photos,
+                "--out",
+                out,
+                "--device",
+                "cpu",
+                *(["--pair-eyes"] if paired else []),
+            ],
+            tmp_path,
+        )
+        predicted = {
+            Path(r["image"]).stem: r for r in csv.DictReader((out / "predictions.csv").open())
+        }
+        if paired:
+            evaluated = {
+                r["key"]: r for r in csv.DictReader((tmp_path / "eval" / "predictions.csv").open())
+            }
+            assert set(evaluated) == set(predicted)
+            for key, row in evaluated.items():
+                assert int(row["pred"]) == int(predicted[key]["grade"])
+                for g in range(5):
+                    assert abs(float(row[f"p{g}"]) - float(predicted[key][f"p{g}"])) <= 2e-6, (
+                        key,
+                        g,
+                    )
+        else:
+            alone = predicted
+    blend = load_best(regress_run / "best.pt")[1]["pair_blend"]
+    changed = sum(alone[k]["p0"] != predicted[k]["p0"] for k in alone)
+    assert (changed > 0) == (blend > 0)
+
+
+@pytest.mark.slow
+def test_export_of_a_regress_head_carries_its_cut_points(regress_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    python(
+        "tools/export.py",
+        ["--checkpoint", regress_run / "best.pt", "--format", "onnx", "--out", tmp_path],
+        tmp_path,
+    )
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    info = load_best(regress_run / "best.pt")[1]
+    assert (
+        json.loads(meta["head"]) == "regress"
+        and json.loads(meta["cut_points"]) == info["cut_points"]
+    )
+
+
+@pytest.mark.slow
+def test_ordinal_head_with_ema_accumulation_clipping_adamw_and_tensorboard(paired_shards, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    python(
+        TRAIN,
+        [
+            "--shards",
+            paired_shards,
+            "--out",
+            run,
+            "--head",
+            "ordinal",
+            "--epochs",
+            "2",
+            "--ema",
+            "0.9",
+            "--grad-accumulation",
+            "2",
+            "--clip-grad",
+            "1.0",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "1e-3",
+            "--log-with",
+            "tensorboard",
+            *BASE,
+        ],
+        tmp_path,
+    )
+    state = load_last(run)
+    assert "ema" in state and "betas" in state["optimizer"]["param_groups"][0]  # AdamW
+    # 40 images, batch 8: 5 batches an epoch, 2 optimizer steps of 2 (the 5th batch left out)
+    assert state["scheduler"]["last_epoch"] == 2 * 2
+    _, info = load_best(run / "best.pt")
+    ema_weights = {
+        k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")
+    }
+    if info["epoch"] == 2:  # best.pt holds the average, not the raw weights
+        best_state = torch.load(run / "best.pt", weights_only=True)["model"]
+        assert state_checksum(best_state) == state_checksum(ema_weights)
+        assert state_checksum(best_state) != state_checksum(state["model"])
+    assert (info["head"], info["outputs"]) == ("ordinal", 4)
+    events = EventAccumulator(str(next(run.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"test_qwk", "val_qwk", "train_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("test_qwk")] == [1, 2]
+    assert "confusion/test" in events.Tags()["images"]
+
+
+@pytest.mark.slow
+def test_compile_trains_on_the_cpu(tmp_path):
+    shards = build_shard_dir(tmp_path / "shards", {"train": 16, "test": 8})
+    run = tmp_path / "run"
+    proc = python(
+        TRAIN, ["--shards", shards, "--out", run, "--epochs", "1", "--compile", *BASE], tmp_path
+    )
+    assert json.loads((run / "config.json").read_text())["config"]["compile"]
+    assert not any(
+        k.startswith("_orig_mod") for k in load_last(run)["model"]
+    )  # the bare module's names
+    assert len(rows(run)) == 1 and "best test kappa" in proc.stdout.strip().splitlines()[-1]
+
+
+def test_option_checks_are_one_sentence():
+    for kwargs, message in (
+        ({"head": "regress", "label_smoothing": 0.1}, "classify head only"),
+        ({"ema": 1.5}, "--ema must be a decay"),
+        ({"grad_accumulation": 0}, "--grad-accumulation must be at least 1"),
+        ({"clip_grad": 0.0}, "--clip-grad must be positive"),
+        ({"imagenet_weights": "V2"}, "V2 exists for resnet50 only"),
+    ):
+        with pytest.raises(UserError, match=message):
+            TrainConfig(**kwargs)
+
+
+def test_label_smoothing_softens_the_classify_loss():
+    from trainer.heads import build_head
+
+    out = torch.tensor([[8.0, 0, 0, 0, 0], [0, 0, 9.0, 0, 0]])
+    labels = torch.tensor([0, 2])
+    sharp = build_head("classify").loss_sums(out, labels, None)[0]
+    smooth = build_head("classify", label_smoothing=0.1).loss_sums(out, labels, None)[0]
+    assert smooth > sharp  # confident and right still costs something
+
+
+def test_imagenet_v2_weights_offline_is_one_sentence(tmp_path, monkeypatch):
+    from trainer.model import build_model, hub_checkpoint_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    v1, v2 = hub_checkpoint_path("resnet50", "V1"), hub_checkpoint_path("resnet50", "V2")
+    assert v1.name != v2.name and v2.name.startswith("resnet50-")
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError, match=f"copy {v2.name} into"):
+        build_model("resnet50", 5, pretrained=True, imagenet="V2")
