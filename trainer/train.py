@@ -522,7 +522,11 @@ def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, E
     )
     threshold = operating_threshold(*referable(base))
     cut_points = list(cuts) if cuts else None  # a list, as in metrics.jsonl
-    return results, {"cut_points": cut_points, "pair_blend": blend, "referable_threshold": threshold}
+    return results, {
+        "cut_points": cut_points,
+        "pair_blend": blend,
+        "referable_threshold": threshold,
+    }
 
 
 def metrics_row(
