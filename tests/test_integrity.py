@@ -149,7 +149,7 @@ def test_sigterm_ends_the_workers_too(raw_data, tmp_path):
     for attempt in range(5):
         out = tmp_path / f"shards{attempt}"
         proc = start(raw_data, out, "--size", 64, "--shard-size", 8, "--workers", 2)
-        workers = wait_for(lambda: children(proc.pid), "the worker processes")
+        workers = wait_for(lambda p=proc: children(p.pid), "the worker processes")
         os.kill(proc.pid, signal.SIGSTOP)
         if not (out / "rejects.csv").exists():  # stopped while packing, not already finishing
             break
