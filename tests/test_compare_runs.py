@@ -101,7 +101,7 @@ def test_test_figures_are_reported_at_the_best_val_epoch(tmp_path):
         check=True,
     )
     # val kappa peaks at epoch 2 (test kappa at 3): epoch 2's test figures are the ones reported
-    assert "| resnet50, pretrained | 3/3 | val | 2 | 35.0 % | 0.200 | 0.800 |" in proc.stdout
+    assert "| resnet50, pretrained | 3/3 | val | 2 | 35.0 % | 0.200 | - | 0.800 |" in proc.stdout
 
 
 def test_same_label_gets_folder_names(tmp_path):

@@ -81,6 +81,7 @@ from pipeline.writing.sources import Sample, Source, assign_splits, patients_in_
 PROGRESS_NAME = ".progress.json"
 PREPROCESS_VERSION = 1  # bump when preprocessing changes, so reruns rebuild every shard
 TASK_SIZE = 8  # images per pool task
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 TASKS_AHEAD = 4  # tasks in flight per worker
 _SHARD_FILE = re.compile(
     rf"^({'|'.join(SPLITS)})-\d{{6}}(\.tar|{re.escape(INDEX_SUFFIX)})$"
@@ -381,10 +382,14 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
             # The workers never collect what they inherit: garbage of this process (a DALI
             # pipeline left unreachable) finalised in a worker, where its threads don't exist, hangs.
             gc.freeze()
+            # Ctrl-C or `kill` while forking would raise inside Python's after-fork hooks, which
+            # swallow it: the run would go on. Held back until the workers exist, it lands here.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             try:
                 pool.submit(int)  # a fork pool forks all its workers at its first task
             finally:
                 gc.unfreeze()
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         yield pool
     except BaseException:
         # Interrupted (Ctrl-C, `kill`) or failed, even while the workers were being started:
@@ -401,6 +406,7 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
 def _worker_init(parent: int) -> None:
     """In each worker: die with the main process, whatever kills it (even SIGKILL)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler, inherited by fork
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back while it was forked
     if sys.platform == "linux":
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
