@@ -308,3 +308,22 @@ def test_realistic_is_much_harder_to_grade():
         accuracy[difficulty] = model.fit(x[:half], grades[:half]).score(x[half:], grades[half:])
     # the same simple features: easy is nearly solved, realistic far from it but not noise
     assert 0.3 < accuracy["realistic"] < accuracy["easy"] - 0.3, accuracy
+
+
+def test_lesion_scale_draws_bigger_lesions_and_nothing_else():
+    def draw(grade: int, scale: float) -> np.ndarray:  # the same random draws every time
+        return render_fundus(
+            grade,
+            np.random.default_rng([7, 1, 3]),
+            256,
+            "left",
+            difficulty="realistic",
+            lesion_scale=scale,
+        ).astype(int)
+
+    # no lesions, nothing to scale: the very same picture
+    assert np.array_equal(draw(0, 1.0), draw(0, 3.0))
+    # with lesions, only where they lie: the frame, camera and lesion positions are the same,
+    # so the pictures differ in a ring around each lesion, wider the larger the scale
+    apart = [(np.abs(draw(3, k) - draw(3, 1.0)).max(axis=2) > 20).sum() for k in (1.5, 3.0)]
+    assert 0 < apart[0] < apart[1]

@@ -15,6 +15,7 @@ N=${DEMO_IMAGES:-600}
 SIZE=${DEMO_SIZE:-128}
 EPOCHS=${DEMO_EPOCHS:-6}
 DIFFICULTY=${DEMO_DIFFICULTY:-realistic}
+LESION_SCALE=${DEMO_LESION_SCALE:-3}  # lesions 3x life size: the demo trains at 128 px, not 512
 export MPLBACKEND=Agg
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -27,7 +28,7 @@ if [ -d data ] && [ -n "$(ls -A data 2>/dev/null)" ]; then
 else
     step "no data/ here: $N synthetic fundus photographs ($DIFFICULTY) into $DEMO/data"
     python tools/make_synthetic.py --out "$DEMO/data" --n "$N" --size 256 --layout kaggle --seed 0 \
-        --difficulty "$DIFFICULTY"
+        --difficulty "$DIFFICULTY" --lesion-scale "$LESION_SCALE"
     step "packing them into WebDataset shards ($SIZE px; train, val and test) in $DEMO/shards"
     python tools/make_shards.py "$DEMO/data" "$DEMO/shards" --size "$SIZE" --shard-size 64
 fi
