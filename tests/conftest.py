@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +80,27 @@ def build_shard_dir(
         seed=seed,
     ).write()
     return root
+
+
+@contextmanager
+def tmpfs(mount: Path, size: str, *options: str):
+    """A real filesystem of ``size`` (``400k``, ``180m``) at ``mount``, one that fills up
+    (``options``: more mount options, e.g. ``ro``); the test is skipped, with the reason,
+    where this machine does not let it mount one. ``resize(size)`` grows it in place."""
+    mount.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join([*options, f"size={size}"]), "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+    try:
+        yield lambda new: subprocess.run(
+            ["mount", "-o", f"remount,size={new}", str(mount)], check=True
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture(scope="session")

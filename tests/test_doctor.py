@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.loading.loader import dali_available
+from tests.conftest import tmpfs
 from tools import doctor
 
 DOCTOR = [sys.executable, "-m", "tools.doctor"]
@@ -64,16 +65,8 @@ def test_a_file_where_runs_should_go_fails_with_the_fix(tmp_path):
 
 def test_a_read_only_mount_fails_with_the_fix(tmp_path):
     mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(mount, "1m", "ro"):
         result = doctor.check_folder(mount / "runs", "--runs", 0, "")
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
     assert result.status == doctor.FAIL
     assert result.found.endswith(f"cannot write in {mount} (Read-only file system)")
     assert "a mount that is not read-only" in result.fix

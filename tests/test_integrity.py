@@ -20,6 +20,7 @@ import pytest
 from pipeline.fileio import HOST
 from pipeline.manifest import read_manifest
 from pipeline.verify import verify_shards
+from tests.conftest import tmpfs
 from tools.make_synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,21 +170,13 @@ def test_sigterm_ends_the_workers_too(raw_data, tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 400 KB tmpfs: a real filesystem that fills up."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "disk", "400k") as resize:
+        yield tmp_path / "disk", resize
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_complete_shards(raw_data, small_disk):
-    out = small_disk / "shards"
+    disk, resize = small_disk
+    out = disk / "shards"
     proc = run(raw_data, out, "--size", 128, "--shard-size", 16, "--quiet")
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
@@ -191,7 +184,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_complete_shards(raw_data, small_d
     complete = sorted(p.name for p in out.glob("train-*.tar"))
     assert complete and not list(out.glob(".*.partial")) and not (out / "manifest.json").exists()
     before = {name: (out / name).read_bytes() for name in complete}
-    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    resize("8m")
     again = run(raw_data, out, "--size", 128, "--shard-size", 16)
     assert again.returncode == 0, again.stderr
     assert f"{len(complete)} shard(s) reused" in again.stdout

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.errors import RunError, UserError
 from pipeline.manifest import read_manifest
-from tests.conftest import build_shard_dir
+from tests.conftest import build_shard_dir, tmpfs
 from trainer.checkpoint import load_best, load_last, state_checksum
 from trainer.config import TrainConfig, merge_for_resume, parse_args
 from trainer.engine import NonFiniteLossError, build_scheduler, class_weights_for
@@ -609,24 +609,16 @@ def test_a_damaged_checkpoint_is_one_sentence_and_previous_is_kept(straight_run,
 @pytest.fixture
 def small_disk(tmp_path):
     """A tmpfs holding one resnet18 checkpoint and best.pt but not a second checkpoint."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=180m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "disk", "180m") as resize:
+        yield tmp_path / "disk", resize
 
 
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_epoch(
     tiny_shards, small_disk, tmp_path
 ):
-    run = small_disk / "run"
+    disk, resize = small_disk
+    run = disk / "run"
     proc = python(["--shards", str(tiny_shards), "--out", str(run), *RECIPE], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = proc.stderr.strip().splitlines()
@@ -636,7 +628,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_epoch(
     )
     assert load_last(run)["epoch"] == 1 and [r["epoch"] for r in rows(run)] == [1]
     assert not list((run / "checkpoints").glob(".*"))  # no half-written checkpoint left behind
-    subprocess.run(["mount", "-o", "remount,size=600m", str(small_disk)], check=True)
+    resize("600m")
     ok(python(["--out", str(run), "--resume", "--quiet"], tmp_path))
     assert [r["epoch"] for r in rows(run)] == [1, 2]
 
@@ -707,36 +699,50 @@ def test_resume_on_another_number_of_processes_keeps_the_schedule(tiny_shards, t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_train_and_eval_steps_never_wait_for_the_host():
-    """No step creates a CPU tensor or reads a value back: CUDA's sync debug mode raises if one does."""
+    """No step creates a CPU tensor or reads a value back, for any head: CUDA's sync debug
+    mode raises if one does (the evaluation loop's step is the forward pass and the loss)."""
     from accelerate import Accelerator
 
-    from trainer.engine import build_optimizer, build_scheduler, cross_entropy_sums, train_step
-    from trainer.metrics import confusion_matrix
+    from trainer.engine import build_optimizer, build_scheduler, train_step
+    from trainer.heads import build_head
 
     accelerator = Accelerator(mixed_precision="bf16")
-    model = build_model("resnet18").to(accelerator.device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, 0.01, 0.9, 5e-4)
-    scheduler = build_scheduler(optimizer, "cosine", 2, 10)
-    model, optimizer = accelerator.prepare(model, optimizer)
     images = torch.randn(8, 3, 64, 64, device=accelerator.device).contiguous(
         memory_format=torch.channels_last
     )
     labels = torch.randint(0, 5, (8,), device=accelerator.device)
     weights = class_weights_for([50, 5, 10, 2, 1], "sqrt", accelerator.device)
-    train_step(
-        model, images, labels, optimizer, scheduler, accelerator
-    )  # warm-up: lazy inits may sync
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for class_weights in (None, weights):
-            train_step(model, images, labels, optimizer, scheduler, accelerator, class_weights)
-            with torch.inference_mode(), accelerator.autocast():
-                logits = model(images)
-            cross_entropy_sums(logits, labels, class_weights)
-            confusion_matrix(labels, logits.argmax(1))
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    for name in ("classify", "regress", "ordinal"):
+        head = build_head(name)
+        model = build_model("resnet18", head.outputs).to(
+            accelerator.device, memory_format=torch.channels_last
+        )
+        optimizer = build_optimizer(model, 0.01, 0.9, 5e-4)
+        scheduler = build_scheduler(optimizer, "cosine", 2, 10)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        train_step(
+            model, images, labels, optimizer, scheduler, accelerator, head
+        )  # lazy inits may sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for class_weights in (None, weights):
+                out, _, _ = train_step(
+                    model,
+                    images,
+                    labels,
+                    optimizer,
+                    scheduler,
+                    accelerator,
+                    head,
+                    class_weights,
+                    clip_grad=1.0,
+                )
+                head.train_grades(out)
+                with torch.inference_mode(), accelerator.autocast():
+                    head.loss_sums(model(images), labels, class_weights)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
 
 
 @pytest.mark.slow

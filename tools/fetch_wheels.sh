@@ -8,7 +8,7 @@
 #
 # Copy wheels/ and the repository to the GPU machine, then:
 #
-#     python3 -m pip install --no-index --find-links wheels/ nvidia-dali-cuda120 webdataset
+#     python3 -m pip install --no-index --find-links wheels/ nvidia-dali-cuda120 webdataset pytest
 #     python3 -m pip install --no-index --find-links wheels/ --no-deps -e .
 #
 # pip resolves the closure from the wheels' own Requires-Dist, so it follows new DALI
@@ -17,8 +17,9 @@ set -euo pipefail
 DEST=${1:?usage: bash tools/fetch_wheels.sh DEST_DIR [PYTHON_VERSION] [PLATFORM]}
 PYVER=${2:-3.12}
 PLATFORM=${3:-manylinux_2_28_x86_64}
-# the project's pins for the loaders (pyproject.toml): DALI for CUDA 12 drivers and newer
-PACKAGES=(${FETCH_PACKAGES:-"nvidia-dali-cuda120>=1.40" "webdataset>=0.2.86"})
+# the project's pins for the loaders (pyproject.toml): DALI for CUDA 12 drivers and newer;
+# pytest for tools/gpu_check.sh's GPU tests
+PACKAGES=(${FETCH_PACKAGES:-"nvidia-dali-cuda120>=1.40" "webdataset>=0.2.86" "pytest>=8"})
 mkdir -p "$DEST"
 PLAT=(--only-binary=:all: --python-version "$PYVER" --implementation cp
       --platform "$PLATFORM" --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64

@@ -10,7 +10,7 @@
 # not import: it never falls back to the torch backend.
 #
 # Steps, each logged to OUT_DIR/<step>.log:
-#   1. environment: GPU, driver, torch, DALI (and its mixed-decoder check)
+#   1. environment: GPU, driver, torch, DALI; dr-doctor's checks (mixed and hardware decoders)
 #   2. the GPU tests (pytest -m gpu): DALI GPU batches, pixels against the CPU path
 #   3. loader benchmark at 512 px: DALI GPU decode-only and full pipeline, images/s
 #   4. the trainer: 1 epoch at 512 px (bf16, channels_last), then --resume to 2 epochs,
@@ -49,6 +49,9 @@ PY
     exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/env.log"
+# the doctor's GPU checks: DALI's mixed decoder, the hardware JPEG decoder, bf16, NCCL
+$PY tools/doctor.py --no-smoke > "$OUT/doctor.log" 2>&1 || fail "dr-doctor found a problem: $OUT/doctor.log"
+tail -n 25 "$OUT/doctor.log"
 
 step "2. GPU tests"
 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 15

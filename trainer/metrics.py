@@ -12,24 +12,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from sklearn.metrics import cohen_kappa_score, roc_auc_score, roc_curve
 
 from pipeline.constants import CLASS_NAMES, NUM_CLASSES
-
-
-def confusion_matrix(
-    labels: torch.Tensor, preds: torch.Tensor, num_classes: int = NUM_CLASSES
-) -> torch.Tensor:
-    """Counts (int64, on the inputs' device): ``[true, predicted]``.
-
-    A one-hot sum rather than ``bincount``: on a GPU, bincount reads the largest value back
-    to the host to size its output (a sync in every evaluation step), and it has no
-    deterministic implementation for ``--deterministic``.
-    """
-    flat = labels.long() * num_classes + preds.long()
-    return F.one_hot(flat, num_classes * num_classes).sum(0).view(num_classes, num_classes)
 
 
 def accuracy(cm: np.ndarray) -> float:
