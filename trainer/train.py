@@ -11,19 +11,23 @@
         --main_process_ip HOST --main_process_port 29500 --num_processes 16 \\
         trainer/train.py --shards /shared/shards --out /shared/runs/r50   # 2 machines x 8 GPUs
 
-Each epoch trains on the train split, evaluates the test split and writes into --out
-(default ``runs/ARCH-YYYYmmdd-HHMMSS``): a line of ``metrics.jsonl`` (epoch, train_loss,
-train_acc, test_loss, test_acc, test_qwk, test_recall[5], images_per_s, epoch_s, and lr
-of the epoch's last step; accuracies as fractions), ``confusion/epoch_NNN.csv`` and
-``.png`` (summed over ranks), ``checkpoints/last/`` (atomic) and ``best.pt`` (highest
-test kappa). ``config.json`` (config + environment) is written at the start and
-``summary.json`` at the end. Every rank computes; rank 0 writes. ``images_per_s``
-counts the training images of all ranks per second of the training loop; ``epoch_s``
-is training plus evaluation.
+Each epoch trains on the train split, evaluates the val and test splits and writes into
+--out (default ``runs/ARCH-YYYYmmdd-HHMMSS``): a line of ``metrics.jsonl`` (train loss and
+accuracy; for val and test: loss, accuracy, kappa, kappa with both eyes blended, recall per
+grade, referable-DR AUC, sensitivity and specificity, any-DR AUC; what val chose: the
+referable threshold, the regress head's cut-points, the both-eyes weight; images_per_s,
+epoch_s, lr), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
+``checkpoints/last/`` (atomic, the one before kept as ``previous/``) and ``best.pt``
+(highest val kappa; test kappa when the shards have no val split, with a warning).
+``config.json`` (config + environment) is written at the start and ``summary.json`` (with
+the test figures at the best-val epoch) at the end. Every rank computes; rank 0 writes.
+``images_per_s`` counts the training images of all ranks per second of the training
+loop; ``epoch_s`` is training plus evaluation.
 
 ``--resume --out DIR`` continues from ``DIR/checkpoints/last/`` with the run's saved
-config and ends in the state an uninterrupted run ends in; only --epochs, --lr,
---workers, --backend, --shards and --quiet may be given anew. A user error (no shards,
+config and ends in the state an uninterrupted run ends in (on the CPU; on a GPU with
+--deterministic), also on another number of processes; only --epochs, --lr, --workers,
+--backend, --shards, --quiet and the other options of ``config.RESUMABLE`` may be given anew. A user error (no shards,
 bad --weights, ...) is one line and exit 2, a run that fails (the loss diverged) one line
 and exit 1; ``accelerate launch`` then adds its own traceback and exits 1 (for one
 process ``accelerate launch --quiet`` keeps it to the line).
