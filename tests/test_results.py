@@ -87,34 +87,7 @@ def best_row(run_dir: Path) -> dict:
 def test_evaluate_reproduces_the_trainers_numbers(two_runs, tiny_shards, tmp_path, processes):
     for run_dir in two_runs:  # the second run weights its loss by class
         out = tmp_path / f"eval-{run_dir.name}"
-        launcher = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--num_processes",
-            str(processes),
-        ]
-        if processes > 1:
-            launcher.insert(3, "--multi_gpu")
-        proc = run(
-            [
-                *launcher,
-                "trainer/evaluate.py",
-                "--checkpoint",
-                str(run_dir / "best.pt"),
-                "--shards",
-                str(tiny_shards),
-                "--out",
-                str(out),
-            ],
-            tmp_path,
-        )
+        proc = launch_evaluate(run_dir, tiny_shards, out, processes, tmp_path)
         got = json.loads((out / "metrics.json").read_text())
         want = best_row(run_dir)
         assert got["samples"] == 13 and got["world_size"] == processes

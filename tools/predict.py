@@ -32,8 +32,7 @@ from pipeline.errors import UserError
 from pipeline.loading.contract import normalization
 from pipeline.loading.samples import eval_image
 from pipeline.writing.preprocess import BadImage, prepare
-from trainer.checkpoint import load_best
-from trainer.heads import build_head
+from trainer.checkpoint import head_of, load_best
 from trainer.pairing import blend_partners
 
 PHOTO_EXTENSIONS = (*IMAGE_EXTENSIONS, ".png")
@@ -138,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = info.get("preprocess") or {}
     shard_size, graham = int(prep.get("size", image_size)), bool(prep.get("graham", False))
     shift, scale = normalization(args.device, info["mean"], info["std"])
-    head = build_head(info.get("head", "classify"))
-    cuts = tuple(info["cut_points"]) if info.get("cut_points") else None
+    head, cuts = head_of(info)
     paths, results = find_images(args.inputs)
     for problem in results:
         print(f"error: cannot grade {problem.path}: {problem.error}", file=sys.stderr)

@@ -38,6 +38,7 @@ import torch
 from pipeline.constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_bytes, reporting_disk_full
+from trainer.heads import Head, build_head
 from trainer.model import build_model
 
 CHECKPOINTS = "checkpoints"
@@ -260,6 +261,12 @@ def load_best(path: str | Path, device: str | torch.device = "cpu") -> tuple[tor
         raise UserError(f"cannot read the checkpoint {path} ({type(err).__name__})") from None
     model.load_state_dict(info.pop("model"))
     return model.to(device).eval(), info
+
+
+def head_of(info: dict) -> tuple[Head, tuple[float, ...] | None]:
+    """The head of a loaded best.pt and its cut-points (regress; None otherwise)."""
+    cuts = info.get("cut_points")
+    return build_head(info.get("head", "classify")), tuple(cuts) if cuts else None
 
 
 def state_checksum(state: dict[str, torch.Tensor]) -> str:

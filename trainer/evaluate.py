@@ -29,10 +29,9 @@ from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import read_manifest
-from trainer.checkpoint import load_best
+from trainer.checkpoint import head_of, load_best
 from trainer.config import BACKENDS
 from trainer.engine import class_weights_for, evaluate, resolve_precision
-from trainer.heads import build_head
 from trainer.metrics import (
     REFERABLE_GRADE,
     any_dr_score,
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(memory_format=torch.channels_last)
     model = accelerator.prepare(model)
 
-    head = build_head(info.get("head", "classify"))
-    cuts = tuple(info["cut_points"]) if info.get("cut_points") else None
+    head, cuts = head_of(info)
     alone = evaluate(model, loader, accelerator, head, class_weights, expected=expected, cuts=cuts)
     loader.close()
     blend = info.get("pair_blend") or 0.0
