@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,13 +66,64 @@ def key_problem(key: str) -> str | None:
     """Why ``key`` cannot be a sample key, or None: the one rule for the builder and the writer."""
     if not key:
         return "empty id"
-    # WebDataset splits a member name at the first dot of its base name.
-    if "." in key or "/" in key or "\\" in key or key.startswith("_"):
+    # WebDataset splits a member name at the first dot of its base name; the index splits
+    # its lines at whitespace.
+    if any(c in key for c in "./\\") or key.startswith("_") or not key.isprintable():
         return "id not usable as a shard key (contains '.', '/' or '\\', or starts with '_')"
+    if any(c.isspace() for c in key):
+        return "id not usable as a shard key (contains a space)"
     if len(key.encode()) > MAX_KEY_BYTES:
         # Longer member names need GNU long-name headers, which wds2idx indexes wrongly.
         return f"id longer than {MAX_KEY_BYTES} bytes"
     return None
+
+
+_NOT_KEY = re.compile(r"[^A-Za-z0-9_-]+")
+KEY_ROOM = 80  # a derived key leaves room for a "-2" or a folder prefix
+
+
+def make_key(name: str) -> str:
+    """A valid shard key from a file's stem or an image id, as close to it as the rules allow.
+
+    ASCII letters, digits, ``-`` and ``_`` are kept; accented letters lose their accent
+    (``é`` -> ``e``); any other run of characters (spaces, dots, other scripts) becomes one
+    ``-``. A name longer than ``KEY_ROOM`` is cut and ends in a hash of the whole, so long
+    names stay distinct. ``10_left`` stays ``10_left``; ``Patient 0 OD.v2`` becomes
+    ``Patient-0-OD-v2``. Equal results are told apart by ``unique_keys``.
+    """
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    key = _NOT_KEY.sub("-", ascii_name).strip("-_") or "img"
+    if len(key) > KEY_ROOM:
+        key = f"{key[: KEY_ROOM - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return key
+
+
+def unique_keys(wanted: list[str], folders: list[str]) -> list[str]:
+    """Make ``wanted`` keys unique: equal keys of files in different folders get their folder
+    as a prefix (``a-Training-Set-IDRiD_001``), any still equal a ``-2``, ``-3`` suffix, in
+    the given order. Keys that were unique are kept as they are."""
+    places: dict[str, set[str]] = {}
+    for key, folder in zip(wanted, folders, strict=True):
+        places.setdefault(key, set()).add(folder)
+    keys = [
+        make_key(f"{folder}-{key}") if len(places[key]) > 1 and folder else key
+        for key, folder in zip(wanted, folders, strict=True)
+    ]
+    seen: dict[str, int] = {}
+    taken = set(keys)
+    out = []
+    for key in keys:
+        if key in seen:
+            n = seen[key] + 1
+            while f"{key}-{n}" in taken:
+                n += 1
+            seen[key] = n
+            taken.add(f"{key}-{n}")
+            key = f"{key}-{n}"
+        else:
+            seen[key] = 1
+        out.append(key)
+    return out
 
 
 # The fields of a GNU header that are the same for every member (see _gnu_header).

@@ -19,6 +19,7 @@ from pipeline.constants import IMAGE_EXT, LABEL_EXT, NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.fileio import file_sha256
 from pipeline.manifest import Manifest, read_manifest
+from pipeline.samplelist import SAMPLES_NAME, read_sample_table
 from pipeline.shardformat import SampleRef, ShardInfo, patient_of, read_index
 
 MAX_LISTED = 50  # problems listed in full; the rest are counted
@@ -35,6 +36,7 @@ class Report:
 def verify_shards(root: str | Path) -> Report:
     """Check the shard folder ``root``; UserError only if its manifest cannot be read at all."""
     manifest = read_manifest(root)
+    table = read_sample_table(manifest.root)  # patients and original paths, when written
     problems: list[str] = []
     owner: dict[str, str] = {}  # key -> split
     patient_split: dict[str, str] = {}
@@ -45,15 +47,20 @@ def verify_shards(root: str | Path) -> Report:
             shards += 1
             for ref, grade in _check_shard(manifest.root, shard, problems):
                 samples += 1
+                shown = _shown(ref.key, table)
                 if ref.key in owner:
                     problems.append(
-                        f"key {ref.key} is in {split} ({shard.file}) and also in {owner[ref.key]}"
+                        f"key {shown} is in {split} ({shard.file}) and also in {owner[ref.key]}"
                     )
                 owner.setdefault(ref.key, split)
-                patient = patient_of(ref.key)
+                record = table.get(ref.key) if table is not None else None
+                if table is not None and (record is None or record.split != split):
+                    where = "not listed" if record is None else f"listed in {record.split}"
+                    problems.append(f"sample {shown} in {shard.file} is {where} in {SAMPLES_NAME}")
+                patient = record.patient if record else patient_of(ref.key)
                 if patient_split.setdefault(patient, split) != split:
                     problems.append(
-                        f"patient {patient} has images in {patient_split[patient]} and in {split} ({ref.key})"
+                        f"patient {patient} has images in {patient_split[patient]} and in {split} ({shown})"
                     )
                 if grade is not None:
                     counts[grade] += 1
@@ -62,6 +69,14 @@ def verify_shards(root: str | Path) -> Report:
                 f"split {split} holds {counts} images per grade but the manifest says {list(info.class_counts)}"
             )
     return Report(manifest, problems, samples, shards)
+
+
+def _shown(key: str, table) -> str:
+    """``key`` with the file it came from, when the sample table says and it differs."""
+    record = table.get(key) if table is not None else None
+    if record is None or not record.path or Path(record.path).stem == key:
+        return key
+    return f"{key} ({record.path})"
 
 
 def _check_shard(

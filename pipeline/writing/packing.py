@@ -75,11 +75,14 @@ from pipeline.fileio import (
 )
 from pipeline.manifest import Manifest, SplitInfo
 from pipeline.shardformat import ShardInfo, fsync_files, write_shard
+from pipeline.writing.layouts import LAYOUT_NAMES, Options
 from pipeline.writing.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
+from pipeline.writing.report import Expected, loud_warnings, reason_kind, write_samples
 from pipeline.writing.sources import Sample, Source, assign_splits, patients_in_both, read_source
 
 PROGRESS_NAME = ".progress.json"
 PREPROCESS_VERSION = 1  # bump when preprocessing changes, so reruns rebuild every shard
+DECODING = 2  # 2: 16-bit images scaled, not clipped (in the rerun fingerprint, not the manifest)
 TASK_SIZE = 8  # images per pool task
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 TASKS_AHEAD = 4  # tasks in flight per worker
@@ -108,8 +111,27 @@ class PackConfig:
         "validation split, which chooses the best epoch; 0: none",
     )
     graham: bool = arg(False, "Ben Graham normalisation (local average subtracted)")
-    strict: bool = arg(False, "fail (exit 2) if any input is rejected")
-    labels: Path | None = arg(None, "CSV image,level[,split] for any other layout", metavar="FILE")
+    strict: bool = arg(False, "fail (exit 2) if any input is rejected or a split is left empty")
+    labels: Path | None = arg(
+        None,
+        "label file for any other layout: csv, tsv or whitespace; columns image, grade "
+        "[, split][, patient] under their usual names (or --image-col ...)",
+        metavar="FILE",
+    )
+    layout: str | None = arg(
+        None,
+        "read DATA_DIR as this layout (default: recognised by its files)",
+        choices=LAYOUT_NAMES,
+    )
+    split_as: str | None = arg(
+        None,
+        "pack every image into this one split (an external set to evaluate on: --split-as test)",
+        choices=SPLITS,
+    )
+    image_col: str | None = arg(None, "--labels: the image column's name", metavar="NAME")
+    grade_col: str | None = arg(None, "--labels: the grade column's name", metavar="NAME")
+    split_col: str | None = arg(None, "--labels: the split column's name", metavar="NAME")
+    patient_col: str | None = arg(None, "--labels: the patient column's name", metavar="NAME")
     quiet: bool = arg(False, "no progress bar (for logs)")
     verify: bool = arg(
         False,
@@ -159,7 +181,13 @@ def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
     console = console or Console()
     if not cfg.quiet:
         console.print(f"[bold]make_shards[/] {_config_dict(cfg)}")
-    source = read_source(cfg.data_dir, cfg.labels)
+    columns = Options(
+        image_col=cfg.image_col,
+        grade_col=cfg.grade_col,
+        split_col=cfg.split_col,
+        patient_col=cfg.patient_col,
+    )
+    source = read_source(cfg.data_dir, cfg.labels, cfg.layout, columns)
     out = _make_out_dir(Path(cfg.out_dir))
     with folder_lock(out, "make_shards"):
         _clear_out_dir(out)
@@ -168,7 +196,9 @@ def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
 
 def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackResult:
     """``pack`` once the output folder is ours alone."""
-    samples = assign_splits(source.samples, cfg.test_fraction, cfg.seed, cfg.val_fraction)
+    samples = assign_splits(
+        source.samples, cfg.test_fraction, cfg.seed, cfg.val_fraction, cfg.split_as
+    )
     rejects = list(source.rejects)
     if cfg.strict and rejects:  # no point preparing images for a run that will fail
         _write_rejects(out, rejects)
@@ -217,7 +247,7 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
             counts[chunk.split] = [
                 a + b for a, b in zip(counts[chunk.split], entry["class_counts"], strict=True)
             ]
-            rejects.extend((key, reason) for key, reason in entry["rejects"])
+            rejects.extend(tuple(r) for r in entry["rejects"])
             bar.advance(task, len(chunk.samples))
 
     _remove_stale(
@@ -229,6 +259,12 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
         raise _strict_error(rejects, out)
     if not any(shards.values()):
         raise UserError(f"no image could be packed; see {out / REJECTS_NAME} for the reasons")
+    expected = Expected.of(source.samples, cfg.split_as, cfg.val_fraction, cfg.test_fraction)
+    n_listed = len(source.samples) + len(source.rejects)
+    warnings = loud_warnings(n_listed, rejects, counts, expected, out / REJECTS_NAME)
+    if cfg.strict and warnings:
+        raise UserError(f"{'; '.join(warnings)} (--strict)")
+    write_samples(out, samples, rejects)
 
     manifest = Manifest(
         root=out,
@@ -239,13 +275,15 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
             "layout": source.layout,
             "path": str(source.root),
             "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
+            "notes": source.notes,
         },
         seed=cfg.seed,
         report={
             "rejected": len(rejects),
-            "rejected_by_reason": dict(sorted(Counter(reason_kind(r) for _, r in rejects).items())),
+            "rejected_by_reason": dict(sorted(Counter(reason_kind(r[1]) for r in rejects).items())),
             "patients_in_both_splits": patients_in_both(samples),
             "config": _config_dict(cfg),
+            "warnings": warnings,
         },
     )
     # the shards reach the disk before the manifest that vouches for them
@@ -253,6 +291,8 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
     manifest.write()
     result = PackResult(manifest, rejects, counts, reused_shards=len(reusable))
     console.print(summary_table(result, out))
+    for line in warnings:
+        console.print(f"[bold yellow]warning:[/] {line}", highlight=False)
     return result
 
 
@@ -283,7 +323,7 @@ def _fingerprint(samples: list[Sample], settings: dict) -> str:
         except OSError:
             stamp = (-1, -1)
         rows.append((s.key, s.label, str(s.path), *stamp))
-    return hashlib.sha256(json.dumps([settings, rows]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([settings, DECODING, rows]).encode()).hexdigest()
 
 
 def _settings(cfg: PackConfig) -> dict:
@@ -467,7 +507,7 @@ def _write_chunk(path: Path, chunk: _Chunk, prepared: Iterator) -> dict:
             sample, data, reason = next(prepared)
             assert sample is expected, "prepared samples out of order"
             if data is None:
-                rejects.append((sample.key, reason))
+                rejects.append((sample.key, reason, sample.source))
                 continue
             counts[sample.label] += 1
             yield sample.key, data, sample.label
@@ -543,8 +583,8 @@ def _write_rejects(out: Path, rejects: list[tuple[str, str]]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["image", "reason"])
-            writer.writerows(rejects)
+            writer.writerow(["image", "reason", "path"])  # path: the file, where one was found
+            writer.writerows((*r, "")[:3] for r in rejects)
 
     atomic_write(out / REJECTS_NAME, write)
 
@@ -563,11 +603,6 @@ def _config_dict(cfg: PackConfig) -> dict:
 # ---------------------------------------------------------------- reporting
 
 
-def reason_kind(reason: str) -> str:
-    """``bad label: '7' is not ...`` -> ``bad label``; ``too large (9x9 pixels)`` -> ``too large``."""
-    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
-
-
 def _progress(console: Console, quiet: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -582,7 +617,8 @@ def _progress(console: Console, quiet: bool) -> Progress:
 
 def summary_table(result: PackResult, out: Path) -> Table:
     """Packed samples per split and grade, shards per split, rejects by reason."""
-    table = Table(title=f"shards in {out}")
+    source = result.manifest.source
+    table = Table(title=f"shards in {out} ({source.get('layout')} layout)")
     table.add_column("split")
     for grade in range(NUM_CLASSES):
         table.add_column(f"grade {grade}", justify="right")
@@ -595,6 +631,9 @@ def summary_table(result: PackResult, out: Path) -> Table:
         )
     for kind, n in result.manifest.report["rejected_by_reason"].items():
         table.add_row(f"rejected: {kind}", *[""] * NUM_CLASSES, str(n), "", style="red")
+    notes = list(source.get("notes", []))
+    notes += [f"no {split} split" for split in SPLITS if not result.manifest.has(split)]
     if result.reused_shards:
-        table.caption = f"{result.reused_shards} shard(s) reused from an earlier run"
+        notes.append(f"{result.reused_shards} shard(s) reused from an earlier run")
+    table.caption = "; ".join(notes) or None
     return table

@@ -93,7 +93,31 @@ def open_image(
         ) from None
     except (SyntaxError, ValueError, struct.error, Image.DecompressionBombError):
         raise BadImage("corrupt image data") from None
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode Pillow opens: 16-bit and 32-bit integer data (``I;16``, ``I``)
+    and float data are scaled to 0-255, not clipped (Pillow's own conversion clips 16-bit
+    grey at 255, which turns a photograph white); grey, palette, RGBA, CMYK as Pillow converts.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        data = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or data.max() > 255:
+            data = data / 257.0  # the 16-bit range onto the 8-bit one
+        elif img.mode == "F" and data.max() <= 1.0:
+            data = data * 255.0
+        grey = np.clip(np.rint(data), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # transparent pixels become black, like the frame around the eye
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (0, 0, 0))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img.convert("RGB")
 
 
 def jpeg_frame(f) -> tuple[int, int, int, int] | None:

@@ -1,268 +1,216 @@
-"""The three input layouts (lab, kaggle, generic ``--labels``), read into one list of samples.
+"""The input layouts read into one list of samples: ``read_source(data_dir)``.
 
-``read_source(data_dir, labels=None)`` recognises the layout, finds every listed image
-with one walk of the folder, and returns the samples it can pack plus the rows it
-rejects, each with a reason (bad label, duplicate id, missing file, unmatched row).
-Kaggle and generic layouts without a split column are split by ``assign_splits``:
-seeded, stratified by grade and grouped by patient; it also carves the validation split
-out of the training samples.
+The layout's reader (``pipeline.writing.layouts``: lab, eyepacs, aptos, messidor2, idrid,
+ddr, or generic ``--labels``) lists rows; here every row becomes a sample or a reject with
+its reason, the same way whatever the layout: the image is found with one walk of the data
+folder (symbolic links followed, each loop reported once), a key is derived from its name
+(``pipeline.shardformat.make_key``, unique across the folder), and the original relative
+path is kept for the rejects, the sample table and the reports. Rows without a split are
+split by ``assign_splits``: seeded, stratified by grade and grouped by patient; it also
+carves the validation split out of the training samples.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES, SPLITS
+from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES
 from pipeline.errors import UserError
-from pipeline.shardformat import key_problem, patient_of
+from pipeline.shardformat import make_key, patient_of, unique_keys
+from pipeline.writing.labelfile import parse_grade, strip_image_ext
+from pipeline.writing.layouts import Options, Row, find_reader
 
-LAB_FILES = {split: (f"{split}_img.csv", f"{split}_label.csv") for split in ("train", "test")}
-KAGGLE_LABELS = "trainLabels.csv"
-KAGGLE_IMAGES = "train"
-LOOKED_FOR = (
-    "train_img.csv + train_label.csv (+ test_img.csv + test_label.csv) for the lab layout, "
-    f"or {KAGGLE_LABELS} with images in {KAGGLE_IMAGES}/ for the kaggle layout"
-)
-_INTEGER = re.compile(r"^[0-9]+$")
+__all__ = ["Sample", "Source", "read_source", "assign_splits", "strip_image_ext", "parse_label"]
 
 
 @dataclass(frozen=True)
 class Sample:
-    key: str  # the image id, also the sample's key in the shard
+    key: str  # the sample's key in the shard, derived from the image's name
     path: Path
     label: int
     split: str | None  # None until assign_splits for layouts without a split
     patient: str
+    source: str = ""  # the original path relative to the data folder
 
 
 @dataclass
 class Source:
-    layout: str  # "lab", "kaggle" or "generic"
+    layout: str  # a reader's name (pipeline.writing.layouts)
     root: Path
     samples: list[Sample]
-    rejects: list[tuple[str, str]]  # (image id or file:line, reason)
+    rejects: list[tuple[str, str]]  # (image as listed or file:line, reason)
+    notes: list[str] = field(
+        default_factory=list
+    )  # for the summary: protocol, files not packed, loops
 
 
 def parse_label(text: str) -> int | None:
-    text = text.strip()
-    if _INTEGER.match(text) and int(text) < NUM_CLASSES:
-        return int(text)
-    return None
+    return parse_grade(text)
 
 
-def strip_image_ext(name: str) -> str:
-    stem, ext = os.path.splitext(name.strip())
-    return stem if ext.lower() in IMAGE_EXTENSIONS else name.strip()
+class ImageIndex:
+    """Every image file under ``root`` (extensions ``IMAGE_EXTENSIONS``, any case), found by one
+    walk that follows symbolic links; hidden folders skipped; a loop is reported once."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.by_stem: dict[str, list[Path]] = defaultdict(list)
+        self.loops: list[str] = []
+        seen: dict[tuple[int, int], str] = {}
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            st = os.stat(dirpath)
+            here = Path(dirpath).relative_to(root).as_posix()
+            if (st.st_dev, st.st_ino) in seen:
+                self.loops.append(
+                    f"symlink loop at {here} (back to {seen[st.st_dev, st.st_ino]}): not searched twice"
+                )
+                dirnames.clear()
+                continue
+            seen[st.st_dev, st.st_ino] = here
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() in IMAGE_EXTENSIONS:
+                    self.by_stem[stem].append(Path(dirpath) / name)
+
+    def find(self, name: str, under: str | None = None) -> list[Path]:
+        """The files a listed image may be: ``name`` is an id, a file name or a path relative to
+        the root, with or without extension; ``under`` keeps those in that folder."""
+        name = name.strip().replace("\\", "/")
+        folder, _, base = name.rpartition("/")
+        stem = strip_image_ext(base)
+        found = self.by_stem.get(stem, [])
+        if folder or under is not None:
+            where = "/".join(p for p in (under, folder) if p)
+            inside = self.root / where if where else self.root
+            found = [p for p in found if p.parent == inside or (not folder and inside in p.parents)]
+        if stem != base and len(found) > 1:  # the listed extension decides among equal stems
+            same = [p for p in found if p.name.lower() == base.lower()]
+            found = same or found
+        return found
 
 
 def find_images(folder: Path) -> dict[str, list[Path]]:
-    """Every ``*.jpeg``/``*.jpg`` (any case) under ``folder``, by stem; hidden folders skipped."""
-    found: dict[str, list[Path]] = defaultdict(list)
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in IMAGE_EXTENSIONS:
-                found[stem].append(Path(dirpath) / name)
-    return found
+    """Every image file under ``folder``, by stem (symbolic links followed, hidden folders skipped)."""
+    return dict(ImageIndex(Path(folder)).by_stem)
 
 
 class _Collector:
-    """Turns (id, label text, split, where) rows into samples and rejects, in row order."""
+    """Rows to samples and rejects, in row order, whatever the layout."""
 
-    def __init__(self, images: dict[str, list[Path]], root: Path):
-        self.images = images
-        self.root = root
-        self.samples: list[Sample] = []
+    def __init__(self, index: ImageIndex):
+        self.index = index
+        self.found: list[tuple[Row, Path, int]] = []
         self.rejects: list[tuple[str, str]] = []
-        self._seen: dict[str, str] = {}
+        self._seen: dict[object, str] = {}
 
-    def add(self, key: str, label_text: str, split: str | None, where: str) -> None:
-        if problem := key_problem(key):
-            self.rejects.append((key or where, problem))
+    def add(self, row: Row) -> None:
+        shown = strip_image_ext(row.name) or row.where
+        paths = self.index.find(row.name, row.under) if row.name else []
+        ident = paths[0] if len(paths) == 1 else (row.under, strip_image_ext(row.name))
+        if not row.name.strip():
+            self.rejects.append((row.where, "empty id"))
             return
-        if key in self._seen:
-            self.rejects.append(
-                (key, f"duplicate: listed again at {where}, kept {self._seen[key]}")
-            )
+        if ident in self._seen:
+            kept = self._seen[ident]
+            self.rejects.append((shown, f"duplicate: listed again at {row.where}, kept {kept}"))
             return
-        self._seen[key] = where
-        label = parse_label(label_text)
+        self._seen[ident] = row.where
+        if row.reject:
+            self.rejects.append((shown, row.reject))
+            return
+        label = parse_grade(row.grade)
         if label is None:
-            self.rejects.append(
-                (key, f"bad label: {label_text.strip()!r} is not an integer 0-{NUM_CLASSES - 1}")
-            )
+            reason = f"bad label: {row.grade.strip()!r} is not an integer 0-{NUM_CLASSES - 1}"
+            self.rejects.append((shown, reason))
             return
-        paths = self.images.get(key, [])
         if not paths:
-            self.rejects.append((key, "missing"))
+            self.rejects.append((shown, "missing"))
             return
         if len(paths) > 1:
-            names = ", ".join(str(p.relative_to(self.root)) for p in paths[:3])
-            self.rejects.append((key, f"ambiguous: {len(paths)} files for this id ({names})"))
+            names = ", ".join(self._rel(p) for p in paths[:3])
+            self.rejects.append((shown, f"ambiguous: {len(paths)} files for this id ({names})"))
             return
-        self.samples.append(Sample(key, paths[0], label, split, patient_of(key)))
+        self.found.append((row, paths[0], label))
 
-    def reject(self, key: str, reason: str) -> None:
-        self.rejects.append((key, reason))
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.index.root).as_posix()
 
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
-    lines = [line.strip().strip('"').strip() for line in text.splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
-    return lines
-
-
-def _lab_headers(ids: list[str], labels: list[str], images: dict) -> tuple[bool, bool]:
-    """Whether each CSV's first line is a header rather than a sample.
-
-    A first id is a header only if no image has that name and it has no digit (``image``,
-    ``id``); a first label only if it is not a number. When just one of the two looks like
-    a header, it counts only if dropping it makes the two files equally long, so a lone
-    odd first line is kept as a sample (and rejected with its reason) rather than lost.
-    """
-    if not ids or not labels:
-        return False, False
-    first_id = strip_image_ext(ids[0])
-    id_like = first_id not in images and not any(c.isdigit() for c in first_id)
-    label_like = not re.match(r"^[+-]?[0-9.]+$", labels[0])
-    n_ids, n_labels = len(ids), len(labels)
-    id_header = id_like and (label_like or n_ids - 1 == n_labels)
-    label_header = label_like and (id_like or n_labels - 1 == n_ids)
-    return id_header, label_header
+    def samples(self) -> list[Sample]:
+        """The found images as samples, with keys unique across the data folder."""
+        wanted = [
+            make_key(strip_image_ext(row.name.replace("\\", "/").rpartition("/")[2]))
+            for row, _, _ in self.found
+        ]
+        folders = [
+            self._rel(path.parent) if path.parent != self.index.root else ""
+            for _, path, _ in self.found
+        ]
+        keys = unique_keys(wanted, folders)
+        return [
+            Sample(key, path, label, row.split, row.patient or patient_of(key), self._rel(path))
+            for key, (row, path, label) in zip(keys, self.found, strict=True)
+        ]
 
 
-def _read_lab(root: Path, images: dict) -> _Collector:
-    out = _Collector(images, root)
-    for split, (img_name, label_name) in LAB_FILES.items():
-        if not (root / img_name).is_file():  # a lab folder without a test pair
-            continue
-        ids, labels = _read_lines(root / img_name), _read_lines(root / label_name)
-        id_header, label_header = _lab_headers(ids, labels, images)
-        ids, labels = ids[id_header:], labels[label_header:]
-        for i, (image, label) in enumerate(zip(ids, labels, strict=False)):  # extra rows below
-            out.add(strip_image_ext(image), label, split, f"{img_name} line {i + 1 + id_header}")
-        if len(ids) != len(labels):
-            why = f"{img_name} has {len(ids)} rows, {label_name} {len(labels)}"
-            for i, image in enumerate(ids[len(labels) :], start=len(labels)):
-                out.reject(
-                    strip_image_ext(image) or f"{img_name} line {i + 1 + id_header}",
-                    f"no label: {why}",
-                )
-            for i in range(len(ids), len(labels)):
-                out.reject(f"{label_name} line {i + 1 + label_header}", f"no image: {why}")
-    return out
+def read_source(
+    data_dir: str | os.PathLike,
+    labels: str | os.PathLike | None = None,
+    layout: str | None = None,
+    options: Options | None = None,
+) -> Source:
+    """Samples and rejects of the data folder, in the order the label files list them.
 
-
-def _read_table(path: Path, images: dict, root: Path, allow_split: bool) -> _Collector:
-    """A CSV with a header ``image,level[,split]``; every cell read as text, blank rows skipped."""
-    try:
-        table = pd.read_csv(
-            path,
-            dtype=str,
-            keep_default_na=False,
-            skip_blank_lines=False,
-            encoding="utf-8-sig",
-            skipinitialspace=True,
-        ).fillna("")
-    except pd.errors.EmptyDataError:
-        table = pd.DataFrame()
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
-        raise UserError(f"cannot read {path}: {str(err).strip().splitlines()[-1]}") from None
-    table.columns = [str(c).strip().lower() for c in table.columns]
-    if "image" not in table.columns or "level" not in table.columns:
-        want = "image,level,split" if allow_split else "image,level"
-        raise UserError(f"{path} must start with a header line '{want}' (split optional)")
-    table = table.apply(lambda column: column.str.strip())
-    table["line"] = range(2, len(table) + 2)  # the file's line numbers, for the rejects
-    table = table[(table.drop(columns="line") != "").any(axis=1)]
-    has_split = allow_split and "split" in table.columns and (table.get("split", "") != "").any()
-    out = _Collector(images, root)
-    for row in table.itertuples(index=False):
-        key = strip_image_ext(row.image)
-        split = None
-        if has_split:
-            split = row.split.lower()
-            if split not in SPLITS:
-                out.reject(
-                    key or f"{path.name} line {row.line}",
-                    f"bad split: {split!r} is not {' or '.join(SPLITS)}",
-                )
-                continue
-        out.add(key, row.level, split, f"{path.name} line {row.line}")
-    return out
-
-
-def detect_layout(root: Path) -> str:
-    """``lab`` or ``kaggle`` from the files in ``root``; UserError naming what was looked for."""
+    ``layout`` forces a reader (``pipeline.writing.layouts.READERS``); by default the first
+    that recognises its files, or the generic one when ``labels`` is given."""
+    root = Path(data_dir).resolve()
     if not root.is_dir():
         raise UserError(
             f"data folder {root} does not exist (for a synthetic one: python tools/make_synthetic.py --out {root})"
         )
-    lab_present = [name for pair in LAB_FILES.values() for name in pair if (root / name).is_file()]
-    if lab_present:
-        for split, pair in LAB_FILES.items():
-            missing = [name for name in pair if not (root / name).is_file()]
-            if missing and (split == "train" or len(missing) == 1):
-                raise UserError(
-                    f"{root} has {', '.join(lab_present)} but not {', '.join(missing)} (lab layout)"
-                )
-        return "lab"
-    if (root / KAGGLE_LABELS).is_file():
-        return "kaggle"
-    raise UserError(
-        f"no recognised input in {root}: looked for {LOOKED_FOR}; pass --labels FILE.csv otherwise"
-    )
-
-
-def read_source(data_dir: str | os.PathLike, labels: str | os.PathLike | None = None) -> Source:
-    """Samples and rejects of the data folder, in the order the label files list them."""
-    root = Path(data_dir).resolve()
-    if labels is not None:
-        if not root.is_dir():
-            raise UserError(
-                f"data folder {root} does not exist (for a synthetic one: python tools/make_synthetic.py --out {root})"
-            )
-        labels_path = Path(labels)
-        if not labels_path.is_file():
-            raise UserError(f"labels file {labels_path} does not exist")
-        layout = "generic"
-        out = _read_table(labels_path, find_images(root), root, allow_split=True)
-    else:
-        layout = detect_layout(root)
-        if layout == "lab":
-            out = _read_lab(root, find_images(root))
-        else:
-            image_dir = root / KAGGLE_IMAGES
-            images = find_images(image_dir if image_dir.is_dir() else root)
-            out = _read_table(root / KAGGLE_LABELS, images, root, allow_split=False)
-    if not out.samples and not out.rejects:
-        raise UserError(f"the label files in {root} list no images ({layout} layout)")
-    return Source(layout, root, out.samples, out.rejects)
+    if labels is not None and not Path(labels).is_file():
+        raise UserError(f"labels file {labels} does not exist")
+    options = replace(options or Options(), labels=Path(labels) if labels is not None else None)
+    reader, base = find_reader(root, layout, options.labels)
+    listing = reader.read(root, base, options)
+    if not listing.rows and not listing.rejects:
+        raise UserError(f"the label files in {root} list no images ({reader.name} layout)")
+    index = ImageIndex(root)
+    out = _Collector(index)
+    for row in listing.rows:
+        out.add(row)
+    rejects = listing.rejects + out.rejects
+    return Source(reader.name, root, out.samples(), rejects, listing.notes + index.loops)
 
 
 def assign_splits(
-    samples: list[Sample], test_fraction: float, seed: int, val_fraction: float = 0.0
+    samples: list[Sample],
+    test_fraction: float,
+    seed: int,
+    val_fraction: float = 0.0,
+    split_as: str | None = None,
 ) -> list[Sample]:
     """Give every sample a split: train, val or test, stratified by grade, grouped by patient.
 
-    Samples without a split (kaggle, or --labels without a split column): about
+    ``split_as`` puts every sample in that one split (an external set packed for evaluation).
+    Samples without a split take the split of their patient's other images if those have
+    one; the rest (eyepacs, or --labels without a split column): about
     ``test_fraction`` of each grade go to test, the rest to train. Then, unless some sample
     already is in val, about ``val_fraction`` of the train samples go to val; a patient who
     also has an image outside train (the lab layout's lists may mix them) stays in train.
     """
+    if split_as is not None:
+        return [replace(s, split=split_as) for s in samples]
+    given: dict[str, str] = {}
+    for s in samples:  # a patient listed with a split keeps it for their other images
+        if s.split is not None:
+            given.setdefault(s.patient, s.split)
+    samples = [replace(s, split=given.get(s.patient)) if s.split is None else s for s in samples]
     samples = _carve(samples, lambda s: s.split is None, "test", "train", test_fraction, seed)
     if val_fraction <= 0 or any(s.split == "val" for s in samples):
         return samples
