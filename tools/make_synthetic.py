@@ -12,7 +12,11 @@ the grade stays learnable at 64-128 px. Images come in left/right pairs per pati
 
 Layouts (those tools/make_shards.py reads): `lab` writes train/test_img.csv + train/test_label.csv (no
 header, split by patient here) and images/<id>.jpeg; `kaggle` writes trainLabels.csv
-(`image,level`) and train/<id>.jpeg. `--width 768 --size 512` makes 3:2 raw-camera-like frames
+(`image,level`) and train/<id>.jpeg. `eyepacs`, `aptos`, `messidor2`, `idrid` and `ddr` write the
+public datasets' own files with their quirks (see docs/datasets.md): the Kaggle test release
+with its Public/Private `Usage`, APTOS PNGs and its unlabeled test.csv, Messidor-2's `2.0`
+grades and ungradable rows, IDRiD's trailing-space header, blank rows and names repeated in
+both sets, DDR's `valid` split and grade 5. `--width 768 --size 512` makes 3:2 raw-camera-like frames
 with wide black side borders. 200 images at 256 px take a few seconds on one core.
 
 `--difficulty easy` (the default) is the above, unchanged for a given seed: lesions big and
@@ -60,7 +64,7 @@ from pipeline.errors import UserError
 from pipeline.fileio import make_writable_dir
 from pipeline.shardformat import patient_of
 
-LAYOUTS = ("lab", "kaggle")
+LAYOUTS = ("lab", "kaggle", "eyepacs", "aptos", "messidor2", "idrid", "ddr")
 DIFFICULTIES = ("easy", "realistic")
 EYES = ("left", "right")
 JPEG_QUALITY = 92
@@ -622,11 +626,15 @@ def generate(
     """Write n synthetic fundus JPEGs and their labels in `layout`; return (image_id, label) for all."""
     _check_options(n, size, layout, width, class_mix, test_fraction, difficulty)
     out = Path(out_dir)
-    image_dir = _writable_dir(out / ("train" if layout == "kaggle" else "images"))
-
+    _writable_dir(out)
     ids = image_ids(n)
     drawn, written = draw_labels(n, class_mix, np.random.default_rng([seed, 0]), difficulty)
     items = list(zip(ids, written, strict=True))
+    if layout in PUBLIC_LAYOUTS:
+        files = PUBLIC_LAYOUTS[layout](out, items, test_fraction, np.random.default_rng([seed, 3]))
+    else:
+        folder = "train" if layout == "kaggle" else "images"
+        files = [f"{folder}/{image_id}.jpeg" for image_id in ids]
     jobs = list(enumerate(zip(ids, drawn, strict=True)))
     if progress:
         from rich.progress import track
@@ -639,9 +647,16 @@ def generate(
             grade, rng, size, eye, width=width, difficulty=difficulty, lesion_scale=lesion_scale
         )
         quality = JPEG_QUALITY if difficulty == "easy" else int(rng.integers(75, 96))
-        Image.fromarray(pixels).save(image_dir / f"{image_id}.jpeg", "JPEG", quality=quality)
+        path = out / files[i]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() == ".png":
+            Image.fromarray(pixels).save(path, "PNG")
+        else:
+            Image.fromarray(pixels).save(path, "JPEG", quality=quality)
 
-    if layout == "kaggle":
+    if layout in PUBLIC_LAYOUTS:
+        pass
+    elif layout == "kaggle":
         _write_lines(out / "trainLabels.csv", ["image,level", *(f"{i},{g}" for i, g in items)])
     else:
         test = split_patients(items, test_fraction, np.random.default_rng([seed, 2]))
@@ -652,6 +667,111 @@ def generate(
     return items
 
 
+# ---------------------------------------------------------------- the public datasets' layouts
+# Each writes the label files of one public dataset as distributed (names, headers, quirks)
+# and returns where each of the n pictures goes, relative to the data folder.
+
+
+def _write_rows(path: Path, rows: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{r}\n" for r in rows))
+
+
+def _eyepacs(out: Path, items, test_fraction: float, rng) -> list[str]:
+    """trainLabels.csv + train/; the test release: retinopathy_solution.csv (image,level,Usage,
+    about a fifth of the test patients Public, the rest Private, as 10,906 / 42,670) + test/."""
+    test = split_patients(items, test_fraction, rng)
+    public = {p for p in sorted(test) if rng.random() < 0.2} or set(sorted(test)[:1])
+    train = [(i, g) for i, g in items if patient_of(i) not in test]
+    solution = [(i, g) for i, g in items if patient_of(i) in test]
+    _write_rows(out / "trainLabels.csv", ["image,level", *(f"{i},{g}" for i, g in train)])
+    usage = {True: "Public", False: "Private"}
+    _write_rows(
+        out / "retinopathy_solution.csv",
+        ["image,level,Usage", *(f"{i},{g},{usage[patient_of(i) in public]}" for i, g in solution)],
+    )
+    return [f"{'test' if patient_of(i) in test else 'train'}/{i}.jpeg" for i, _ in items]
+
+
+def _aptos(out: Path, items, test_fraction: float, rng) -> list[str]:
+    """train.csv (id_code,diagnosis) + train_images/<id>.png; test.csv (id_code only) + test_images/."""
+    codes = [f"{rng.integers(1 << 48):012x}" for _ in items]
+    n_test = int(round(test_fraction * len(items)))
+    _write_rows(
+        out / "train.csv",
+        [
+            "id_code,diagnosis",
+            *(f"{c},{g}" for c, (_, g) in zip(codes[n_test:], items[n_test:], strict=True)),
+        ],
+    )
+    _write_rows(out / "test.csv", ["id_code", *codes[:n_test]])
+    return [f"{'test' if k < n_test else 'train'}_images/{c}.png" for k, c in enumerate(codes)]
+
+
+def _messidor2(out: Path, items, test_fraction: float, rng) -> list[str]:
+    """messidor_data.csv (image_id with its extension, adjudicated_dr_grade, adjudicated_dme,
+    adjudicated_gradable) as pandas writes it: grades 2.0, an empty grade on ungradable rows
+    (one in eight); images in IMAGES/, Messidor's .png and Brest's upper-case .JPG."""
+    names = [
+        f"20051020_{43808 + k:05d}_0100_PP.png" if k % 2 == 0 else f"IM{k:06d}.JPG"
+        for k in range(len(items))
+    ]
+    rows = ["image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable"]
+    for k, (name, (_, grade)) in enumerate(zip(names, items, strict=True)):
+        ungradable = k % 8 == 5
+        rows.append(f"{name},,,0" if ungradable else f"{name},{float(grade)},0.0,1")
+    _write_rows(out / "messidor_data.csv", rows)
+    return [f"IMAGES/{name}" for name in names]
+
+
+IDRID = "B. Disease Grading"
+IDRID_SETS = (
+    ("a. Training Set", "a. IDRiD_Disease Grading_Training Labels.csv"),
+    ("b. Testing Set", "b. IDRiD_Disease Grading_Testing Labels.csv"),
+)
+
+
+def _idrid(out: Path, items, test_fraction: float, rng) -> list[str]:
+    """The two sets numbered from IDRiD_001 each (the same names in both), their label CSVs
+    with the header's trailing spaces and the empty rows that end them."""
+    n_test = max(1, int(round(test_fraction * len(items))))
+    parts = (items[n_test:], items[:n_test])
+    files = []
+    for (folder, labels), part in zip(IDRID_SETS, parts, strict=True):
+        rows = ["Image name,Retinopathy grade ,Risk of macular edema "]
+        rows += [f"IDRiD_{k + 1:03d},{g},0" for k, (_, g) in enumerate(part)]
+        _write_rows(out / IDRID / "2. Groundtruths" / labels, [*rows, ",,", ",,", ""])
+        files += [
+            f"{IDRID}/1. Original Images/{folder}/IDRiD_{k + 1:03d}.jpg" for k in range(len(part))
+        ]
+    test_files, train_files = files[len(parts[0]) :], files[: len(parts[0])]
+    return test_files + train_files  # in the order of items: test first
+
+
+def _ddr(out: Path, items, test_fraction: float, rng) -> list[str]:
+    """DR_grading/{train,valid,test}/ and {train,valid,test}.txt (``name grade``), about
+    50/20/30 like DDR; one image in ten graded 5 (ungradable)."""
+    n = len(items)
+    n_test, n_valid = max(1, int(round(test_fraction * n))), max(1, int(round(0.2 * n)))
+    splits = ["test"] * n_test + ["valid"] * n_valid + ["train"] * (n - n_test - n_valid)
+    names = [f"{7 + k // 50:03d}-{k:04d}-000.jpg" for k in range(n)]
+    rows: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    for k, (name, split, (_, grade)) in enumerate(zip(names, splits, items, strict=True)):
+        rows[split].append(f"{name} {5 if k % 10 == 3 else grade}")
+    for split, lines in rows.items():
+        _write_rows(out / "DR_grading" / f"{split}.txt", lines)
+    return [f"DR_grading/{split}/{name}" for name, split in zip(names, splits, strict=True)]
+
+
+PUBLIC_LAYOUTS = {
+    "eyepacs": _eyepacs,
+    "aptos": _aptos,
+    "messidor2": _messidor2,
+    "idrid": _idrid,
+    "ddr": _ddr,
+}
+
+
 @dataclass
 class SynthConfig:
     out: Path = arg(help="folder to write the images and label files into (created)", metavar="DIR")
@@ -660,7 +780,7 @@ class SynthConfig:
     width: int | None = arg(None, "image width in px (default: square)")
     layout: str = arg("lab", "label files to write", choices=LAYOUTS)
     seed: int = arg(0, "seed of the grades and the pictures")
-    test_fraction: float = arg(0.2, "lab layout: share of patients in test")
+    test_fraction: float = arg(0.2, "share of the pictures in the layout's test set")
     difficulty: str = arg(
         "easy",
         "easy: big, plentiful lesions; realistic: EyePACS-like tiny faint lesions, camera "

@@ -261,7 +261,7 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
         raise UserError(f"no image could be packed; see {out / REJECTS_NAME} for the reasons")
     expected = Expected.of(source.samples, cfg.split_as, cfg.val_fraction, cfg.test_fraction)
     n_listed = len(source.samples) + len(source.rejects)
-    warnings = loud_warnings(n_listed, rejects, counts, expected, out / REJECTS_NAME)
+    warnings = loud_warnings(n_listed, rejects, counts, expected, REJECTS_NAME)
     if cfg.strict and warnings:
         raise UserError(f"{'; '.join(warnings)} (--strict)")
     write_samples(out, samples, rejects)

@@ -49,7 +49,7 @@ def loud_warnings(
     rejects: list[tuple],
     counts: dict[str, list[int]],
     expected: Expected,
-    where: Path,
+    where: str,
 ) -> list[str]:
     """One line per reason to worry: many rejects (top reasons with counts), empty splits."""
     lines = []
