@@ -118,7 +118,7 @@ def _column(header: list[str], role: str, named: str | None, path: Path) -> int 
                 f"{path} has no column {named!r} (its columns: {', '.join(h.strip() for h in header)})"
             )
         return normed.index(_norm(named))
-    for name in COLUMN_NAMES[role]:
+    for name in map(_norm, COLUMN_NAMES[role]):
         if name in normed:
             return normed.index(name)
     return None

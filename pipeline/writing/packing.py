@@ -619,7 +619,7 @@ def summary_table(result: PackResult, out: Path) -> Table:
     """Packed samples per split and grade, shards per split, rejects by reason."""
     source = result.manifest.source
     table = Table(title=f"shards in {out} ({source.get('layout')} layout)")
-    table.add_column("split")
+    table.add_column("split", no_wrap=True)
     for grade in range(NUM_CLASSES):
         table.add_column(f"grade {grade}", justify="right")
     table.add_column("total", justify="right")

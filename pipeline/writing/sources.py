@@ -147,9 +147,8 @@ class _Collector:
             make_key(strip_image_ext(row.name.replace("\\", "/").rpartition("/")[2]))
             for row, _, _ in self.found
         ]
-        folders = [
-            self._rel(path.parent) if path.parent != self.index.root else ""
-            for _, path, _ in self.found
+        folders = [  # equal names in two folders get their folder's name as a prefix
+            path.parent.name if path.parent != self.index.root else "" for _, path, _ in self.found
         ]
         keys = unique_keys(wanted, folders)
         return [
