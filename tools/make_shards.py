@@ -3,11 +3,14 @@
     python tools/make_shards.py data/ shards/ --size 512 --shard-size 1000 --workers 8
     python tools/make_shards.py --verify shards/        # check a shard folder byte by byte
 
-DATA_DIR holds one of three layouts: lab (train_img.csv, train_label.csv, test_img.csv,
-test_label.csv), kaggle (trainLabels.csv + train/), or any folder of images with
-``--labels FILE.csv`` (``image,level[,split]``). OUT_DIR receives ``train-000000.tar`` ...
+DATA_DIR holds a dataset as it came, recognised by its own files (``--layout`` forces one):
+lab, eyepacs (alias kaggle; with retinopathy_solution.csv + test/ the published protocol),
+aptos, messidor2, idrid, ddr, or any folder of images with ``--labels FILE`` (csv, tsv or
+whitespace; see docs/datasets.md). ``--split-as test`` packs a whole folder as one test
+split (an external validation set). OUT_DIR receives ``train-000000.tar`` ...
 and ``test-000000.tar`` ... with a DALI ``.idx`` beside each, ``rejects.csv`` (every input
-not packed and why) and ``manifest.json``, written last. Images already SIZE x SIZE baseline
+not packed and why), ``samples.csv`` (every packed sample's key, split, grade, patient and
+original path) and ``manifest.json``, written last. Images already SIZE x SIZE baseline
 JPEGs are packed as they are; the others are cropped to the eye, padded square, resized and
 re-encoded (``--graham`` also applies Ben Graham's normalisation). A rerun into the same
 OUT_DIR reuses the shards whose inputs did not change. Only one run at a time may write to

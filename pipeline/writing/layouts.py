@@ -338,6 +338,8 @@ def find_reader(root: Path, layout: str | None, labels: Path | None) -> tuple[Re
     the generic one with ``--labels``, else the first that recognises its files."""
     if labels is not None and layout in (None, GENERIC.name):
         return GENERIC, root
+    if layout == GENERIC.name:
+        raise UserError("--layout generic reads the label file given with --labels FILE")
     if layout is not None:
         name = ALIASES.get(layout, layout)
         if name not in READERS:

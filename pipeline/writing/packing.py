@@ -103,8 +103,8 @@ class PackConfig:
     size: int = arg(DEFAULT_IMAGE_SIZE, "side of the square images in px")
     shard_size: int = arg(DEFAULT_SHARD_SIZE, "samples per shard")
     workers: int | None = arg(None, "decoding processes (default: every core)")
-    seed: int = arg(0, "seeds the train order and the kaggle split")
-    test_fraction: float = arg(0.2, "test share for kaggle/--labels without a split column")
+    seed: int = arg(0, "seeds the train order and the made splits")
+    test_fraction: float = arg(0.2, "test share of the images a layout gives no split")
     val_fraction: float = arg(
         0.1,
         "share of the training images (whole patients) set apart as the "
