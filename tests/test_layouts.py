@@ -328,3 +328,19 @@ def test_an_empty_split_warns_and_strict_fails(tmp_path):
     assert "warning: split val is empty" in printed and "no val split" in printed
     with pytest.raises(UserError, match="split val is empty"):
         run_pack(data, tmp_path / "s2", val_fraction=0.01, strict=True)
+
+
+def test_predictions_show_the_original_path_and_listed_patient(tmp_path):
+    import pandas as pd
+
+    from pipeline.samplelist import SampleRecord, write_sample_table
+    from trainer.evaluate import with_originals
+
+    write_sample_table(
+        tmp_path / "samples.csv",
+        [SampleRecord("Patient-0-OD", "test", 2, "P0", "clinic A/Patient 0 OD.jpg")],
+    )
+    table = pd.DataFrame({"key": ["Patient-0-OD", "other"], "patient": ["Patient-0-OD", "other"]})
+    table = with_originals(table, tmp_path)
+    assert list(table["path"]) == ["clinic A/Patient 0 OD.jpg", ""]
+    assert list(table["patient"]) == ["P0", "other"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh clone, end to end: `make demo` runs this inside the venv.
 #
-# With the real dataset in data/ it packs that; otherwise it makes a few hundred synthetic
+# With a dataset in data/ it packs that, in any layout make_shards recognises by its files
+# (docs/datasets.md: lab, eyepacs, aptos, messidor2, idrid, ddr); otherwise it makes a few hundred synthetic
 # fundus photographs at the realistic difficulty (small faint lesions, camera variation,
 # label noise, correlated eyes) and trains on those at a small size, so the whole demo
 # takes several minutes on 2 CPU cores. It compares what matters beyond the reference

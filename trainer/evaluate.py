@@ -5,7 +5,7 @@
 
 Accuracy, quadratic weighted kappa, per-class recall, loss and the confusion matrix
 (CSV + PNG), over every sample of the split exactly once, on 1..N processes; with --out,
-also ``predictions.csv``: one row per image (key, patient, eye, true, pred, p0..p4,
+also ``predictions.csv``: one row per image (key, original path, patient, eye, true, pred, p0..p4,
 referable_score), the file to open to see which photographs were graded wrong, and
 ``roc.png``. Screening figures: referable DR (grade >= 2, score p2+p3+p4) ROC-AUC, with
 sensitivity and specificity at the operating point stored in the checkpoint (chosen on
@@ -29,6 +29,7 @@ from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import read_manifest
+from pipeline.samplelist import read_sample_table
 from trainer.checkpoint import head_of, load_best
 from trainer.config import BACKENDS
 from trainer.engine import class_weights_for, evaluate, resolve_precision
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{info['arch']} on {args.split}: accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}"
             ),
         )
-        write_predictions(result.predictions(), out / PREDICTIONS_FILE)
+        write_predictions(with_originals(result.predictions(), args.shards), out / PREDICTIONS_FILE)
         curves = {
             "referable DR (>= 2)": (positive, score),
             "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
@@ -195,6 +196,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     accelerator.end_training()
     return 0
+
+
+def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:
+    """Each image's patient and original path as the shard folder's samples.csv lists them
+    (a patient column of the labels, not only 10_left/10_right); unchanged without one."""
+    samples = read_sample_table(shards)
+    if samples is None:
+        return table
+    known = [samples.get(k) for k in table["key"]]
+    table["patient"] = [r.patient if r else p for r, p in zip(known, table["patient"], strict=True)]
+    table.insert(1, "path", [r.path if r else "" for r in known])
+    return table
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:
