@@ -340,6 +340,10 @@ def find_reader(root: Path, layout: str | None, labels: Path | None) -> tuple[Re
         return GENERIC, root
     if layout == GENERIC.name:
         raise UserError("--layout generic reads the label file given with --labels FILE")
+    if layout is not None and labels is not None:
+        raise UserError(
+            f"--labels is read by the generic layout; --layout {layout} reads its own files"
+        )
     if layout is not None:
         name = ALIASES.get(layout, layout)
         if name not in READERS:

@@ -95,11 +95,6 @@ class ImageIndex:
         return found
 
 
-def find_images(folder: Path) -> dict[str, list[Path]]:
-    """Every image file under ``folder``, by stem (symbolic links followed, hidden folders skipped)."""
-    return dict(ImageIndex(Path(folder)).by_stem)
-
-
 class _Collector:
     """Rows to samples and rejects, in row order, whatever the layout."""
 
