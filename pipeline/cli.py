@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import os
 import signal
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -33,6 +35,15 @@ from collections.abc import Callable, Sequence
 from pipeline.errors import RunError, UserError
 
 REQUIRED = dataclasses.MISSING
+_abandoned: list[str] = []  # threads this process left behind that may never end
+
+
+def abandon_threads(what: str) -> None:
+    """Say that this process holds threads that may never end, e.g. the manager thread of a
+    process pool whose workers were killed (it can wait forever for the rest of a result a
+    worker was sending when it died). ``run_cli`` then ends the process without joining them,
+    once every ``finally`` block has run."""
+    _abandoned.append(what)
 
 
 def arg(
@@ -151,17 +162,34 @@ def run_cli(main: Callable[[], int | None]) -> None:
         code = main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        _exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(143 if terminated else 130)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
+        _exit(143 if terminated else 130)
+    except Exception as err:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             where = f" while writing {err.filename}" if err.filename else ""
             print(f"error: no space left on device{where}", file=sys.stderr)
-            sys.exit(2)
-        raise
-    sys.exit(code or 0)
+            _exit(2)
+        if not _abandoned:
+            raise
+        traceback.print_exc()  # a bug: its traceback, as Python would print it
+        _exit(1)
+    _exit(code or 0)
+
+
+def _exit(code: int) -> None:
+    """``sys.exit``, or, when threads were abandoned, the same status without the interpreter's
+    teardown: it would join those threads and could wait for ever.
+
+    The status is decided: a Ctrl-C or `kill` from now on waits (the interpreter's teardown
+    puts back the default handlers, and the process would die of the signal instead)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    if _abandoned:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
