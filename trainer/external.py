@@ -119,7 +119,7 @@ def markdown(rows: list[ExternalRow], threshold: float | None, threshold_from: s
 def write_tables(rows: list[ExternalRow], out: Path, threshold, threshold_from: str) -> None:
     atomic_write(
         out / TABLE_CSV,
-        lambda tmp: table_frame(rows).to_csv(tmp, index=False, float_format="%.6f"),
+        lambda tmp: table_frame(rows).to_csv(tmp, index=False),
     )
     text = markdown(rows, threshold, threshold_from) + "\n"
     atomic_write(out / TABLE_MD, lambda tmp: Path(tmp).write_text(text))
