@@ -140,14 +140,7 @@ def photo_graham(args: PredictConfig, recorded: dict) -> bool:
         "predict.py (it always crops the black border)",
         allow=args.allow_preprocessing_mismatch,
     )
-    if args.preprocess == "checkpoint":
-        if "graham" not in recorded:
-            print(
-                f"warning: {args.checkpoint} does not record how its training images were "
-                "prepared; the photos are prepared plain (say --preprocess graham if it was "
-                "trained on Graham-normalised shards)",
-                file=sys.stderr,
-            )
+    if args.preprocess == "checkpoint":  # one that records nothing was trained on plain images
         return bool(recorded.get("graham", False))
     graham = args.preprocess == "graham"
     check_preprocessing(
