@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if len({Path(folder).resolve() for folder in args.shards}) < len(args.shards):
+        raise UserError("--shards names the same folder twice")
     manifests = [read_manifest(folder) for folder in args.shards]  # all checked before any runs
     for manifest in manifests:
         check_preprocessing(

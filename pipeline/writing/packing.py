@@ -399,7 +399,7 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         # killed while sending a result leaves the pool's manager thread waiting for the rest
         # for ever, and its shutdown, or the interpreter's exit, would wait on that thread.
         if pool is not None:
-            abandon_threads("make_shards' process pool")
+            abandon_threads()
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a second Ctrl-C waits
         try:
             _kill_workers()
