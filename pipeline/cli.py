@@ -22,10 +22,14 @@ the folder it writes into (make_shards keeps the user's positional ``OUT_DIR``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import errno
+import os
 import signal
 import sys
+import threading
+import traceback
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -33,6 +37,16 @@ from collections.abc import Callable, Sequence
 from pipeline.errors import RunError, UserError
 
 REQUIRED = dataclasses.MISSING
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_abandoned: list[threading.Thread] = []  # threads left behind that may never end
+
+
+def abandon_threads() -> None:
+    """Say that the threads running now besides this one may never end, e.g. the manager
+    thread of a process pool whose workers were killed (it can wait for ever for the rest of
+    a result a worker was sending when it died). If one still runs when ``run_cli`` exits,
+    once every ``finally`` block has run, the process ends without joining them."""
+    _abandoned.extend(t for t in threading.enumerate() if t is not threading.current_thread())
 
 
 def arg(
@@ -139,29 +153,52 @@ def run_cli(main: Callable[[], int | None]) -> None:
     A UserError (bad input, bad option, full disk) is one line and exit 2; a RunError (the run
     itself failed, e.g. the loss diverged) one line and exit 1; Ctrl-C 130, SIGTERM 143.
     """
-    terminated = False
+    terminated = finished = False
 
     def on_sigterm(signum, frame):  # `kill PID` ends a tool the way Ctrl-C does: cleanup runs
         nonlocal terminated
+        if finished:
+            return  # the exit status is decided; a late `kill` does not change it
         terminated = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # The interpreter's teardown puts back the default handlers: a signal then would end the
+    # process by the signal, whatever its status. Held back from the atexit stage on.
+    atexit.register(signal.pthread_sigmask, signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         code = main()
+        finished = True
     except UserError as err:
+        finished = True
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except RunError as err:
+        finished = True
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        _exit(1)
     except KeyboardInterrupt:
+        finished = True
         print("interrupted", file=sys.stderr)
-        sys.exit(143 if terminated else 130)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
+        _exit(143 if terminated else 130)
+    except Exception as err:
+        finished = True
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             where = f" while writing {err.filename}" if err.filename else ""
             print(f"error: no space left on device{where}", file=sys.stderr)
-            sys.exit(2)
-        raise
-    sys.exit(code or 0)
+            _exit(2)
+        if not any(thread.is_alive() for thread in _abandoned):
+            raise
+        traceback.print_exc()  # a bug: its traceback, as Python would print it
+        _exit(1)
+    _exit(code or 0)
+
+
+def _exit(code: int) -> None:
+    """``sys.exit``, or, when threads were abandoned, the same status without the interpreter's
+    teardown: it would join those threads and could wait for ever."""
+    if any(thread.is_alive() for thread in _abandoned):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -109,9 +109,14 @@ def results_table(runs: list[Run]) -> str:
         if best is None:
             lines.append(f"| {run.name} | {epochs} | - | - | - | - | - | - | - |")
             continue
+        chosen = run.chosen_on + (" (optimistic)" if run.chosen_on == "test" else "")
+        if pd.isna(best.get("test_qwk")):  # shards without a test split: val was all it had
+            lines.append(
+                f"| {run.name} | {epochs} | {chosen} | {best['epoch']} | no test split | - | - | - | - |"
+            )
+            continue
         auc, paired = (_figure(best.get(k)) for k in ("test_referable_auc", "test_qwk_paired"))
         recall = " / ".join(f"{r:.2f}" for r in best["test_recall"][:NUM_CLASSES])
-        chosen = run.chosen_on + (" (optimistic)" if run.chosen_on == "test" else "")
         lines.append(
             f"| {run.name} | {epochs} | {chosen} | {best['epoch']} | {100 * best['test_acc']:.1f} % "
             f"| {best['test_qwk']:.3f} | {paired} | {auc} | {recall} |"

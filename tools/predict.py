@@ -11,7 +11,9 @@ photos work as they are, and a photo packed into shards gets the same probabilit
 as from ``trainer/evaluate.py``. Writes ``OUT/predictions.csv``, one row per image: the
 predicted grade, the five probabilities, or the reason it could not be graded (unreadable,
 too small, a symlink loop). Such an image is reported and skipped; the exit status is 1
-when any was, 0 when all were graded.
+when any was, 0 when all were graded. ``--preprocess plain|graham`` says how to prepare the
+photos for a checkpoint that does not record it; one that contradicts what the checkpoint
+records stops (``--allow-preprocessing-mismatch`` goes on, with a warning).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pipeline.loading.samples import eval_image
 from pipeline.writing.preprocess import BadImage, prepare
 from trainer.checkpoint import head_of, load_best
 from trainer.pairing import blend_partners
+from trainer.preprocessing import check_preprocessing
 
 PHOTO_EXTENSIONS = (*IMAGE_EXTENSIONS, ".png")
 PREDICTIONS_FILE = "predictions.csv"
@@ -57,6 +60,15 @@ class PredictConfig:
         "by file name; the weight chosen on val, stored in the checkpoint)",
     )
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    preprocess: str = arg(
+        "checkpoint",
+        "how to prepare the photos: as the checkpoint's training images were, or plain / "
+        "graham for a checkpoint that does not record it",
+        choices=("checkpoint", "plain", "graham"),
+    )
+    allow_preprocessing_mismatch: bool = arg(
+        False, "with a --preprocess that contradicts the checkpoint: go on, with a warning"
+    )
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -119,6 +131,28 @@ def load_for_model(path: Path, shard_size: int, image_size: int, graham: bool) -
         raise BadImage(str(err)) from None
 
 
+def photo_graham(args: PredictConfig, recorded: dict) -> bool:
+    """Whether photos get Graham's normalisation: the checkpoint's record, or --preprocess."""
+    check_preprocessing(
+        recorded,
+        {"crop_border": True},
+        str(args.checkpoint),
+        "predict.py (it always crops the black border)",
+        allow=args.allow_preprocessing_mismatch,
+    )
+    if args.preprocess == "checkpoint":  # one that records nothing was trained on plain images
+        return bool(recorded.get("graham", False))
+    graham = args.preprocess == "graham"
+    check_preprocessing(
+        recorded,
+        {"graham": graham},
+        str(args.checkpoint),
+        f"--preprocess {args.preprocess}",
+        allow=args.allow_preprocessing_mismatch,
+    )
+    return graham
+
+
 @torch.no_grad()
 def predict_batch(
     model, images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tta: bool
@@ -135,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     model, info = load_best(args.checkpoint, device=args.device)
     image_size = int(info["image_size"])
     prep = info.get("preprocess") or {}
-    shard_size, graham = int(prep.get("size", image_size)), bool(prep.get("graham", False))
+    shard_size, graham = int(prep.get("size", image_size)), photo_graham(args, prep)
     shift, scale = normalization(args.device, info["mean"], info["std"])
     head, cuts = head_of(info)
     paths, results = find_images(args.inputs)

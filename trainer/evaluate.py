@@ -2,6 +2,7 @@
 
     python trainer/evaluate.py --checkpoint runs/resnet18/best.pt --shards shards --out runs/resnet18/eval
     accelerate launch --multi_gpu --num_processes 4 trainer/evaluate.py --checkpoint ... --shards ...
+    python trainer/evaluate.py --checkpoint best.pt --shards messidor2 aptos idrid --out external/
 
 Accuracy, quadratic weighted kappa, per-class recall, loss and the confusion matrix
 (CSV + PNG), over every sample of the split exactly once, on 1..N processes; with --out,
@@ -12,7 +13,12 @@ sensitivity and specificity at the operating point stored in the checkpoint (cho
 val by the trainer), and any-DR (grade >= 1) ROC-AUC. It
 evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the
-numbers logged for that epoch.
+numbers logged for that epoch. ``--split all`` evaluates every image of the folder (its
+splits together). Several folders (``--shards A B C``) are evaluated in turn, each into its
+own subfolder of --out, and summed up in one table, a row per dataset (``external.csv``,
+``external.md``) with one ROC figure (``trainer/external.py``). A folder whose images were
+prepared otherwise than the checkpoint's training images (Graham, border crop, stored
+size: manifest.json against best.pt) stops the run, unless --allow-preprocessing-mismatch.
 """
 
 from __future__ import annotations
@@ -25,14 +31,26 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.cli import arg, parse_config, run_cli
+from pipeline.constants import SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.loading.loader import build_loader
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Manifest, read_manifest
 from pipeline.samplelist import read_sample_table
 from trainer.checkpoint import head_of, load_best
 from trainer.config import BACKENDS
-from trainer.engine import class_weights_for, evaluate, resolve_precision
+from trainer.engine import EvalResult, class_weights_for, evaluate, resolve_precision
+from trainer.external import (
+    ROC_FIGURE,
+    TABLE_CSV,
+    TABLE_MD,
+    combined,
+    dataset_names,
+    external_row,
+    markdown,
+    plot_external_roc,
+    write_tables,
+)
 from trainer.metrics import (
     REFERABLE_GRADE,
     any_dr_score,
@@ -43,6 +61,7 @@ from trainer.metrics import (
     screening,
     write_confusion_csv,
 )
+from trainer.preprocessing import check_preprocessing
 
 PREDICTIONS_FILE = "predictions.csv"
 ROC_FILE = "roc.png"
@@ -51,8 +70,15 @@ ROC_FILE = "roc.png"
 @dataclass
 class EvalConfig:
     checkpoint: Path = arg(help="best.pt written by trainer/train.py", metavar="FILE")
-    shards: Path = arg(help="shard folder", metavar="DIR")
-    split: str = arg("test", "split to evaluate: train, val or test")
+    shards: list[Path] = arg(
+        help="shard folder; several: one table row per folder (external validation)",
+        metavar="DIR",
+    )
+    split: str = arg(
+        "test",
+        "split to evaluate: train, val, test, or all (every image of the folder)",
+        choices=(*SPLITS, "all"),
+    )
     out: Path | None = arg(
         None, "write metrics.json and the confusion matrix into this folder", metavar="DIR"
     )
@@ -65,6 +91,9 @@ class EvalConfig:
         "stored in the checkpoint); reports kappa with and without, and writes the "
         "blended predictions",
     )
+    allow_preprocessing_mismatch: bool = arg(
+        False, "evaluate shards prepared otherwise than the training images (with a warning)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,42 +105,116 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if len({Path(folder).resolve() for folder in args.shards}) < len(args.shards):
+        raise UserError("--shards names the same folder twice")
+    manifests = [read_manifest(folder) for folder in args.shards]  # all checked before any runs
+    for manifest in manifests:
+        check_preprocessing(
+            info.get("preprocess") or {},
+            {"size": manifest.image_size, **manifest.preprocess},
+            str(args.checkpoint),
+            f"{manifest.root} (its manifest.json)",
+            allow=args.allow_preprocessing_mismatch,
+        )
+        for split in splits_of(manifest, args.split):
+            manifest.split(split)  # a missing split: one line, before any evaluation
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=not cuda, mixed_precision=resolve_precision(cfg.get("precision", "auto"), cuda)
     )
-    manifest = read_manifest(args.shards)
-    expected = manifest.split(args.split).samples
     gpu = accelerator.device.type == "cuda"
-    loader = build_loader(
-        args.shards,
-        args.split,
-        train=False,
-        batch_size=batch_size,
-        image_size=int(info["image_size"]),
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=cfg.get("seed", 0),
-        backend=args.backend or cfg.get("backend", "auto"),
-        device=accelerator.device,
-        workers=args.workers,
-        channels_last=gpu,
-        with_keys=True,
-    )
-    # the trainer's test loss is weighted as its training loss was, by the train split's counts
-    weights_mode = cfg.get("class_weights", "none")
-    train_counts = manifest.splits["train"].class_counts if "train" in manifest.splits else None
-    class_weights = (
-        class_weights_for(train_counts, weights_mode, accelerator.device) if train_counts else None
-    )
     model = model.to(accelerator.device)
     if gpu:
         model = model.to(memory_format=torch.channels_last)
     model = accelerator.prepare(model)
 
+    several = len(manifests) > 1
+    names = dataset_names(args.shards)
+    rows, results = [], {}
+    for manifest, name in zip(manifests, names, strict=True):
+        if several:
+            accelerator.print(f"{name} ({manifest.root}):")
+        out = (args.out / name if several else args.out) if args.out else None
+        metrics, result = evaluate_folder(
+            model, info, accelerator, manifest, args, batch_size, gpu, out
+        )
+        rows.append(external_row(name, manifest.root, args.split, metrics))
+        results[name] = result
+    if several:
+        threshold, threshold_from = (
+            info.get("referable_threshold"),
+            "the checkpoint (chosen on val)",
+        )
+        if threshold is None:
+            threshold_from = "each dataset itself (the checkpoint stores none)"
+        accelerator.print(markdown(rows, threshold, threshold_from))
+        if args.out and accelerator.is_main_process:
+            write_tables(rows, Path(args.out), threshold, threshold_from)
+            plot_external_roc(
+                results,
+                threshold,
+                Path(args.out) / ROC_FIGURE,
+                title=f"{info['arch']} epoch {info.get('epoch')}: referable DR, {args.split} split",
+            )
+            accelerator.print(f"wrote {args.out}/{TABLE_CSV}, {TABLE_MD} and {ROC_FIGURE}")
+    accelerator.end_training()
+    return 0
+
+
+def splits_of(manifest: Manifest, split: str) -> list[str]:
+    """``split``, or with ``all`` every split the folder holds."""
+    return [s for s in SPLITS if manifest.has(s)] if split == "all" else [split]
+
+
+def evaluate_folder(
+    model,
+    info: dict,
+    accelerator: Accelerator,
+    manifest: Manifest,
+    args: EvalConfig,
+    batch_size: int,
+    gpu: bool,
+    out: Path | None,
+) -> tuple[dict, EvalResult]:
+    """One folder's split (or all of its splits): printed, and written into ``out``."""
+    cfg = info.get("config", {})
+    # the trainer's test loss is weighted as its training loss was, by the train split's counts
+    weights_mode = cfg.get("class_weights", "none")
+    train_counts = manifest.splits["train"].class_counts if manifest.has("train") else None
+    class_weights = (
+        class_weights_for(train_counts, weights_mode, accelerator.device) if train_counts else None
+    )
     head, cuts = head_of(info)
-    alone = evaluate(model, loader, accelerator, head, class_weights, expected=expected, cuts=cuts)
-    loader.close()
+    parts, backend = [], None
+    for split in splits_of(manifest, args.split):
+        loader = build_loader(
+            manifest.root,
+            split,
+            train=False,
+            batch_size=batch_size,
+            image_size=int(info["image_size"]),
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            seed=cfg.get("seed", 0),
+            backend=args.backend or cfg.get("backend", "auto"),
+            device=accelerator.device,
+            workers=args.workers,
+            channels_last=gpu,
+            with_keys=True,
+        )
+        expected = manifest.split(split).samples
+        parts.append(
+            evaluate(model, loader, accelerator, head, class_weights, expected=expected, cuts=cuts)
+        )
+        backend = loader.backend
+        loader.close()
+    alone = combined(parts)
+    expected = sum(manifest.split(split).samples for split in splits_of(manifest, args.split))
+    if alone.samples != expected or len(set(alone.keys)) != expected:
+        raise RuntimeError(
+            f"evaluated {alone.samples} images ({len(set(alone.keys))} distinct) of "
+            f"{manifest.root}, whose manifest lists {expected}"
+        )
     blend = info.get("pair_blend") or 0.0
     result = alone.paired(blend) if args.pair_eyes else alone
     positive, score = result.labels >= REFERABLE_GRADE, referable_score(result.probs)
@@ -126,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(args.checkpoint),
         "checkpoint_epoch": info.get("epoch"),
         "arch": info["arch"],
-        "shards": str(args.shards),
+        "shards": str(manifest.root),
         "split": args.split,
         "samples": result.samples,
         "loss": result.loss,
@@ -144,8 +247,22 @@ def main(argv: list[str] | None = None) -> int:
         "referable_threshold": threshold,
         "referable_threshold_from": threshold_from,
         "world_size": accelerator.num_processes,
-        "backend": loader.backend,
+        "backend": backend,
     }
+    report(accelerator, info, args, metrics, alone, result)
+    if out and accelerator.is_main_process:
+        write_folder(
+            out, info, args.split, metrics, result, positive, score, threshold, manifest.root
+        )
+        accelerator.print(
+            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE} and "
+            f"confusion_{args.split}.csv/.png"
+        )
+    return metrics, result
+
+
+def report(accelerator, info, args, metrics, alone: EvalResult, result: EvalResult) -> None:
+    """The figures, printed as lines."""
     recall = " / ".join(f"{r:.2f}" for r in result.recall)
     accelerator.print(
         f"{info['arch']} epoch {info.get('epoch')} on {args.split} ({result.samples} images): "
@@ -154,48 +271,50 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.pair_eyes:
         accelerator.print(
-            f"both eyes (partner weight {blend:.2f}, chosen on val): kappa {result.kappa:.4f}; "
-            f"each eye alone: kappa {alone.kappa:.4f}"
+            f"both eyes (partner weight {metrics['pair_blend']:.2f}, chosen on val): kappa "
+            f"{result.kappa:.4f}; each eye alone: kappa {alone.kappa:.4f}"
         )
-    if screen["referable_auc"] is not None:
+    threshold = metrics["referable_threshold"]
+    if metrics["referable_auc"] is not None:
         accelerator.print(
-            f"referable DR (grade >= 2): AUC {screen['referable_auc']:.4f}"
+            f"referable DR (grade >= 2): AUC {metrics['referable_auc']:.4f}"
             + (
-                f", sensitivity {screen['sensitivity']:.3f} and specificity {screen['specificity']:.3f} "
-                f"at threshold {threshold:.4f} from {threshold_from}"
+                f", sensitivity {metrics['sensitivity']:.3f} and specificity "
+                f"{metrics['specificity']:.3f} at threshold {threshold:.4f} from "
+                f"{metrics['referable_threshold_from']}"
                 if threshold is not None
                 else ""
             )
             + (
-                f"; any DR AUC {screen['any_dr_auc']:.4f}"
-                if screen["any_dr_auc"] is not None
+                f"; any DR AUC {metrics['any_dr_auc']:.4f}"
+                if metrics["any_dr_auc"] is not None
                 else ""
             )
         )
-    if args.out and accelerator.is_main_process:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "metrics.json", metrics)
-        write_confusion_csv(result.confusion, out / f"confusion_{args.split}.csv")
-        plot_confusion(
-            result.confusion,
-            out / f"confusion_{args.split}.png",
-            title=(
-                f"{info['arch']} on {args.split}: accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}"
-            ),
-        )
-        write_predictions(with_originals(result.predictions(), args.shards), out / PREDICTIONS_FILE)
-        curves = {
-            "referable DR (>= 2)": (positive, score),
-            "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
-        }
-        plot_roc(curves, threshold, out / ROC_FILE, title=f"{info['arch']} on {args.split}")
-        accelerator.print(
-            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE} and "
-            f"confusion_{args.split}.csv/.png"
-        )
-    accelerator.end_training()
-    return 0
+
+
+def write_folder(
+    out: Path, info, split: str, metrics, result, positive, score, threshold, shards: Path
+) -> None:
+    """metrics.json, the confusion matrix (CSV, PNG), predictions.csv (with the original paths
+    of ``shards``' samples.csv) and roc.png."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", metrics)
+    write_confusion_csv(result.confusion, out / f"confusion_{split}.csv")
+    plot_confusion(
+        result.confusion,
+        out / f"confusion_{split}.png",
+        title=(
+            f"{info['arch']} on {split}: accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}"
+        ),
+    )
+    write_predictions(with_originals(result.predictions(), shards), out / PREDICTIONS_FILE)
+    curves = {
+        "referable DR (>= 2)": (positive, score),
+        "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
+    }
+    plot_roc(curves, threshold, out / ROC_FILE, title=f"{info['arch']} on {split}")
 
 
 def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:

@@ -82,13 +82,18 @@ def finish(accelerator: Accelerator, cfg: TrainConfig, out: Path, env: dict) -> 
     from trainer.evaluate import main as evaluate  # its own Accelerator shares this one's state
 
     args = ["--checkpoint", str(out / BEST_FILE), "--shards", cfg.shards]
-    evaluate([*args, "--out", str(out / EVAL_FOLDER)])
+    evaluate([*args, "--split", reported_split(cfg.shards), "--out", str(out / EVAL_FOLDER)])
     if not accelerator.is_main_process:
         return
     problems = check_run(out, cfg)
     if problems:
         raise RunError(f"smoke test failed: {'; '.join(problems)} (run folder {out})")
     print(verdict(env, out), flush=True)
+
+
+def reported_split(shards: str | Path) -> str:
+    """The split a run reports: test, or val when the shards have no test split."""
+    return "test" if read_manifest(shards).has("test") else "val"
 
 
 def check_run(out: Path, cfg: TrainConfig) -> list[str]:
@@ -100,29 +105,30 @@ def check_run(out: Path, cfg: TrainConfig) -> list[str]:
     rows = read_metrics(out)
     if [r["epoch"] for r in rows] != list(range(1, cfg.epochs + 1)):
         return [*problems, f"metrics.jsonl has epochs {[r['epoch'] for r in rows]}"]
-    for row in rows:
-        if not all(math.isfinite(row[k]) for k in ("train_loss", "test_loss", "test_qwk")):
-            problems.append(f"epoch {row['epoch']} logged a non-finite loss or kappa")
     manifest = read_manifest(cfg.shards)
-    test_count = manifest.split("test").samples
+    split = reported_split(cfg.shards)
+    for row in rows:
+        if not all(math.isfinite(row[k]) for k in ("train_loss", f"{split}_loss", f"{split}_qwk")):
+            problems.append(f"epoch {row['epoch']} logged a non-finite loss or kappa")
+    count = manifest.split(split).samples
     chooser = "val" if manifest.has("val") else "test"
     best = max(rows, key=lambda r: r[f"{chooser}_qwk"])  # the first of equals, as the trainer keeps
-    logged = read_confusion_csv(out / CONFUSION_DIR / f"test_epoch_{best['epoch']:03d}.csv")
-    if logged.sum() != test_count:
-        problems.append(f"epoch {best['epoch']} counted {logged.sum()} of {test_count} test images")
+    logged = read_confusion_csv(out / CONFUSION_DIR / f"{split}_epoch_{best['epoch']:03d}.csv")
+    if logged.sum() != count:
+        problems.append(f"epoch {best['epoch']} counted {logged.sum()} of {count} {split} images")
     again = json.loads((out / EVAL_FOLDER / "metrics.json").read_text())
     same = (
         again["checkpoint_epoch"] == best["epoch"]
-        and again["accuracy"] == best["test_acc"]
-        and again["qwk"] == best["test_qwk"]
-        and again["recall"] == best["test_recall"]
+        and again["accuracy"] == best[f"{split}_acc"]
+        and again["qwk"] == best[f"{split}_qwk"]
+        and again["recall"] == best[f"{split}_recall"]
         and again["confusion"] == logged.tolist()
     )
     if not same:
         problems.append(
             f"evaluate.py on best.pt gave accuracy {again['accuracy']:.4f}, kappa "
-            f"{again['qwk']:.4f}, not the logged {best['test_acc']:.4f}, {best['test_qwk']:.4f} "
-            f"of epoch {best['epoch']}"
+            f"{again['qwk']:.4f}, not the logged {best[f'{split}_acc']:.4f}, "
+            f"{best[f'{split}_qwk']:.4f} of epoch {best['epoch']}"
         )
     return problems
 

@@ -351,7 +351,26 @@ def saved_config(out: Path) -> dict:
 
 
 def choosing_split(manifest: Manifest, accelerator: Accelerator) -> str:
-    """val, which chooses best.pt and the operating point; test when the shards have no val."""
+    """val, which chooses best.pt and the operating point; test when the shards have no val.
+
+    A folder without a train split (packed for evaluation only) or with nothing to choose on
+    is refused; one without a test split trains, and reports val alone.
+    """
+    if not manifest.has("train"):
+        raise UserError(
+            f"{manifest.root} has no train split, nothing to train on (a folder packed for "
+            "evaluation only is for trainer/evaluate.py --shards)"
+        )
+    if not manifest.has("val") and not manifest.has("test"):
+        raise UserError(
+            f"{manifest.root} has neither a val nor a test split, nothing to choose best.pt on; "
+            "pack it again with --val-fraction above 0"
+        )
+    if not manifest.has("test"):
+        accelerator.print(
+            f"note: {manifest.root} has no test split: val chooses best.pt and is the only "
+            "split reported (evaluate an external set with trainer/evaluate.py --shards)"
+        )
     if manifest.has("val"):
         return "val"
     accelerator.print(
@@ -382,7 +401,7 @@ def build_loaders(
     evals = {
         split: build_loader(cfg.shards, split, train=False, with_keys=True, **args)
         for split in ("val", "test")
-        if manifest.has(split) or split == "test"  # a missing test split is an error to report
+        if manifest.has(split)
     }
     return train, evals
 
@@ -553,17 +572,20 @@ def metrics_row(
 
 
 def format_row(row: dict, epochs: int) -> str:
-    recall = "/".join(f"{r:.2f}" for r in row["test_recall"])
+    """The epoch's line under HEADER: test's figures, or dashes when the shards have no test."""
     val = f"{row['val_qwk']:>9.3f}" if "val_qwk" in row else f"{'-':>9}"
-    auc = (
-        f"{row['test_referable_auc']:>7.3f}"
-        if row["test_referable_auc"] is not None
-        else f"{'-':>7}"
-    )
+    if "test_qwk" in row:
+        recall = "/".join(f"{r:.2f}" for r in row["test_recall"])
+        auc = row["test_referable_auc"]
+        test = (
+            f"{row['test_loss']:>9.4f} {100 * row['test_acc']:>7.1f}% {row['test_qwk']:>6.3f} "
+            + (f"{auc:>7.3f}" if auc is not None else f"{'-':>7}")
+        )
+    else:
+        recall, test = "(no test split)", f"{'-':>9} {'-':>8} {'-':>6} {'-':>7}"
     return (
         f"{row['epoch']:>3}/{epochs:<3} {row['train_loss']:>10.4f} {100 * row['train_acc']:>8.1f}% {val} "
-        f"{row['test_loss']:>9.4f} {100 * row['test_acc']:>7.1f}% {row['test_qwk']:>6.3f} {auc} "
-        f"{row['images_per_s']:>8.1f} {row['epoch_s']:>6.1f}s {row['lr']:>9.2e}  {recall}"
+        f"{test} {row['images_per_s']:>8.1f} {row['epoch_s']:>6.1f}s {row['lr']:>9.2e}  {recall}"
     )
 
 
@@ -577,10 +599,12 @@ def final_line(best: dict, chooser: str, out: Path) -> str:
                 f" (sensitivity {best['test_sensitivity']:.2f}, "
                 f"specificity {best['test_specificity']:.2f})"
             )
+    chosen = f"best {chooser} kappa {best[f'{chooser}_qwk']:.4f} at epoch {best['epoch']}"
+    if "test_qwk" not in best:
+        return f"{chosen}; no test split to report; run folder {out}"
     return (
-        f"best {chooser} kappa {best[f'{chooser}_qwk']:.4f} at epoch {best['epoch']}; test at that "
-        f"epoch: kappa {best['test_qwk']:.4f}, accuracy {100 * best['test_acc']:.1f} %"
-        f"{screening_part}; run folder {out}"
+        f"{chosen}; test at that epoch: kappa {best['test_qwk']:.4f}, accuracy "
+        f"{100 * best['test_acc']:.1f} %{screening_part}; run folder {out}"
     )
 
 
@@ -711,7 +735,9 @@ def write_summary(
             "epochs": cfg.epochs,
             "chosen_on": chooser,
             "best_epoch": best["epoch"],
-            "test_at_best_epoch": {k[5:]: v for k, v in best.items() if k.startswith("test_")},
+            "test_split": "test_qwk" in best,  # false: the shards had none, val alone is reported
+            "test_at_best_epoch": {k[5:]: v for k, v in best.items() if k.startswith("test_")}
+            or None,
             "best": best,
             "last": rows[-1],
             "world_size": env["world_size"],

@@ -53,7 +53,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pipeline.cli import arg
+from pipeline.cli import abandon_threads, arg
 from pipeline.constants import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_SHARD_SIZE,
@@ -431,21 +431,38 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
                 gc.unfreeze()
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
         yield pool
+        pool.shutdown(wait=True, cancel_futures=True)
     except BaseException:
-        # Interrupted (Ctrl-C, `kill`) or failed, even while the workers were being started:
-        # stop them now rather than wait for the shards they are writing (the next run
-        # removes their temp files). Left running, they would also keep this process from exiting.
-        for child in multiprocessing.active_children():
-            child.terminate()
+        # Interrupted (Ctrl-C, `kill`) or failed, in any phase, even while the workers were
+        # being started: stop them now rather than wait for the shards they are writing (the
+        # next run removes their temp files). The pool itself is left as it is: a worker
+        # killed while sending a result leaves the pool's manager thread waiting for the rest
+        # for ever, and its shutdown, or the interpreter's exit, would wait on that thread.
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            abandon_threads()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a second Ctrl-C waits
+        try:
+            _kill_workers()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise
-    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_workers() -> None:
+    """SIGKILL every child process and reap it: none is left running, none a zombie."""
+    workers = multiprocessing.active_children()
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join()
 
 
 def _worker_init(parent: int) -> None:
     """In each worker: die with the main process, whatever kills it (even SIGKILL)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler, inherited by fork
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C reaches the whole group: the main process stops us
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back while it was forked
     if sys.platform == "linux":
         PR_SET_PDEATHSIG = 1
