@@ -130,6 +130,12 @@ def no_gpu_advice(facts: dict) -> list[str]:
     if not cuda:
         return [*lines, f"fix: this torch is a CPU-only build; {torch_fix(facts)}"]
     major = int(cuda.split(".")[0])
+    if doctor.driver_suffices(12, driver) is False:
+        return [
+            *lines,
+            f"fix: driver {driver} is older than any current torch wheel needs "
+            f"(CUDA 12: {doctor.MIN_DRIVER[12]}): update the NVIDIA driver",
+        ]
     if doctor.driver_suffices(major, driver) is False:
         return [
             *lines,
@@ -144,8 +150,6 @@ def torch_fix(facts: dict) -> str:
     from tools import doctor
 
     driver = facts.get("driver")
-    if doctor.driver_suffices(12, driver) is False:
-        return f"no current torch runs on driver {driver}: update the NVIDIA driver"
     tag = "cu130" if doctor.driver_suffices(13, driver) else "cu126"
     pins = [
         f"{name}=={facts[name].split('+')[0]}"
