@@ -249,6 +249,8 @@ def test_the_gpu_steps_use_dali_only_where_it_imports(dali, tmp_path):
     assert resume.resume and resume.epochs == 2 and resume.out == train.out
     evaluation = parsed(steps["evaluate"].cmd)
     assert str(evaluation.checkpoint) == f"{train.out}/best.pt"
+    tests = steps["gpu_tests"].cmd
+    assert "tests/test_loader.py" in tests and "tests/test_export.py" not in tests
     assert sum(s.limit_s for s in steps.values()) > gpu_check.BUDGET_S  # the budget is the cap
     assert all(s.limit_s <= 600 for s in steps.values())  # under a 10-minute command cap
 
