@@ -155,22 +155,26 @@ def dali_cpu(root: Path, split: str = "train", **kw):
     )
 
 
-def damage_first_jpeg(root: Path, split: str) -> tuple[str, str]:
-    """Overwrite the stream of the split's first JPEG in place; (shard file, key)."""
+def damage_jpegs(root: Path, split: str) -> tuple[str, str]:
+    """Overwrite the stream of every JPEG of the split's first shard in place; (shard file,
+    first key)."""
     manifest = read_manifest(root)
     tar, index = manifest.tar_paths(split)[0], manifest.index_paths(split)[0]
-    fields = index.read_text().splitlines()[1].split()
-    offset, size, key = int(fields[1]), int(fields[2]), fields[3].rsplit(".", 1)[0]
     data = bytearray(tar.read_bytes())
-    data[offset + 2 : offset + size] = b"\xff" * (size - 2)
+    keys = []
+    for line in index.read_text().splitlines()[1:]:
+        fields = line.split()
+        offset, size = int(fields[1]), int(fields[2])
+        data[offset + 2 : offset + size] = b"\xff" * (size - 2)
+        keys.append(fields[3].rsplit(".", 1)[0])
     tar.write_bytes(bytes(data))
-    return tar.name, key
+    return tar.name, keys[0]
 
 
 @needs_dali
 def test_a_damaged_jpeg_is_named_by_shard_and_key(tmp_path):
     root = build_shard_dir(tmp_path / "shards", {"train": 8, "test": 5})
-    shard, key = damage_first_jpeg(root, "test")
+    shard, key = damage_jpegs(root, "test")
     with pytest.raises(UserError, match=f"sample {key} in shard {shard} is not a readable JPEG"):
         for _ in dali_cpu(root, "test", with_keys=True):
             pass
@@ -218,5 +222,19 @@ def test_a_background_build_failure_reaches_the_loop(tmp_path, monkeypatch):
     shutil.move(read_manifest(root).tar_paths("train")[0], tmp_path / "away.tar")
     ld.prepare(1)
     with pytest.raises(DeviceError, match="File mapping failed"):
+        next(iter(ld))
+    ld.close()
+
+
+@needs_dali
+def test_a_damaged_sample_met_by_the_background_run_is_named_in_the_loop(tmp_path):
+    root = build_shard_dir(tmp_path / "shards", {"train": 8, "test": 5})
+    ld = dali_cpu(root)
+    list(ld)  # epoch 0
+    ld.discard_prepared()
+    shard, key = damage_jpegs(root, "train")  # 7 of the 8: every batch has one
+    ld.prepare(1)
+    assert isinstance(ld.prepared[1].result()[1], RuntimeError)  # the first run failed there
+    with pytest.raises(UserError, match=f"sample {key} in shard {shard} is not a readable JPEG"):
         next(iter(ld))
     ld.close()

@@ -4,11 +4,12 @@ The reader (``read_shards``) is apart from the processing (``decode_and_augment`
 ``@pipeline_def`` builders join them. Each train epoch has its own pipeline seeded from
 (seed, epoch, rank), so an epoch's batches depend only on those -- ``set_epoch`` after a
 resume gives the same batches as the first run -- and a train epoch can stop after its
-``steps`` batches without leaving a half-read epoch in the reader. Its build is not paid
+``steps`` batches without leaving a half-read epoch in the reader. Its start is not paid
 at the epoch's start: when a train epoch hands out its last batch, the next epoch's
-pipeline starts building on a background thread (DALI keeps the pipeline being defined
-per thread), while the last step and the evaluation run; the next epoch takes it if it is
-the epoch asked for, and builds its own otherwise (after ``set_epoch`` to another epoch).
+pipeline is built and its first batch run on a background thread (DALI keeps the pipeline
+being defined per thread), while the last step and the evaluation run; the next epoch
+takes it if it is the epoch asked for, and builds its own otherwise (after ``set_epoch``
+to another epoch). The batches are the same either way.
 An evaluation pipeline has no randomness and always reads the same slice to its end, so
 it is built once and reused for every epoch (docs/benchmarks.md has what a build costs).
 
@@ -248,20 +249,31 @@ class DaliLoader(Loader):
         return pipe
 
     def prepare(self, epoch: int) -> None:
-        """Start building train epoch ``epoch``'s pipeline on the background thread."""
+        """Start train epoch ``epoch``'s pipeline on the background thread: build it and run
+        its first batch (building is the smaller part; the first batch fills the shuffle
+        buffer and, on a GPU, starts nvJPEG)."""
         self.discard_prepared()
         if self.builder is None:
             self.builder = ThreadPoolExecutor(1, thread_name_prefix="dali-build")
-        self.prepared = (epoch, self.builder.submit(self.build_pipeline, epoch))
+        self.prepared = (epoch, self.builder.submit(self.start_pipeline, epoch))
 
-    def take_pipeline(self, epoch: int):
-        """Train epoch ``epoch``'s pipeline: the one prepared for it, else a new one."""
+    def start_pipeline(self, epoch: int) -> tuple:
+        """(the pipeline, its first batch's outputs or the error running it raised)."""
+        pipe = self.build_pipeline(epoch)
+        try:
+            return pipe, pipe.run()
+        except RuntimeError as err:  # raised in the loop, as a reading failure
+            return pipe, err
+
+    def take_pipeline(self, epoch: int) -> tuple:
+        """Train epoch ``epoch``'s (pipeline, first outputs): the one prepared for it if any
+        (then its first batch is ready), else a new pipeline (and None)."""
         prepared, self.prepared = self.prepared, None
         if prepared and prepared[0] == epoch:
             return prepared[1].result()  # a build error is raised here, in the loop's thread
         if prepared:
             drop(prepared[1])
-        return self.build_pipeline(epoch)
+        return self.build_pipeline(epoch), None
 
     def discard_prepared(self) -> None:
         if self.prepared:
@@ -275,16 +287,19 @@ class DaliLoader(Loader):
             return
         steps = spec.steps if spec.train else math.ceil((hi - lo) / spec.batch_size)
         if spec.train:
-            pipe = self.reading(lambda: self.take_pipeline(epoch), lo, hi, building=True)
+            pipe, first = self.reading(lambda: self.take_pipeline(epoch), lo, hi, building=True)
         else:
             pipe = self.kept or self.reading(
                 lambda: self.build_pipeline(epoch), lo, hi, building=True
             )
-            self.kept = None
+            self.kept, first = None, None
         finished = False
         try:
             for step in range(steps):
-                outputs = self.reading(pipe.run, lo, hi)
+                if first is None:
+                    outputs = self.reading(pipe.run, lo, hi)
+                else:  # run ahead by the background thread
+                    outputs, first = self.reading(lambda ran=first: outcome(ran), lo, hi), None
                 if spec.train and step == steps - 1:
                     self.prepare(epoch + 1)  # built during the last step and the evaluation
                 keep = min(spec.batch_size, hi - lo - step * spec.batch_size)  # drops the padding
@@ -373,6 +388,13 @@ class DaliLoader(Loader):
                 f"'{self.spec.split}' of {self.spec.manifest.root}; rebuild the shards"
             )
         return torch.from_numpy(grades)
+
+
+def outcome(ran):
+    """What a run gave: its outputs, or the error it raised, raised again."""
+    if isinstance(ran, BaseException):
+        raise ran
+    return ran
 
 
 def drop(build: Future) -> None:
