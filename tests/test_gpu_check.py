@@ -374,3 +374,17 @@ def test_fetch_wheels_minimal_asks_pip_for_exactly_two_wheels(tmp_path):
     assert "--no-deps" in args and args[args.index("--dest") + 1] == str(dest)
     packages = [a for a in args[3:] if not a.startswith("-") and a != str(dest)]
     assert packages == ["webdataset>=0.2.86", "braceexpand"]
+
+
+def test_a_probe_that_fails_stops_the_run_saying_so(tmp_path):
+    def first():
+        return (
+            Step("environment", say("raise SystemExit('torch: undefined symbol')"), 30),
+            Step("doctor", say("print('dr-doctor')"), 30),
+        )
+
+    assert gpu_check.check(tmp_path, 300, first=first) == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["stopped"] == "the environment probe failed"
+    assert report["steps"]["doctor"]["status"] == "ok"  # the doctor ran all the same
+    assert "undefined symbol" in (tmp_path / "environment.log").read_text()

@@ -547,6 +547,10 @@ def check(out: Path, budget_s: float, first=first_steps, after_gpu=gpu_steps) ->
     facts = json.loads(lines[-1]) if lines else {"gpu": False, "dali": NOT_CHECKED}
     report.add(environment=facts, dali=facts.get("dali", NOT_CHECKED))
     run_step(doctor_step, out, deadline, report)
+    if env["status"] != "ok":
+        print(f"\ngpu_check: the environment probe {env['status']}: {out / 'environment.log'}")
+        report.add(status="stopped", stopped=f"the environment probe {env['status']}")
+        return 1
     if not facts.get("gpu"):
         advice = no_gpu_advice(facts)
         print("\ngpu_check: torch sees no CUDA GPU here, so nothing on a GPU was checked.")
