@@ -1,4 +1,4 @@
-"""The two kinds of failure a tool reports in one line (``pipeline.cli.run_cli`` prints them)."""
+"""The kinds of failure a tool reports in one line (``pipeline.cli.run_cli`` prints them)."""
 
 from __future__ import annotations
 
@@ -9,3 +9,9 @@ class UserError(Exception):
 
 class RunError(Exception):
     """The run itself failed, not its input (a diverged loss): one sentence, exit 1."""
+
+
+class DeviceError(RunError, RuntimeError):
+    """The GPU or a library driving it failed (memory, CUDA, the JPEG decoders, a pipeline
+    that does not build), not the data: the library's own words, exit 1. Still a
+    RuntimeError, as the library's own error was."""

@@ -56,8 +56,9 @@ KEYS = {
     "images_per_s",
     "epoch_s",
     "lr",
+    "first_batch_s",
 }
-TIMING = ("images_per_s", "epoch_s")
+TIMING = ("images_per_s", "epoch_s", "first_batch_s")
 # the straight run: cosine with warmup and class weights, so resume must restore the schedule
 RECIPE = [
     "--image-size",

@@ -7,7 +7,10 @@ Paths, each yielding normalised float NCHW batches of the same shape (decode-onl
 reading each with PIL, per-image torchvision transforms (flips, ToTensor, Normalize),
 a DataLoader with one worker per core -- the reference lab's recipe; (b) the torch backend;
 (c) DALI CPU; (d) DALI GPU when CUDA is available; (e) DALI reader + decode only, the decode
-limit of the machine (CPU, and GPU "mixed" when present). Train mode with the default
+limit of the machine (CPU, and GPU "mixed" when present); (f) the torch backend feeding the
+GPU (uint8 from the workers, normalised on the GPU); (g) the torch backend's own reading and
+libjpeg-turbo decoding alone in the same workers, its decode limit (what a machine without
+DALI can reach). Train mode with the default
 flips. Warm-up batches are excluded; when a split is shorter than warm-up + batches the
 paths run further epochs (epoch starts are then part of the figure). Writes
 ``OUT/bench_loader.json``; measured figures are in docs/benchmarks.md.
@@ -15,6 +18,7 @@ paths run further epochs (epoch starts are then part of the figure). Writes
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import tarfile
@@ -28,7 +32,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
 from pipeline.cli import arg, parse_config, run_cli
@@ -37,9 +41,20 @@ from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
 from pipeline.loading.contract import available_cores
 from pipeline.loading.loader import build_loader, dali_available
+from pipeline.loading.samples import chunked, decode_sample, read_chunk
 from pipeline.manifest import read_manifest
+from pipeline.shardformat import read_index
 
-PATHS = ("baseline", "torch", "dali-cpu", "dali-gpu", "decode-cpu", "decode-gpu")
+PATHS = (
+    "baseline",
+    "torch",
+    "torch-gpu",
+    "dali-cpu",
+    "dali-gpu",
+    "decode-cpu",
+    "decode-gpu",
+    "decode-torch",
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,9 @@ class BenchConfig:
     seed: int = arg(0, "seed of the synthetic images and the shuffles")
     paths: list[str] | None = arg(
         None, "paths to time (default: every one this machine can run)", choices=PATHS
+    )
+    workers: int | None = arg(
+        None, "the torch paths' worker processes (default: the loader's choice)"
     )
 
     def __post_init__(self):
@@ -134,6 +152,7 @@ def loader_batches(cfg: BenchConfig, size: int, backend: str, device: str) -> It
         backend=backend,
         device=device,
         seed=cfg.seed,
+        workers=cfg.workers if backend == "torch" else None,
     )
     try:
         while True:
@@ -160,6 +179,40 @@ def decode_only_batches(cfg: BenchConfig, gpu: bool) -> Iterable:
     while True:
         images, labels = pipe.run()
         yield images, labels
+
+
+class DecodeOnly(IterableDataset):
+    """The torch backend's reading (by index, a chunk at a time) and libjpeg-turbo decoding,
+    nothing else, round and round; yields how many images each batch's worth decoded."""
+
+    def __init__(self, root: Path, chunks: list, batch_size: int):
+        self.root, self.chunks, self.batch_size = root, chunks, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.chunks[worker::workers] or self.chunks
+        chunks = itertools.cycle(mine)
+        samples = (s for chunk in chunks for s in read_chunk(self.root, chunk))
+        while True:
+            for _, (ref, data, _) in zip(range(self.batch_size), samples, strict=False):
+                decode_sample(ref, data)
+            yield torch.empty(0), torch.zeros(self.batch_size)
+
+
+def decode_torch_batches(cfg: BenchConfig) -> Iterable:
+    manifest = read_manifest(cfg.shards)
+    refs = []
+    for shard in manifest.split(cfg.split).shards:
+        refs += read_index(manifest.root / shard.index, shard.file)
+    workers = cfg.workers if cfg.workers is not None else min(4, available_cores())
+    loader = DataLoader(
+        DecodeOnly(manifest.root, chunked(refs), cfg.batch_size),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+    )
+    yield from loader
 
 
 def images_per_second(batches: Iterable, cfg: BenchConfig, gpu: bool) -> tuple[float, tuple, float]:
@@ -228,8 +281,17 @@ def runnable_paths(gpu: bool) -> list[str]:
     return [
         n
         for n in PATHS
-        if (has_dali or n in ("baseline", "torch")) and (gpu or not n.endswith("gpu"))
+        if (has_dali or not ("dali" in n or n in ("decode-cpu", "decode-gpu")))
+        and (gpu or not n.endswith("gpu"))
     ]
+
+
+def decode_limit(path: str, by_name: dict[str, float]) -> float | None:
+    """The decode-only figure a path is held against: the GPU decoder's for DALI on the GPU,
+    else the CPU's (DALI's decoder, or the torch backend's where DALI is missing)."""
+    if path == "dali-gpu":
+        return by_name.get("decode-gpu")
+    return by_name.get("decode-cpu") or by_name.get("decode-torch")
 
 
 def run(cfg: BenchConfig, console: Console) -> dict:
@@ -246,7 +308,9 @@ def run(cfg: BenchConfig, console: Console) -> dict:
     manifest = read_manifest(cfg.shards)
     size = cfg.image_size or manifest.image_size
     tmp = tempfile.TemporaryDirectory(prefix="bench-jpegs-")
-    items = extract_split(Path(cfg.shards), cfg.split, Path(tmp.name))
+    items = (
+        extract_split(Path(cfg.shards), cfg.split, Path(tmp.name)) if "baseline" in wanted else []
+    )
     # torch paths first: their DataLoader workers fork before any DALI thread exists
     candidates = {
         "baseline": (
@@ -255,6 +319,16 @@ def run(cfg: BenchConfig, console: Console) -> dict:
             lambda: baseline_batches(items, cfg.batch_size, size, manifest.image_size, cfg.seed),
         ),
         "torch": ("torch backend", False, lambda: loader_batches(cfg, size, "torch", "cpu")),
+        "torch-gpu": (
+            "torch backend to the GPU",
+            True,
+            lambda: loader_batches(cfg, size, "torch", "cuda"),
+        ),
+        "decode-torch": (
+            "torch backend decode only (CPU)",
+            False,
+            lambda: decode_torch_batches(cfg),
+        ),
         "dali-cpu": ("DALI CPU", False, lambda: loader_batches(cfg, size, "dali", "cpu")),
         "dali-gpu": ("DALI GPU", True, lambda: loader_batches(cfg, size, "dali", "cuda")),
         "decode-cpu": ("DALI decode only (CPU)", False, lambda: decode_only_batches(cfg, False)),
@@ -281,7 +355,7 @@ def run(cfg: BenchConfig, console: Console) -> dict:
     for r in results:
         base = by_name.get("baseline")
         r["vs_baseline"] = round(r["images_per_s"] / base, 2) if base else None
-        limit = by_name.get("decode-gpu" if r["path"].endswith("gpu") else "decode-cpu")
+        limit = decode_limit(r["path"], by_name)
         r["vs_decode_limit"] = round(r["images_per_s"] / limit, 2) if limit else None
     return {
         "machine": machine_info(),

@@ -4,12 +4,14 @@
     python tools/gpu_train_bench.py --device cpu --steps 3 --warmup 1 \\
         --image-size 64 --batch-size 4 --images 32 --out /tmp/bench        # CPU smoke test
 
-For each --arch, the trainer's own step (``trainer.engine.train_step``: bf16 autocast,
-channels_last, cudnn.benchmark, SGD) runs twice after --warmup steps: fed by
-``build_loader`` (DALI decoding on the GPU) from a synthetic fundus-like shard folder
-at --image-size, and fed one GPU-resident random batch over and over. Prints and writes
-images/s of each and ``loader_overhead = 1 - loader/resident`` to ``OUT/gpu_train_bench.json``.
-Goal on one H100/H200 at 512 px: resnet50 >= 700 images/s with the loader costing <= 5 %.
+For each --batch-size and --arch, the trainer's own step (``trainer.engine.train_step``:
+bf16 autocast, channels_last, cudnn.benchmark, SGD) runs twice after --warmup steps: fed
+by ``build_loader`` (--backend: DALI decoding on the GPU, or the torch backend) from a
+synthetic fundus-like shard folder at --image-size, and fed one GPU-resident random batch
+over and over. Prints and writes images/s of each, ``loader_overhead = 1 - loader/resident``,
+the seconds to the loader's first batch and the peak GPU memory to
+``OUT/gpu_train_bench.json``. Goal on one H100/H200 at 512 px: resnet50 >= 700 images/s
+with the loader costing <= 5 %.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from trainer.model import build_model
 SHARD_SIZE = 1000
 
 
-def fundus_like(index: int, size: int) -> bytes:
-    """A JPEG of a bright disc on black with smooth shading and noise (compresses like a fundus)."""
+def fundus_like(index: int, size: int, grade: int = 0) -> bytes:
+    """A JPEG of a bright disc on black with smooth shading and noise (compresses like a
+    fundus), with ``4 * grade`` small bright spots, so that the grade can be learnt."""
     rng = np.random.default_rng(index)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     cx, cy = rng.uniform(-0.05, 0.05, 2)
@@ -49,34 +52,47 @@ def fundus_like(index: int, size: int) -> bytes:
     disc = np.clip((0.48 - r) * 40, 0, 1)
     shade = 1 - 1.2 * r + 0.2 * np.sin(8 * x + rng.uniform(0, 6)) * np.cos(6 * y)
     rgb = np.stack([200 * shade, 90 * shade, 40 * shade], axis=-1) * disc[..., None]
+    for sx, sy in rng.uniform(-0.3, 0.3, (4 * grade, 2)):
+        rgb[np.hypot(x - sx, y - sy) < 0.02] = (250, 230, 120)
     rgb += rng.normal(0, 3, rgb.shape) * disc[..., None]
     buf = io.BytesIO()
     Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=92)
     return buf.getvalue()
 
 
-def make_shards(root: Path, images: int, size: int, distinct: int = 256) -> Path:
-    """A train-only shard folder of ``images`` samples cycling ``distinct`` synthetic JPEGs.
+def make_shards(
+    root: Path, images: int, size: int, distinct: int = 256, eval_images: int = 0
+) -> Path:
+    """A shard folder of ``images`` train samples (and ``eval_images`` each of val and test)
+    cycling ``distinct`` synthetic JPEGs, made in parallel on every core.
 
     Decoding costs the same whether or not the bytes repeat, and repeating them keeps the
-    set-up to seconds. An existing folder with a manifest is reused.
+    set-up to seconds. Image ``i`` has grade ``i % 5`` wherever it is used. An existing
+    folder with a manifest is reused.
     """
     if (root / "manifest.json").is_file():
         return root
     root.mkdir(parents=True, exist_ok=True)
-    distinct = min(distinct, images)
+    counts = {"train": images, "val": eval_images, "test": eval_images}
+    distinct = min(distinct, max(counts.values()))
+    grades = [i % NUM_CLASSES for i in range(distinct)]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        jpegs = list(pool.map(fundus_like, range(distinct), [size] * distinct, chunksize=8))
-    shards = []
-    for index, start in enumerate(range(0, images, SHARD_SIZE)):
-        ids = range(start, min(start + SHARD_SIZE, images))
-        samples = [(f"bench{i}", jpegs[i % distinct], i % NUM_CLASSES) for i in ids]
-        shards.append(write_shard(root / SHARD_NAME.format(split="train", index=index), samples))
-    counts = np.bincount(np.arange(images) % NUM_CLASSES, minlength=NUM_CLASSES)
+        jpegs = list(pool.map(fundus_like, range(distinct), [size] * distinct, grades, chunksize=8))
+    splits = {}
+    for split, n in counts.items():
+        if n == 0:
+            continue
+        shards = []
+        for index, start in enumerate(range(0, n, SHARD_SIZE)):
+            ids = range(start, min(start + SHARD_SIZE, n))
+            samples = [(f"{split}{i}", jpegs[i % distinct], grades[i % distinct]) for i in ids]
+            shards.append(write_shard(root / SHARD_NAME.format(split=split, index=index), samples))
+        labels = [grades[i % distinct] for i in range(n)]
+        splits[split] = SplitInfo.of(shards, np.bincount(labels, minlength=NUM_CLASSES))
     Manifest(
         root,
         image_size=size,
-        splits={"train": SplitInfo.of(shards, counts)},
+        splits=splits,
         preprocess={"size": size, "graham": False},
         source={"layout": "synthetic"},
     ).write()
@@ -101,8 +117,9 @@ def resident_batches(batch_size: int, size: int, device, channels_last: bool):
         yield images, labels
 
 
-def time_steps(batches, arch: str, args, accelerator) -> float:
-    """images/s of --steps training steps after --warmup untimed ones (fresh model each time)."""
+def time_steps(batches, arch: str, batch_size: int, args, accelerator) -> tuple[float, float]:
+    """(images/s of --steps training steps after --warmup untimed ones, seconds to the first
+    batch); a fresh model each time."""
     model = build_model(arch)
     if accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -112,17 +129,20 @@ def time_steps(batches, arch: str, args, accelerator) -> float:
     model.train()
     sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
+    first = 0.0
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             sync()
             start = time.perf_counter()
         images, labels = next(batches)
+        if step == 0:
+            first = time.perf_counter() - start
         train_step(model, images, labels, optimizer, scheduler, accelerator)
     sync()
     seconds = time.perf_counter() - start
     batches.close()  # ends the loader's epoch (frees its pipeline) before the next measurement
     accelerator.free_memory()
-    return args.steps * args.batch_size / seconds
+    return args.steps * batch_size / seconds, first
 
 
 @dataclass
@@ -133,7 +153,7 @@ class GpuBenchConfig:
     )
     steps: int = arg(300, "timed steps per measurement")
     warmup: int = arg(30, "untimed steps first (cudnn autotuning, DALI start)")
-    batch_size: int = arg(64, "images per step")
+    batch_size: list[int] = arg([64], "images per step (each size is measured)")
     image_size: int = arg(512, "square input size")
     images: int | None = arg(
         None, "samples in the synthetic shard folder (default: one epoch covers all steps)"
@@ -156,6 +176,37 @@ def gpu_memory() -> dict:
     }
 
 
+def measure(loader, arch: str, batch_size: int, args, accelerator) -> dict:
+    """One row: ``arch`` fed by ``loader`` and by a resident batch, and its peak memory."""
+    cuda = accelerator.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    real, first = time_steps(batches_from_loader(loader), arch, batch_size, args, accelerator)
+    memory = gpu_memory() if cuda else {}
+    resident, _ = time_steps(
+        resident_batches(batch_size, args.image_size, accelerator.device, cuda),
+        arch,
+        batch_size,
+        args,
+        accelerator,
+    )
+    row = {
+        "arch": arch,
+        "batch_size": batch_size,
+        "loader_images_per_s": real,
+        "resident_images_per_s": resident,
+        "loader_overhead": 1 - real / resident,
+        "first_batch_s": first,
+        **memory,
+    }
+    print(
+        f"{arch:>9} batch {batch_size:>4}: {real:8.1f} images/s with the loader, {resident:8.1f} "
+        f"with a resident batch, loader overhead {100 * row['loader_overhead']:5.1f} %, "
+        f"first batch {first:.2f} s"
+    )
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(
         GpuBenchConfig, argv, prog="gpu_train_bench.py", description=__doc__.splitlines()[0]
@@ -166,66 +217,49 @@ def main(argv: list[str] | None = None) -> int:
     precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision)
     torch.backends.cudnn.benchmark = cuda
-    images = args.images or (args.warmup + args.steps) * args.batch_size
+    images = args.images or (args.warmup + args.steps) * max(args.batch_size)
     shards = args.shards or make_shards(
         args.work / f"shards-{args.image_size}-{images}", images, args.image_size
-    )
-    loader = build_loader(
-        shards,
-        "train",
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        train=True,
-        backend=args.backend,
-        device=accelerator.device,
-        workers=args.workers,
-        channels_last=cuda,
     )
     device_name = (
         torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     )
-    print(
-        f"{device_name}: {args.image_size} px, batch {args.batch_size}, {precision}, "
-        f"loader {loader.backend}, {args.steps} timed steps after {args.warmup}"
-    )
-    results = []
-    for arch in args.arch:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        real = time_steps(batches_from_loader(loader), arch, args, accelerator)
-        memory = gpu_memory() if cuda else {}
-        resident = time_steps(
-            resident_batches(args.batch_size, args.image_size, accelerator.device, cuda),
-            arch,
-            args,
-            accelerator,
-        )
-        row = {
-            "arch": arch,
-            "loader_images_per_s": real,
-            "resident_images_per_s": resident,
-            "loader_overhead": 1 - real / resident,
-            **memory,
-        }
-        results.append(row)
-        print(
-            f"{arch:>9}: {real:8.1f} images/s with the loader, {resident:8.1f} with a resident batch, "
-            f"loader overhead {100 * row['loader_overhead']:5.1f} %"
-        )
-    loader.close()
+    results: list[dict] = []
     report = {
         "device": device_name,
         "torch": torch.__version__,
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "precision": precision,
-        "backend": loader.backend,
+        "backend": args.backend,
+        "workers": args.workers,
         "steps": args.steps,
         "warmup": args.warmup,
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "gpu_train_bench.json", report)
+    for batch_size in args.batch_size:
+        loader = build_loader(
+            shards,
+            "train",
+            batch_size=batch_size,
+            image_size=args.image_size,
+            train=True,
+            backend=args.backend,
+            device=accelerator.device,
+            workers=args.workers,
+            channels_last=cuda,
+        )
+        report["backend"] = loader.backend
+        print(
+            f"{device_name}: {args.image_size} px, batch {batch_size}, {precision}, "
+            f"loader {loader.backend}, {args.steps} timed steps after {args.warmup}"
+        )
+        for arch in args.arch:
+            results.append(measure(loader, arch, batch_size, args, accelerator))
+            # after every row: a run stopped by a time limit keeps what it measured
+            atomic_write_json(args.out / "gpu_train_bench.json", report)
+        loader.close()
     print(f"wrote {args.out / 'gpu_train_bench.json'}")
     return 0
 

@@ -51,6 +51,9 @@ class TrainResult:
     images: int  # summed over ranks
     seconds: float
     lr: float  # of the epoch's last step
+    first_batch_s: float = (
+        0.0  # from asking the loader for the epoch to its first batch (slowest rank)
+    )
 
     @property
     def images_per_s(self) -> float:
@@ -256,7 +259,10 @@ def train_one_epoch(
     accumulation = accelerator.gradient_accumulation_steps
     steps = len(loader) // accumulation * accumulation
     start = time.perf_counter()
+    first_batch_s = 0.0
     for step, (images, labels) in enumerate(loader, 1):
+        if step == 1:
+            first_batch_s = time.perf_counter() - start  # pipeline build, worker start-up
         lr = optimizer.param_groups[0]["lr"]
         out, loss_sum, weight_sum = train_step(
             model,
@@ -282,8 +288,14 @@ def train_one_epoch(
     totals = accelerator.reduce(totals, "sum").tolist()
     seconds = time.perf_counter() - start
     images = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum"))
+    first = accelerator.gather(torch.tensor([first_batch_s], device=accelerator.device))
     return TrainResult(
-        loss=loss, accuracy=totals[2] / max(images, 1), images=images, seconds=seconds, lr=lr
+        loss=loss,
+        accuracy=totals[2] / max(images, 1),
+        images=images,
+        seconds=seconds,
+        lr=lr,
+        first_batch_s=float(first.max()),
     )
 
 

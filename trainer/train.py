@@ -16,7 +16,7 @@ Each epoch trains on the train split, evaluates the val and test splits and writ
 accuracy; for val and test: loss, accuracy, kappa, kappa with both eyes blended, recall per
 grade, referable-DR AUC, sensitivity and specificity, any-DR AUC; what val chose: the
 referable threshold, the regress head's cut-points, the both-eyes weight; images_per_s,
-epoch_s, lr), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
+epoch_s, lr, first_batch_s: the wait for the epoch's first batch), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
 ``checkpoints/last/`` (atomic, the one before kept as ``previous/``) and ``best.pt``
 (highest val kappa; test kappa when the shards have no val split, with a warning).
 ``config.json`` (config + environment) is written at the start and ``summary.json`` (with
@@ -568,7 +568,8 @@ def metrics_row(
             f"{split}_recall": r.recall,
             **{f"{split}_{k}": v for k, v in screen.items()},
         }
-    return row | choices | {"images_per_s": train.images_per_s, "epoch_s": epoch_s, "lr": train.lr}
+    timing = {"images_per_s": train.images_per_s, "epoch_s": epoch_s, "lr": train.lr}
+    return row | choices | timing | {"first_batch_s": train.first_batch_s}
 
 
 def format_row(row: dict, epochs: int) -> str:

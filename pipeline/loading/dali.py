@@ -1,12 +1,21 @@
 """The DALI backends: ``dali-gpu`` (decode "mixed", augment on the GPU) and ``dali-cpu``.
 
 The reader (``read_shards``) is apart from the processing (``decode_and_augment``); the
-``@pipeline_def`` builders join them. Each train epoch builds a fresh pipeline seeded from
+``@pipeline_def`` builders join them. Each train epoch has its own pipeline seeded from
 (seed, epoch, rank), so an epoch's batches depend only on those -- ``set_epoch`` after a
 resume gives the same batches as the first run -- and a train epoch can stop after its
-``steps`` batches without leaving a half-read epoch in the reader. An evaluation pipeline
-has no randomness and always reads the same slice to its end, so it is built once and
-reused for every epoch (docs/benchmarks.md has what a rebuild costs).
+``steps`` batches without leaving a half-read epoch in the reader. Its start is not paid
+at the epoch's start: when a train epoch hands out its last batch, the next epoch's
+pipeline is built and its first batch run on a background thread (DALI keeps the pipeline
+being defined per thread), while the last step and the evaluation run; the next epoch
+takes it if it is the epoch asked for, and builds its own otherwise (after ``set_epoch``
+to another epoch). The batches are the same either way.
+An evaluation pipeline has no randomness and always reads the same slice to its end, so
+it is built once and reused for every epoch (docs/benchmarks.md has what a build costs).
+
+Failures: ``pipeline.loading.dali_errors`` tells a sample that cannot be read or decoded
+(named by shard and key, found on the CPU: a UserError) from everything else, which keeps
+DALI's own words as a ``DeviceError``.
 
 Slicing: ``shard_id``/``num_shards`` give rank r the samples ``[r*N//w, (r+1)*N//w)``
 (``pipeline.loading.contract.rank_range``; checked against DALI in the tests). With
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -25,9 +35,10 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipeline.constants import IMAGE_EXT, IMAGENET_MEAN, IMAGENET_STD, LABEL_EXT, NUM_CLASSES
-from pipeline.errors import UserError
+from pipeline.errors import DeviceError, UserError
 from pipeline.loading.augment import GREY_WEIGHTS, NO_AUGMENT, AugmentConfig
 from pipeline.loading.contract import Loader, LoaderSpec, rank_range
+from pipeline.loading.dali_errors import DEVICE, classify
 from pipeline.loading.samples import find_bad_sample
 
 READER = "shards"
@@ -210,6 +221,8 @@ class DaliLoader(Loader):
         self.files = [str(p) for p in spec.manifest.tar_paths(spec.split)]
         self.indexes = [str(p) for p in spec.manifest.index_paths(spec.split)]
         self.kept = None  # evaluation: the pipeline, ready for the next epoch
+        self.prepared: tuple[int, Future] | None = None  # train: (epoch, its pipeline building)
+        self.builder: ThreadPoolExecutor | None = None
         self.builds = 0
 
     def build_pipeline(self, epoch: int):
@@ -235,20 +248,60 @@ class DaliLoader(Loader):
         self.builds += 1
         return pipe
 
+    def prepare(self, epoch: int) -> None:
+        """Start train epoch ``epoch``'s pipeline on the background thread: build it and run
+        its first batch (building is the smaller part; the first batch fills the shuffle
+        buffer and, on a GPU, starts nvJPEG)."""
+        self.discard_prepared()
+        if self.builder is None:
+            self.builder = ThreadPoolExecutor(1, thread_name_prefix="dali-build")
+        self.prepared = (epoch, self.builder.submit(self.start_pipeline, epoch))
+
+    def start_pipeline(self, epoch: int) -> tuple:
+        """(the pipeline, its first batch's outputs or the error running it raised)."""
+        pipe = self.build_pipeline(epoch)
+        try:
+            return pipe, pipe.run()
+        except RuntimeError as err:  # raised in the loop, as a reading failure
+            return pipe, err
+
+    def take_pipeline(self, epoch: int) -> tuple:
+        """Train epoch ``epoch``'s (pipeline, first outputs): the one prepared for it if any
+        (then its first batch is ready), else a new pipeline (and None)."""
+        prepared, self.prepared = self.prepared, None
+        if prepared and prepared[0] == epoch:
+            return prepared[1].result()  # a build error is raised here, in the loop's thread
+        if prepared:
+            drop(prepared[1])
+        return self.build_pipeline(epoch), None
+
+    def discard_prepared(self) -> None:
+        if self.prepared:
+            drop(self.prepared[1])
+            self.prepared = None
+
     def _run_epoch(self, epoch: int) -> Iterator:
         spec = self.spec
         lo, hi = spec.slice_range(epoch)
         if hi == lo:  # more ranks than samples: this rank has nothing to evaluate
             return
         steps = spec.steps if spec.train else math.ceil((hi - lo) / spec.batch_size)
-        pipe, self.kept = (
-            self.kept or self.reading(lambda: self.build_pipeline(epoch), lo, hi),
-            None,
-        )
+        if spec.train:
+            pipe, first = self.reading(lambda: self.take_pipeline(epoch), lo, hi, building=True)
+        else:
+            pipe = self.kept or self.reading(
+                lambda: self.build_pipeline(epoch), lo, hi, building=True
+            )
+            self.kept, first = None, None
         finished = False
         try:
             for step in range(steps):
-                outputs = self.reading(pipe.run, lo, hi)
+                if first is None:
+                    outputs = self.reading(pipe.run, lo, hi)
+                else:  # run ahead by the background thread
+                    outputs, first = self.reading(lambda ran=first: outcome(ran), lo, hi), None
+                if spec.train and step == steps - 1:
+                    self.prepare(epoch + 1)  # built during the last step and the evaluation
                 keep = min(spec.batch_size, hi - lo - step * spec.batch_size)  # drops the padding
                 labels = self.grades(outputs[1], lo, hi)
                 images, labels = self.normalize(self.images(outputs[0])[:keep], labels[:keep])
@@ -270,24 +323,39 @@ class DaliLoader(Loader):
             finished = True
         finally:
             # a whole eval epoch leaves the reader at the start of its slice again
-            if finished and not spec.train:  # (a train epoch stops mid-reader: rebuilt)
+            if finished and not spec.train:  # (a train epoch stops mid-reader: not reused)
                 self.kept = pipe
             del pipe
 
     def close(self) -> None:
         self.kept = None
+        self.discard_prepared()
+        if self.builder is not None:
+            self.builder.shutdown(wait=True)
+            self.builder = None
 
-    def reading(self, run, lo: int, hi: int):
-        """``run()``; a DALI reading failure becomes one sentence naming the bad sample.
-
-        Out of memory and CUDA errors are not the data's fault: they pass through unchanged.
+    def reading(self, run, lo: int, hi: int, building: bool = False):
+        """``run()``; a DALI failure becomes one sentence (``dali_errors``): a sample that cannot
+        be read or decoded is found and named (UserError); anything else (building the
+        pipeline, memory, CUDA, the decoders' own failures) is a DeviceError in DALI's words.
         """
         try:
             return run()
         except RuntimeError as err:
-            if is_device_error(err):
+            if isinstance(err, torch.OutOfMemoryError | DeviceError):
                 raise
-            raise UserError(self.explain(err, lo, hi)) from None
+            failure = classify(str(err), building)
+            what = f"reading split '{self.spec.split}' on {self.spec.device}"
+            if failure.kind == DEVICE:
+                raise DeviceError(failure.sentence(what)) from err
+            bad = find_bad_sample(self.spec.manifest.root, self.spec.samples(lo, hi))
+            if bad:
+                raise UserError(bad) from None
+            raise DeviceError(
+                f"DALI could not read or decode a sample of split '{self.spec.split}' of "
+                f"{self.spec.manifest.root} that the CPU reads and decodes ({failure.detail}); "
+                "train with --backend torch meanwhile"
+            ) from err
 
     def images(self, images) -> torch.Tensor:
         """DALI's images as a torch tensor (on the GPU copied on torch's stream, to order it with torch's work)."""
@@ -321,24 +389,21 @@ class DaliLoader(Loader):
             )
         return torch.from_numpy(grades)
 
-    def explain(self, err: RuntimeError, lo: int, hi: int) -> str:
-        """One sentence for a DALI failure: find the unreadable sample of this rank's slice."""
-        bad = find_bad_sample(self.spec.manifest.root, self.spec.samples(lo, hi))
-        if bad:
-            return bad
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        detail = next(
-            (ln for ln in reversed(lines) if "no longer valid" not in ln), "unknown error"
-        )
-        return (
-            f"DALI failed reading split '{self.spec.split}' of {self.spec.manifest.root}: {detail}"
-        )
+
+def outcome(ran):
+    """What a run gave: its outputs, or the error it raised, raised again."""
+    if isinstance(ran, BaseException):
+        raise ran
+    return ran
 
 
-DEVICE_ERRORS = ("out of memory", "cuda error", "cudaerror", "cuda_error", "cuda runtime", "nvml")
+def drop(build: Future) -> None:
+    """Forget a background build: cancelled if not started, else waited for (its errors too),
+    so no pipeline is left half built by a thread nobody waits for."""
+    if not build.cancel():
+        build.exception()
 
 
 def is_device_error(err: BaseException) -> bool:
-    """Whether a DALI failure comes from the GPU (memory, driver), not from the data."""
-    text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or any(word in text for word in DEVICE_ERRORS)
+    """Whether a DALI failure comes from the GPU or DALI itself, not from the data."""
+    return isinstance(err, torch.OutOfMemoryError) or classify(str(err)).kind == DEVICE
