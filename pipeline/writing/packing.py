@@ -220,7 +220,7 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
     counts = {split: [0] * NUM_CLASSES for split in SPLITS}
     new_record: dict[str, dict] = {}
     workers = cfg.workers or os.cpu_count() or 1
-    with _pool(workers if todo else 1) as pool, _progress(console, cfg.quiet) as bar:
+    with _pool(workers if todo else 1, out) as pool, _progress(console, cfg.quiet) as bar:
         task = bar.add_task("packing", total=len(samples))
         tried = {
             c.file: _start(pool, _pack_originals, out / c.file, c, cfg.size)
@@ -398,8 +398,9 @@ def _resolve(batch, ready, job) -> Iterator[tuple[Sample, bytes | None, str | No
 
 
 @contextmanager
-def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """A process pool of ``workers``, or None for one worker (everything runs here).
+def _pool(workers: int, out: Path) -> Iterator[ProcessPoolExecutor | None]:
+    """A process pool of ``workers`` writing into ``out``, or None for one worker (everything
+    runs here).
 
     Forked when this process runs no other thread: a forked worker starts in milliseconds,
     a spawned one re-imports numpy and PIL (about a second). Every forked worker is started
@@ -434,8 +435,8 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.shutdown(wait=True, cancel_futures=True)
     except BaseException:
         # Interrupted (Ctrl-C, `kill`) or failed, in any phase, even while the workers were
-        # being started: stop them now rather than wait for the shards they are writing (the
-        # next run removes their temp files). The pool itself is left as it is: a worker
+        # being started: stop them now rather than wait for the shards they are writing, and
+        # remove the temp files they leave (their pids are gone: stale). The pool itself is left as it is: a worker
         # killed while sending a result leaves the pool's manager thread waiting for the rest
         # for ever, and its shutdown, or the interpreter's exit, would wait on that thread.
         if pool is not None:
@@ -443,6 +444,8 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a second Ctrl-C waits
         try:
             _kill_workers()
+            for leftover in stale_partials(out):
+                leftover.unlink(missing_ok=True)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise
