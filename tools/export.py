@@ -7,8 +7,9 @@ image size and N free (any batch size), and one output ``output``, the head's ra
 (N, 5) for the ``classify`` head. The model's ``metadata_props`` hold, each value as JSON:
 ``arch``, ``image_size``, ``mean`` and ``std`` (RGB, on the 0-255 pixel scale),
 ``preprocess`` (how the shards were made: size, graham, ...), ``head`` (``classify`` unless
-best.pt says otherwise) and, when best.pt has them, ``cut_points``, ``referable_threshold``
-and ``pair_blend``, copied as they are.
+best.pt says otherwise) and, when best.pt has them, ``cut_points``, ``referable_threshold``,
+``pair_blend`` and ``pair_cut_points`` (the cut-points for blended scores), copied as they
+are.
 
 How a deployment gets from a photograph to a grade:
 
@@ -43,7 +44,7 @@ from trainer.checkpoint import load_best
 FORMATS = ("onnx",)
 MODEL_FILE = "model.onnx"
 INPUT, OUTPUT = "image", "output"
-THRESHOLDS = ("cut_points", "referable_threshold", "pair_blend")
+THRESHOLDS = ("cut_points", "referable_threshold", "pair_blend", "pair_cut_points")
 # Both sides compute in float32 with different kernels and summation orders; over a ResNet's
 # layers that differs by about 1e-6 of the output's scale, a wrong export by its whole scale.
 TOLERANCE = 1e-4

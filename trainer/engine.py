@@ -93,9 +93,14 @@ class EvalResult:
     def with_cuts(self, cuts: tuple[float, ...] | None) -> EvalResult:
         return replace(self, cuts=cuts)
 
-    def paired(self, weight: float) -> EvalResult:
-        """The same images with each eye's outputs blended with its partner's."""
-        return replace(self, outputs=blend_partners(self.keys, self.outputs, weight))
+    def paired(self, weight: float, cuts: tuple[float, ...] | None = None) -> EvalResult:
+        """The same images with each eye's outputs blended with its partner's (and, for the
+        regress head, the cut-points chosen with the blend, where given)."""
+        return replace(
+            self,
+            outputs=blend_partners(self.keys, self.outputs, weight),
+            cuts=self.cuts if cuts is None else tuple(cuts),
+        )
 
     def predictions(self) -> pd.DataFrame:
         """One row per image: key, patient, eye, true, pred, p0..p4, referable_score."""
@@ -145,12 +150,21 @@ def native_bf16() -> bool:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, momentum: float, weight_decay: float, name: str = "sgd"
+    model: nn.Module,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    name: str = "sgd",
+    nesterov: bool = False,
 ) -> Optimizer:
-    """SGD with momentum (the reference) or AdamW (momentum is Adam's own)."""
+    """SGD with momentum (the reference; Nesterov's if asked) or AdamW (momentum is Adam's own)."""
     if name == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+            model.parameters(),
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov and momentum > 0,
         )
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -158,9 +172,10 @@ def build_optimizer(
 
 
 def build_scheduler(
-    optimizer: Optimizer, schedule: str, warmup_steps: int, total_steps: int
+    optimizer: Optimizer, schedule: str, warmup_steps: int, total_steps: int, floor: float = 0.0
 ) -> LambdaLR:
-    """Per-step LambdaLR: linear warmup to the peak, then constant or cosine down to 0."""
+    """Per-step LambdaLR: linear warmup to the peak, then constant or cosine down to 0, or
+    never below ``floor`` (a fraction of the peak: --min-lr / --lr, a clipped cosine)."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -168,7 +183,7 @@ def build_scheduler(
         if schedule == "constant":
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(floor, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
     if schedule not in ("constant", "cosine"):
         raise UserError(f"unknown lr schedule '{schedule}'; choose constant or cosine")
@@ -184,6 +199,28 @@ def seek_schedule(optimizer: Optimizer, scheduler: LambdaLR, step: int, lr: floa
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
         group["initial_lr"] = lr
         group["lr"] = lr * factor(step)
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """The EMA's decay after ``updates`` averaged steps: min(decay, (1 + t) / (10 + t)), so
+    that a short run averages what it learned instead of keeping the initial weights (at
+    0.999 the plain average still holds 37 % of them after 1000 steps)."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def ema_multi_avg_fn(decay: float) -> Callable:
+    """AveragedModel's update with the warmed-up decay; integer buffers (BatchNorm's batch
+    counters) follow the model. ``AveragedModel`` already reads its counter on the host
+    every step, so reading it here adds no sync."""
+
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        d = ema_decay(decay, int(num_averaged))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
+        else:
+            torch._foreach_copy_(averaged, current)
+
+    return update
 
 
 def class_weights_for(
