@@ -213,6 +213,14 @@ def save_best(
     atomic_write_bytes(path, serialized(payload))
 
 
+def add_to_best(path: str | Path, key: str, value) -> None:
+    """Store ``value`` under ``key`` in an existing best.pt (atomically: a crash leaves the
+    old file whole). tools/fuse.py keeps the fusion head beside the weights it reads."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload[key] = value
+    atomic_write_bytes(path, serialized(payload))
+
+
 def repair_best(run_dir: str | Path, state: dict) -> None:
     """Rewrite best.pt from last/ when a kill fell between the two (the best epoch is last/'s).
 

@@ -34,6 +34,7 @@ from trainer.metrics import (
     recall_per_class,
     referable_score,
 )
+from trainer.model import backbone_features
 from trainer.pairing import blend_partners
 
 CLASSIFY = ClassifyHead()  # the reference recipe's head, the default
@@ -68,6 +69,7 @@ class EvalResult:
     outputs: np.ndarray  # (N, head.outputs) raw outputs
     head: Head = field(default_factory=ClassifyHead)
     cuts: tuple[float, ...] | None = None  # regress head: tuned on val
+    features: np.ndarray | None = None  # (N, D) backbone features, when asked for
 
     def __post_init__(self):
         self.probs = self.head.probs(self.outputs, self.cuts)  # (N, 5)
@@ -341,9 +343,11 @@ def evaluate(
     class_weights: Tensor | None = None,
     expected: int | None = None,
     cuts: tuple[float, ...] | None = None,
+    with_features: bool = False,
 ) -> EvalResult:
     """Every image's outputs, over every rank's slice, and the mean loss; ``loader`` yields
-    keys (``build_loader(..., with_keys=True)``).
+    keys (``build_loader(..., with_keys=True)``). ``with_features``: also every image's
+    backbone features (both eyes' feature fusion, trainer/fusion.py).
 
     ``expected``: the split's sample count; another total, or a key seen twice, means
     samples were dropped or duplicated across ranks, and that is a bug worth stopping for.
@@ -358,20 +362,27 @@ def evaluate(
     with torch.inference_mode():
         for images, labels, batch_keys in loader:
             with accelerator.autocast():
-                out = model(images)
+                features = backbone_features(model, images) if with_features else None
+                out = model(images) if features is None else model.fc(features)
             loss_sum, weight_sum = head.loss_sums(out, labels, class_weights)
             sums += torch.stack([loss_sum, weight_sum])
             keys += batch_keys
             labels_seen.append(labels)
-            outputs_seen.append(out.float())
+            outputs_seen.append(
+                out.float() if features is None else torch.cat([out.float(), features.float()], 1)
+            )
     sums = accelerator.reduce(sums, "sum").tolist()
-    keys, labels, outputs = gather_per_image(keys, labels_seen, outputs_seen, head.outputs)
+    width = head.outputs + (model.fc.in_features if with_features else 0)
+    keys, labels, outputs = gather_per_image(keys, labels_seen, outputs_seen, width)
+    features = outputs[:, head.outputs :] if with_features else None
+    outputs = outputs[:, : head.outputs]
     if expected is not None and (len(keys) != expected or len(set(keys)) != expected):
         raise RuntimeError(
             f"evaluation saw {len(keys)} samples ({len(set(keys))} distinct) over all ranks, "
             f"the split has {expected}: the loader dropped or repeated samples"
         )
-    return EvalResult(sums[0] / max(sums[1], 1e-12), keys, labels, outputs, head, cuts)
+    loss = sums[0] / max(sums[1], 1e-12)
+    return EvalResult(loss, keys, labels, outputs, head, cuts, features)
 
 
 def gather_per_image(

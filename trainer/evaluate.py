@@ -7,10 +7,13 @@ Accuracy, quadratic weighted kappa, per-class recall, loss and the confusion mat
 (CSV + PNG), over every sample of the split exactly once, on 1..N processes; with --out,
 also ``predictions.csv``: one row per image (key, patient, eye, true, pred, p0..p4,
 referable_score), the file to open to see which photographs were graded wrong, and
-``roc.png``. Screening figures: referable DR (grade >= 2, score p2+p3+p4) ROC-AUC, with
+``roc.png``. With --pair-eyes, both eyes of a patient graded together: by the fusion head
+that ``dr-fuse`` stored in the checkpoint, or else by blending each eye's outputs with its
+partner's; kappa each eye alone, blended and fused are all reported (the loss is each eye
+alone's). Screening figures: referable DR (grade >= 2, score p2+p3+p4) ROC-AUC, with
 sensitivity and specificity at the operating point stored in the checkpoint (chosen on
-val by the trainer), and any-DR (grade >= 1) ROC-AUC. It
-evaluates the way the trainer does (same batch size, precision, loader and loss
+val by the trainer, or by dr-fuse for the fused scores), and any-DR (grade >= 1) ROC-AUC.
+It evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the
 numbers logged for that epoch.
 """
@@ -27,11 +30,13 @@ from accelerate import Accelerator
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, atomic_write_json
+from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import read_manifest
 from trainer.checkpoint import head_of, load_best
 from trainer.config import BACKENDS
 from trainer.engine import class_weights_for, evaluate, resolve_precision
+from trainer.fusion import FUSION_KEY, fused_result
 from trainer.metrics import (
     REFERABLE_GRADE,
     any_dr_score,
@@ -60,9 +65,9 @@ class EvalConfig:
     workers: int | None = arg(None, "loader workers per process")
     pair_eyes: bool = arg(
         False,
-        "blend each eye's outputs with its partner's (the weight chosen on val, "
-        "stored in the checkpoint); reports kappa with and without, and writes the "
-        "blended predictions",
+        "both eyes of a patient: the fusion head stored by dr-fuse if the checkpoint has "
+        "one, else each eye's outputs blended with its partner's (the weight chosen on "
+        "val); reports kappa with and without, and writes the paired predictions",
     )
 
 
@@ -72,30 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     model, info = load_best(args.checkpoint)
     cfg = info.get("config", {})
-    batch_size = args.batch_size or cfg.get("batch_size", 8)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=not cuda, mixed_precision=resolve_precision(cfg.get("precision", "auto"), cuda)
-    )
+    accelerator = checkpoint_accelerator(info)
     manifest = read_manifest(args.shards)
     expected = manifest.split(args.split).samples
     gpu = accelerator.device.type == "cuda"
-    loader = build_loader(
-        args.shards,
-        args.split,
-        train=False,
-        batch_size=batch_size,
-        image_size=int(info["image_size"]),
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=cfg.get("seed", 0),
-        backend=args.backend or cfg.get("backend", "auto"),
-        device=accelerator.device,
-        workers=args.workers,
-        channels_last=gpu,
-        with_keys=True,
+    loader = checkpoint_loader(
+        info, args.shards, args.split, accelerator, args.batch_size, args.backend, args.workers
     )
     # the trainer's test loss is weighted as its training loss was, by the train split's counts
     weights_mode = cfg.get("class_weights", "none")
@@ -109,12 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     model = accelerator.prepare(model)
 
     head, cuts = head_of(info)
-    alone = evaluate(model, loader, accelerator, head, class_weights, expected=expected, cuts=cuts)
+    fusion = info.get(FUSION_KEY) if args.pair_eyes else None
+    alone = evaluate(
+        model,
+        loader,
+        accelerator,
+        head,
+        class_weights,
+        expected=expected,
+        cuts=cuts,
+        with_features=fusion is not None,
+    )
     loader.close()
     blend = info.get("pair_blend") or 0.0
-    result = alone.paired(blend) if args.pair_eyes else alone
+    blended = alone.paired(blend, info.get("pair_cut_points"))
+    fused = fused_result(fusion, alone) if fusion else None
+    result = (blended if fused is None else fused) if args.pair_eyes else alone
     positive, score = result.labels >= REFERABLE_GRADE, referable_score(result.probs)
     threshold, threshold_from = info.get("referable_threshold"), "the checkpoint (chosen on val)"
+    if fused is not None:
+        threshold, threshold_from = fusion["referable_threshold"], "the fusion head (chosen on val)"
     if threshold is None:  # a checkpoint of an older version: choose here, and say so
         threshold, threshold_from = (
             operating_threshold(positive, score),
@@ -132,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy": result.accuracy,
         "qwk": result.kappa,
         "qwk_eye_alone": alone.kappa,
-        "qwk_both_eyes": alone.paired(blend).kappa,
+        "qwk_both_eyes": blended.kappa,  # the blend
+        "qwk_fused": None if fused is None else fused.kappa,
         "pair_blend": blend,
         "paired": args.pair_eyes,
+        "pair_method": ("blend" if fused is None else "fusion") if args.pair_eyes else None,
         "head": head.name,
         "cut_points": cuts,
         "recall": result.recall,
@@ -153,8 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.pair_eyes:
         accelerator.print(
-            f"both eyes (partner weight {blend:.2f}, chosen on val): kappa {result.kappa:.4f}; "
-            f"each eye alone: kappa {alone.kappa:.4f}"
+            (
+                f"both eyes fused (dr-fuse's head): kappa {fused.kappa:.4f}; "
+                if fused is not None
+                else ""
+            )
+            + f"both eyes blended (partner weight {blend:.2f}, chosen on val): kappa "
+            f"{blended.kappa:.4f}; each eye alone: kappa {alone.kappa:.4f}"
         )
     if screen["referable_auc"] is not None:
         accelerator.print(
@@ -195,6 +203,45 @@ def main(argv: list[str] | None = None) -> int:
         )
     accelerator.end_training()
     return 0
+
+
+def checkpoint_accelerator(info: dict) -> Accelerator:
+    """An Accelerator with the checkpoint's precision (the trainer's), every GPU or the CPU."""
+    cuda = torch.cuda.is_available()
+    precision = (info.get("config") or {}).get("precision", "auto")
+    return Accelerator(cpu=not cuda, mixed_precision=resolve_precision(precision, cuda))
+
+
+def checkpoint_loader(
+    info: dict,
+    shards: Path,
+    split: str,
+    accelerator: Accelerator,
+    batch_size: int | None = None,
+    backend: str | None = None,
+    workers: int | None = None,
+) -> Loader:
+    """This rank's evaluation loader (with keys) of ``split``, as the trainer built it: the
+    checkpoint's batch size, image size, seed and backend unless given."""
+    cfg = info.get("config") or {}
+    batch_size = batch_size or cfg.get("batch_size", 8)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    return build_loader(
+        shards,
+        split,
+        train=False,
+        batch_size=batch_size,
+        image_size=int(info["image_size"]),
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.get("seed", 0),
+        backend=backend or cfg.get("backend", "auto"),
+        device=accelerator.device,
+        workers=workers,
+        channels_last=accelerator.device.type == "cuda",
+        with_keys=True,
+    )
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:

@@ -78,6 +78,14 @@ class Fp32Linear(nn.Linear):
             return super().forward(x.float())
 
 
+def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision ResNet's pooled features (N, 512 or 2048): its forward without ``fc``,
+    so ``model.fc(backbone_features(model, x))`` is ``model(x)``."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return torch.flatten(model.avgpool(x), 1)
+
+
 def hub_checkpoint_path(arch: str, imagenet: str = "V1") -> Path:
     """Where torch hub keeps (or would keep) the ImageNet weights of ``arch``."""
     url = MODELS[arch][1][imagenet].url
