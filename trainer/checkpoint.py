@@ -8,8 +8,8 @@ it is kept as ``checkpoints/previous/``)::
      "rng": [per rank: python, numpy, torch, cuda],
      "world_size", "config"}
 
-``OUT/best.pt`` (the epoch with the highest val kappa; test kappa when the shards have no
-val split) holds everything evaluation and prediction need, with nothing else::
+``OUT/best.pt`` (the epoch with the highest val kappa, or lowest val MSE for a regress head
+on a small val split: trainer/selection.py; test's when the shards have no val split) holds everything evaluation and prediction need, with nothing else::
 
     {"model": state dict, "arch", "num_classes", "class_names", "image_size",
      "mean", "std" (ImageNet, on the 0-255 pixel scale), "preprocess" (the shard

@@ -18,7 +18,9 @@ grade, referable-DR AUC, sensitivity and specificity, any-DR AUC; what val chose
 referable threshold, the regress head's cut-points, the both-eyes weight; images_per_s,
 epoch_s, lr), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
 ``checkpoints/last/`` (atomic, the one before kept as ``previous/``) and ``best.pt``
-(highest val kappa; test kappa when the shards have no val split, with a warning).
+(highest val kappa, or lowest val MSE for a regress head on a val split under 500 images:
+trainer/selection.py; test's when the shards have no val split, with a warning).
+``--recipe huang2023`` sets another recipe's defaults at once (trainer/recipes.py).
 ``config.json`` (config + environment) is written at the start and ``summary.json`` (with
 the test figures at the best-val epoch) at the end. Every rank computes; rank 0 writes.
 ``images_per_s`` counts the training images of all ranks per second of the training
