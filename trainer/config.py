@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pipeline.cli import arg, parse_config_given
 from pipeline.errors import UserError
 from pipeline.loading.augment import PRESETS, AugmentConfig, augment_preset
+from trainer.recipes import RECIPES, resolve
 
 ARCHS = ("resnet18", "resnet50")  # the keys of trainer.model.MODELS (checked by a test)
 HEADS = ("classify", "regress", "ordinal")  # the keys of trainer.heads.HEADS (checked by a test)
@@ -21,7 +22,7 @@ BACKENDS = ("auto", "dali", "torch")
 CLASS_WEIGHTS = ("none", "inverse", "sqrt")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-RECIPE_NAMES = ("reference", "huang2023")  # the keys of trainer.recipes.RECIPES (checked by a test)
+RECIPE_NAMES = tuple(RECIPES)
 
 # Options a resumed run may change; any other option given with --resume must match the run.
 RESUMABLE = (
@@ -217,8 +218,6 @@ class TrainConfig:
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     """The config with its recipe resolved (trainer/recipes.py), and the names of the options
     given on the command line (for --resume)."""
-    from trainer.recipes import resolve
-
     cfg, given = parse_config_given(
         TrainConfig,
         argv,

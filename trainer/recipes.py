@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from typing import Any
 
 from pipeline.errors import UserError
-from trainer.config import TrainConfig
+
+TrainConfig = Any  # trainer.config.TrainConfig, which imports this module (not the reverse)
 
 # Huang, Lin, Cheng, Lyu, Tam, Tang: "Identifying the key components in ResNet-50 for
 # diabetic retinopathy grading from fundus images: a systematic investigation",
