@@ -106,7 +106,9 @@ def check_run(out: Path, cfg: TrainConfig) -> list[str]:
     manifest = read_manifest(cfg.shards)
     test_count = manifest.split("test").samples
     chooser = "val" if manifest.has("val") else "test"
-    best = max(rows, key=lambda r: r[f"{chooser}_qwk"])  # the first of equals, as the trainer keeps
+    key = rows[-1].get("selected_by", f"{chooser}_qwk")  # trainer/selection.py's statistic
+    sign = -1 if key.endswith("_mse") else 1
+    best = max(rows, key=lambda r: sign * r[key])  # the first of equals, as the trainer keeps
     logged = read_confusion_csv(out / CONFUSION_DIR / f"test_epoch_{best['epoch']:03d}.csv")
     if logged.sum() != test_count:
         problems.append(f"epoch {best['epoch']} counted {logged.sum()} of {test_count} test images")
