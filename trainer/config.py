@@ -84,7 +84,12 @@ class TrainConfig:
     grad_accumulation: int = arg(
         1, "batches per optimizer step (gradients accumulated)", metavar="N"
     )
-    clip_grad: float | None = arg(None, "clip the gradient norm to this", metavar="NORM")
+    clip_grad: float | None = arg(
+        None,
+        "clip the gradient norm to this (unless given: 1 for the regress head with MSE, "
+        "else no clipping; inf turns it off)",
+        metavar="NORM",
+    )
     compile: bool = arg(False, "torch.compile the model")
     image_size: int = arg(512, "square input size in pixels")
     pretrained: bool = arg(False, "start from torchvision's ImageNet weights (downloaded once)")
