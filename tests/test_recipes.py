@@ -99,7 +99,8 @@ def test_regress_head_tunes_cut_points_on_val_and_evaluate_applies_them(
         cuts = row["cut_points"]
         assert len(cuts) == 4 and cuts == sorted(cuts)
         assert 0 <= row["pair_blend"] <= 0.5 and {"val_qwk_paired", "test_qwk_paired"} <= set(row)
-    best = max(lines, key=lambda r: r["val_qwk"])
+    # 16 val images: the trainer keeps the epoch of lowest val MSE (trainer/selection.py)
+    best = min(lines, key=lambda r: r["val_mse"])
     model, info = load_best(regress_run / "best.pt")
     assert (info["head"], info["outputs"]) == ("regress", 1) and info["cut_points"] == best[
         "cut_points"

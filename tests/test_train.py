@@ -53,6 +53,8 @@ KEYS = {
     "referable_threshold",
     "cut_points",
     "pair_blend",
+    "pair_cut_points",  # regress: the cut-points chosen with the blend (None otherwise)
+    "selected_by",  # the statistic that chooses best.pt (trainer/selection.py)
     "images_per_s",
     "epoch_s",
     "lr",

@@ -51,8 +51,15 @@ class Run:
 
     def best(self) -> pd.Series | None:
         """The epoch the trainer kept as best.pt (the first of equals, as the trainer does)."""
+        if self.metrics.empty:
+            return None
+        # the trainer's statistic (trainer/selection.py): val MSE for a regress head on a
+        # small val split, else kappa; runs of older versions chose by kappa
         key = f"{self.chosen_on}_qwk"
-        return None if self.metrics.empty else self.metrics.loc[self.metrics[key].idxmax()]
+        if "selected_by" in self.metrics and self.metrics["selected_by"].notna().all():
+            key = self.metrics["selected_by"].iloc[-1]
+        column = self.metrics[key]
+        return self.metrics.loc[column.idxmin() if key.endswith("_mse") else column.idxmax()]
 
 
 def run_label(config: dict, fallback: str) -> str:

@@ -35,12 +35,14 @@ else
 fi
 
 for head in classify regress; do
+    # class weights shift a regression target (the grade it learns): classify only
+    weights=$([ "$head" = classify ] && echo sqrt || echo none)
     step "training resnet18, $head head ($EPOCHS epochs, $SIZE px) into $DEMO/runs/resnet18-$head"
     accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
         trainer/train.py --arch resnet18 --head "$head" \
         --shards "$DEMO/shards" --out "$DEMO/runs/resnet18-$head" \
         --epochs "$EPOCHS" --image-size "$SIZE" --batch-size 16 --lr 0.01 \
-        --schedule cosine --class-weights sqrt --augment strong --quiet
+        --schedule cosine --class-weights "$weights" --augment strong --quiet
 done
 
 step "evaluating the regress head's best checkpoint on test, each eye alone and both eyes blended"

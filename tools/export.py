@@ -7,8 +7,11 @@ image size and N free (any batch size), and one output ``output``, the head's ra
 (N, 5) for the ``classify`` head. The model's ``metadata_props`` hold, each value as JSON:
 ``arch``, ``image_size``, ``mean`` and ``std`` (RGB, on the 0-255 pixel scale),
 ``preprocess`` (how the shards were made: size, graham, ...), ``head`` (``classify`` unless
-best.pt says otherwise) and, when best.pt has them, ``cut_points``, ``referable_threshold``
-and ``pair_blend``, copied as they are.
+best.pt says otherwise) and, when best.pt has them, ``cut_points``, ``referable_threshold``,
+``pair_blend`` and ``pair_cut_points`` (the cut-points for blended scores), copied as they
+are; and ``fusion`` when ``dr-fuse`` stored a fusion head: its sizes, cut-points, operating
+point, epoch and kappa figures. Its weights are not exported: model.onnx is the single-eye
+network, and a deployment that fuses both eyes uses tools/predict.py --pair-eyes.
 
 How a deployment gets from a photograph to a grade:
 
@@ -43,7 +46,18 @@ from trainer.checkpoint import load_best
 FORMATS = ("onnx",)
 MODEL_FILE = "model.onnx"
 INPUT, OUTPUT = "image", "output"
-THRESHOLDS = ("cut_points", "referable_threshold", "pair_blend")
+THRESHOLDS = ("cut_points", "referable_threshold", "pair_blend", "pair_cut_points")
+# what dr-fuse stored, less its weights (model.onnx is the single-eye network; see the docstring)
+FUSION_FIELDS = (
+    "features",
+    "hidden",
+    "outputs",
+    "cut_points",
+    "referable_threshold",
+    "epoch",
+    "selected_by",
+    "kappa",
+)
 # Both sides compute in float32 with different kernels and summation orders; over a ResNet's
 # layers that differs by about 1e-6 of the output's scale, a wrong export by its whole scale.
 TOLERANCE = 1e-4
@@ -81,6 +95,8 @@ def metadata(info: dict) -> dict[str, str]:
         "head": info.get("head", "classify"),
     }
     props.update({key: info[key] for key in THRESHOLDS if info.get(key) is not None})
+    if info.get("fusion"):
+        props["fusion"] = {k: info["fusion"][k] for k in FUSION_FIELDS if k in info["fusion"]}
     return {key: json.dumps(value) for key, value in props.items()}
 
 

@@ -35,6 +35,8 @@ from pipeline.loading.contract import normalization
 from pipeline.loading.samples import eval_image
 from pipeline.writing.preprocess import BadImage, prepare
 from trainer.checkpoint import head_of, load_best
+from trainer.fusion import FUSION_KEY, fused_outputs
+from trainer.model import backbone_features
 from trainer.pairing import blend_partners
 from trainer.preprocessing import check_preprocessing
 
@@ -56,8 +58,9 @@ class PredictConfig:
     batch_size: int = arg(16, "images per forward pass")
     pair_eyes: bool = arg(
         False,
-        "blend each eye's outputs with its partner's (10_left with 10_right, "
-        "by file name; the weight chosen on val, stored in the checkpoint)",
+        "grade both eyes of a patient together (10_left with 10_right, by file name): "
+        "with the checkpoint's fusion head (dr-fuse) if it has one, else blending each "
+        "eye's outputs with its partner's (the weight chosen on val)",
     )
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     preprocess: str = arg(
@@ -153,14 +156,24 @@ def photo_graham(args: PredictConfig, recorded: dict) -> bool:
     return graham
 
 
-@torch.no_grad()
 def predict_batch(
     model, images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tta: bool
 ) -> torch.Tensor:
     """The head's raw outputs (N, k); with ``tta`` averaged over the four flips."""
+    return outputs_and_features(model, images, shift, scale, tta)[0]
+
+
+@torch.no_grad()
+def outputs_and_features(
+    model, images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tta: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's raw outputs (N, k) and the backbone features (N, D) (``model(x)`` is
+    ``model.fc(features)``); with ``tta`` both averaged over the four flips."""
     x = torch.addcmul(shift, images, scale)  # the loaders' normalisation, to the bit
     views = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)] if tta else [x]
-    return torch.stack([model(v).float() for v in views]).mean(0)
+    features = [backbone_features(model, v).float() for v in views]
+    outputs = [model.fc(f).float() for f in features]
+    return torch.stack(outputs).mean(0), torch.stack(features).mean(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,14 +190,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot grade {problem.path}: {problem.error}", file=sys.stderr)
 
     pending: list[tuple[Prediction, torch.Tensor]] = []
-    graded: list[tuple[Prediction, np.ndarray]] = []
+    graded: list[tuple[Prediction, np.ndarray, np.ndarray]] = []
 
     def flush():
         if pending:
-            outputs = predict_batch(
+            outputs, features = outputs_and_features(
                 model, torch.stack([t for _, t in pending]).to(args.device), shift, scale, args.tta
             )
-            graded.extend(zip((p for p, _ in pending), outputs.cpu().numpy(), strict=True))
+            graded.extend(
+                zip(
+                    (p for p, _ in pending),
+                    outputs.cpu().numpy(),
+                    features.cpu().numpy(),
+                    strict=True,
+                )
+            )
             pending.clear()
 
     for path in paths:
@@ -200,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             flush()
     flush()
     if graded:
-        outputs = np.stack([o for _, o in graded])
+        outputs = np.stack([o for _, o, _ in graded])
         if args.pair_eyes:  # partners found by file name: 10_left.jpeg beside 10_right.jpeg
-            stems = [p.path.stem for p, _ in graded]
-            outputs = blend_partners(stems, outputs, info.get("pair_blend") or 0.0)
+            stems = [p.path.stem for p, _, _ in graded]
+            outputs, cuts = paired_outputs(info, stems, outputs, np.stack([f for *_, f in graded]))
         probs, grades = head.probs(outputs, cuts), head.grades(outputs, cuts)
-        for (pred, _), p, g in zip(graded, probs, grades, strict=True):
+        for (pred, _, _), p, g in zip(graded, probs, grades, strict=True):
             pred.probs, pred.grade = [float(x) for x in p], int(g)
 
     out = args.out / PREDICTIONS_FILE
@@ -220,6 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     if graded == 0:
         raise UserError("none of the images could be read")
     return 1 if failed else 0
+
+
+def paired_outputs(
+    info: dict, keys: list[str], outputs: np.ndarray, features: np.ndarray
+) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """Both eyes graded together, as evaluate.py --pair-eyes does: the checkpoint's fusion head
+    (dr-fuse) if it has one, else the blend; the outputs and the cut-points that go with them."""
+    fusion = info.get(FUSION_KEY)
+    if fusion:
+        cuts = fusion.get("cut_points")
+        return fused_outputs(fusion, keys, features), tuple(cuts) if cuts else None
+    cuts = info.get("pair_cut_points") or info.get("cut_points")
+    blended = blend_partners(keys, outputs, info.get("pair_blend") or 0.0)
+    return blended, tuple(cuts) if cuts else None
 
 
 def write_csv(path: Path, results: list[Prediction]) -> None:

@@ -8,16 +8,17 @@ it is kept as ``checkpoints/previous/``)::
      "rng": [per rank: python, numpy, torch, cuda],
      "world_size", "config"}
 
-``OUT/best.pt`` (the epoch with the highest val kappa; test kappa when the shards have no
-val split) holds everything evaluation and prediction need, with nothing else::
+``OUT/best.pt`` (the epoch with the highest val kappa, or lowest val MSE for a regress head
+on a small val split: trainer/selection.py; test's when the shards have no val split) holds everything evaluation and prediction need, with nothing else::
 
     {"model": state dict, "arch", "num_classes", "class_names", "image_size",
      "mean", "std" (ImageNet, on the 0-255 pixel scale), "preprocess" (the shard
      manifest's: size, graham, ... -- how new photographs must be prepared),
      "augment" (the training augmentation), "head" and "outputs" (classify 5, regress 1,
-     ordinal 4), "cut_points" (regress), "pair_blend" (both eyes), "referable_threshold"
-     (the screening operating point): the last three chosen on val; "epoch", "metrics",
-     "config"}
+     ordinal 4), "cut_points" (regress), "pair_blend" (both eyes), "pair_cut_points"
+     (regress, both eyes blended), "referable_threshold" (the screening operating point):
+     the last four chosen on val; "fusion" (written by tools/fuse.py: trainer/fusion.py);
+     "epoch", "metrics", "config"}
 
 Both load with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
 """
@@ -204,10 +205,19 @@ def save_best(
         "referable_threshold": metrics.get("referable_threshold"),
         "cut_points": metrics.get("cut_points"),  # regress head: tuned on val for kappa
         "pair_blend": metrics.get("pair_blend"),  # both eyes: weight of the partner, chosen on val
+        "pair_cut_points": metrics.get("pair_cut_points"),  # regress: cut-points of the blend
         "epoch": epoch,
         "metrics": metrics,
         "config": config,
     }
+    atomic_write_bytes(path, serialized(payload))
+
+
+def add_to_best(path: str | Path, key: str, value) -> None:
+    """Store ``value`` under ``key`` in an existing best.pt (atomically: a crash leaves the
+    old file whole). tools/fuse.py keeps the fusion head beside the weights it reads."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload[key] = value
     atomic_write_bytes(path, serialized(payload))
 
 
@@ -266,7 +276,11 @@ def load_best(path: str | Path, device: str | torch.device = "cpu") -> tuple[tor
 def head_of(info: dict) -> tuple[Head, tuple[float, ...] | None]:
     """The head of a loaded best.pt and its cut-points (regress; None otherwise)."""
     cuts = info.get("cut_points")
-    return build_head(info.get("head", "classify")), tuple(cuts) if cuts else None
+    # a checkpoint written before MSE became the default trained with smooth L1
+    loss = (info.get("config") or {}).get("regress_loss", "smoothl1")
+    return build_head(info.get("head", "classify"), regress_loss=loss), tuple(
+        cuts
+    ) if cuts else None
 
 
 def state_checksum(state: dict[str, torch.Tensor]) -> str:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pipeline.cli import arg, parse_config_given
 from pipeline.errors import UserError
 from pipeline.loading.augment import PRESETS, AugmentConfig, augment_preset
+from trainer.recipes import RECIPES, resolve
 
 ARCHS = ("resnet18", "resnet50")  # the keys of trainer.model.MODELS (checked by a test)
 HEADS = ("classify", "regress", "ordinal")  # the keys of trainer.heads.HEADS (checked by a test)
@@ -21,6 +22,7 @@ BACKENDS = ("auto", "dali", "torch")
 CLASS_WEIGHTS = ("none", "inverse", "sqrt")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+RECIPE_NAMES = tuple(RECIPES)
 
 # Options a resumed run may change; any other option given with --resume must match the run.
 RESUMABLE = (
@@ -41,6 +43,13 @@ RESUMABLE = (
 
 @dataclass
 class TrainConfig:
+    recipe: str = arg(
+        "reference",
+        "a named set of defaults (docs/recipes.md): reference (the lab report) or "
+        "huang2023 (Huang et al. 2023's ResNet-50 EyePACS recipe); options given "
+        "explicitly override it",
+        choices=RECIPE_NAMES,
+    )
     arch: str = arg("resnet18", "network", choices=ARCHS)
     shards: str = arg("shards", "shard folder written by tools/make_shards.py", metavar="DIR")
     out: str | None = arg(None, "run folder (default: runs/ARCH-YYYYmmdd-HHMMSS)", metavar="DIR")
@@ -52,13 +61,19 @@ class TrainConfig:
         "grade, cut-points tuned on val for kappa; ordinal: 4 cumulative sigmoids",
         choices=HEADS,
     )
-    regress_loss: str = arg("smoothl1", "loss of the regress head", choices=("mse", "smoothl1"))
+    regress_loss: str = arg(
+        "mse",
+        "loss of the regress head (with it, the gradient is clipped at norm 1 unless "
+        "--clip-grad says otherwise: see docs/recipes.md)",
+        choices=("mse", "smoothl1"),
+    )
     label_smoothing: float = arg(0.0, "classify head: cross-entropy label smoothing")
     optimizer: str = arg(
         "sgd", "sgd (the reference, with --momentum) or adamw (try --lr 1e-3)", choices=OPTIMIZERS
     )
     lr: float = arg(0.01, "learning rate (peak, after warmup)")
     momentum: float = arg(0.9, "SGD momentum")
+    nesterov: bool = arg(False, "SGD with Nesterov momentum")
     weight_decay: float = arg(5e-4, "weight decay")
     ema: float | None = arg(
         None,
@@ -69,7 +84,12 @@ class TrainConfig:
     grad_accumulation: int = arg(
         1, "batches per optimizer step (gradients accumulated)", metavar="N"
     )
-    clip_grad: float | None = arg(None, "clip the gradient norm to this", metavar="NORM")
+    clip_grad: float | None = arg(
+        None,
+        "clip the gradient norm to this (unless given: 1 for the regress head with MSE, "
+        "else no clipping; inf turns it off)",
+        metavar="NORM",
+    )
     compile: bool = arg(False, "torch.compile the model")
     image_size: int = arg(512, "square input size in pixels")
     pretrained: bool = arg(False, "start from torchvision's ImageNet weights (downloaded once)")
@@ -109,6 +129,9 @@ class TrainConfig:
         choices=CLASS_WEIGHTS,
     )
     schedule: str = arg("constant", "learning-rate schedule after warmup", choices=SCHEDULES)
+    min_lr: float = arg(
+        0.0, "--schedule cosine: the lr never goes below this (a clipped cosine)", metavar="LR"
+    )
     warmup_epochs: float = arg(0.0, "linear warmup from ~0 to --lr over this many epochs")
     precision: str = arg(
         "auto",
@@ -157,6 +180,7 @@ class TrainConfig:
             "momentum": self.momentum,
             "weight-decay": self.weight_decay,
             "warmup-epochs": self.warmup_epochs,
+            "min-lr": self.min_lr,
         }.items():
             if value < 0:
                 raise UserError(f"--{name} must be 0 or more, got {value}")
@@ -172,6 +196,13 @@ class TrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.label_smoothing and self.head != "classify":
             raise UserError("--label-smoothing applies to the classify head only")
+        if self.class_weights != "none" and self.head == "regress":
+            raise UserError(
+                "--class-weights applies to the classify and ordinal heads only: weighting "
+                "a regression target shifts the grade it learns (use --class-weights none)"
+            )
+        if self.min_lr > self.lr:
+            raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
         if self.imagenet_weights == "V2" and self.arch != "resnet50":
             raise UserError("--imagenet-weights V2 exists for resnet50 only")
         if self.image_size < 32:
@@ -190,13 +221,15 @@ class TrainConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
-    """The config, and the names of the options given on the command line (for --resume)."""
-    return parse_config_given(
+    """The config with its recipe resolved (trainer/recipes.py), and the names of the options
+    given on the command line (for --resume)."""
+    cfg, given = parse_config_given(
         TrainConfig,
         argv,
         prog="trainer/train.py",
         description="Train a ResNet diabetic-retinopathy grader.",
     )
+    return resolve(cfg, given), given
 
 
 def merge_for_resume(saved: dict, cli: TrainConfig, given: set[str]) -> TrainConfig:

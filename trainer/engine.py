@@ -34,6 +34,7 @@ from trainer.metrics import (
     recall_per_class,
     referable_score,
 )
+from trainer.model import backbone_features
 from trainer.pairing import blend_partners
 
 CLASSIFY = ClassifyHead()  # the reference recipe's head, the default
@@ -71,6 +72,7 @@ class EvalResult:
     outputs: np.ndarray  # (N, head.outputs) raw outputs
     head: Head = field(default_factory=ClassifyHead)
     cuts: tuple[float, ...] | None = None  # regress head: tuned on val
+    features: np.ndarray | None = None  # (N, D) backbone features, when asked for
 
     def __post_init__(self):
         self.probs = self.head.probs(self.outputs, self.cuts)  # (N, 5)
@@ -96,9 +98,14 @@ class EvalResult:
     def with_cuts(self, cuts: tuple[float, ...] | None) -> EvalResult:
         return replace(self, cuts=cuts)
 
-    def paired(self, weight: float) -> EvalResult:
-        """The same images with each eye's outputs blended with its partner's."""
-        return replace(self, outputs=blend_partners(self.keys, self.outputs, weight))
+    def paired(self, weight: float, cuts: tuple[float, ...] | None = None) -> EvalResult:
+        """The same images with each eye's outputs blended with its partner's (and, for the
+        regress head, the cut-points chosen with the blend, where given)."""
+        return replace(
+            self,
+            outputs=blend_partners(self.keys, self.outputs, weight),
+            cuts=self.cuts if cuts is None else tuple(cuts),
+        )
 
     def predictions(self) -> pd.DataFrame:
         """One row per image: key, patient, eye, true, pred, p0..p4, referable_score."""
@@ -148,12 +155,21 @@ def native_bf16() -> bool:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, momentum: float, weight_decay: float, name: str = "sgd"
+    model: nn.Module,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    name: str = "sgd",
+    nesterov: bool = False,
 ) -> Optimizer:
-    """SGD with momentum (the reference) or AdamW (momentum is Adam's own)."""
+    """SGD with momentum (the reference; Nesterov's if asked) or AdamW (momentum is Adam's own)."""
     if name == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+            model.parameters(),
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov and momentum > 0,
         )
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -161,9 +177,10 @@ def build_optimizer(
 
 
 def build_scheduler(
-    optimizer: Optimizer, schedule: str, warmup_steps: int, total_steps: int
+    optimizer: Optimizer, schedule: str, warmup_steps: int, total_steps: int, floor: float = 0.0
 ) -> LambdaLR:
-    """Per-step LambdaLR: linear warmup to the peak, then constant or cosine down to 0."""
+    """Per-step LambdaLR: linear warmup to the peak, then constant or cosine down to 0, or
+    never below ``floor`` (a fraction of the peak: --min-lr / --lr, a clipped cosine)."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -171,7 +188,7 @@ def build_scheduler(
         if schedule == "constant":
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(floor, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
     if schedule not in ("constant", "cosine"):
         raise UserError(f"unknown lr schedule '{schedule}'; choose constant or cosine")
@@ -187,6 +204,28 @@ def seek_schedule(optimizer: Optimizer, scheduler: LambdaLR, step: int, lr: floa
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
         group["initial_lr"] = lr
         group["lr"] = lr * factor(step)
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """The EMA's decay after ``updates`` averaged steps: min(decay, (1 + t) / (10 + t)), so
+    that a short run averages what it learned instead of keeping the initial weights (at
+    0.999 the plain average still holds 37 % of them after 1000 steps)."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def ema_multi_avg_fn(decay: float) -> Callable:
+    """AveragedModel's update with the warmed-up decay; integer buffers (BatchNorm's batch
+    counters) follow the model. ``AveragedModel`` already reads its counter on the host
+    every step, so reading it here adds no sync."""
+
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        d = ema_decay(decay, int(num_averaged))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
+        else:
+            torch._foreach_copy_(averaged, current)
+
+    return update
 
 
 def class_weights_for(
@@ -316,9 +355,11 @@ def evaluate(
     class_weights: Tensor | None = None,
     expected: int | None = None,
     cuts: tuple[float, ...] | None = None,
+    with_features: bool = False,
 ) -> EvalResult:
     """Every image's outputs, over every rank's slice, and the mean loss; ``loader`` yields
-    keys (``build_loader(..., with_keys=True)``).
+    keys (``build_loader(..., with_keys=True)``). ``with_features``: also every image's
+    backbone features (both eyes' feature fusion, trainer/fusion.py).
 
     ``expected``: the split's sample count; another total, or a key seen twice, means
     samples were dropped or duplicated across ranks, and that is a bug worth stopping for.
@@ -333,20 +374,27 @@ def evaluate(
     with torch.inference_mode():
         for images, labels, batch_keys in loader:
             with accelerator.autocast():
-                out = model(images)
+                features = backbone_features(model, images) if with_features else None
+                out = model(images) if features is None else model.fc(features)
             loss_sum, weight_sum = head.loss_sums(out, labels, class_weights)
             sums += torch.stack([loss_sum, weight_sum])
             keys += batch_keys
             labels_seen.append(labels)
-            outputs_seen.append(out.float())
+            outputs_seen.append(
+                out.float() if features is None else torch.cat([out.float(), features.float()], 1)
+            )
     sums = accelerator.reduce(sums, "sum").tolist()
-    keys, labels, outputs = gather_per_image(keys, labels_seen, outputs_seen, head.outputs)
+    width = head.outputs + (model.fc.in_features if with_features else 0)
+    keys, labels, outputs = gather_per_image(keys, labels_seen, outputs_seen, width)
+    features = outputs[:, head.outputs :] if with_features else None
+    outputs = outputs[:, : head.outputs]
     if expected is not None and (len(keys) != expected or len(set(keys)) != expected):
         raise RuntimeError(
             f"evaluation saw {len(keys)} samples ({len(set(keys))} distinct) over all ranks, "
             f"the split has {expected}: the loader dropped or repeated samples"
         )
-    return EvalResult(sums[0] / max(sums[1], 1e-12), keys, labels, outputs, head, cuts)
+    loss = sums[0] / max(sums[1], 1e-12)
+    return EvalResult(loss, keys, labels, outputs, head, cuts, features)
 
 
 def gather_per_image(

@@ -8,10 +8,13 @@ Accuracy, quadratic weighted kappa, per-class recall, loss and the confusion mat
 (CSV + PNG), over every sample of the split exactly once, on 1..N processes; with --out,
 also ``predictions.csv``: one row per image (key, original path, patient, eye, true, pred, p0..p4,
 referable_score), the file to open to see which photographs were graded wrong, and
-``roc.png``. Screening figures: referable DR (grade >= 2, score p2+p3+p4) ROC-AUC, with
+``roc.png``. With --pair-eyes, both eyes of a patient graded together: by the fusion head
+that ``dr-fuse`` stored in the checkpoint, or else by blending each eye's outputs with its
+partner's; kappa each eye alone, blended and fused are all reported (the loss is each eye
+alone's). Screening figures: referable DR (grade >= 2, score p2+p3+p4) ROC-AUC, with
 sensitivity and specificity at the operating point stored in the checkpoint (chosen on
-val by the trainer), and any-DR (grade >= 1) ROC-AUC. It
-evaluates the way the trainer does (same batch size, precision, loader and loss
+val by the trainer, or by dr-fuse for the fused scores), and any-DR (grade >= 1) ROC-AUC.
+It evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the
 numbers logged for that epoch. ``--split all`` evaluates every image of the folder (its
 splits together). Several folders (``--shards A B C``) are evaluated in turn, each into its
@@ -34,6 +37,7 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, atomic_write_json
+from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.samplelist import read_sample_table
@@ -51,6 +55,7 @@ from trainer.external import (
     plot_external_roc,
     write_tables,
 )
+from trainer.fusion import FUSION_KEY, fused_result
 from trainer.metrics import (
     REFERABLE_GRADE,
     any_dr_score,
@@ -87,9 +92,9 @@ class EvalConfig:
     workers: int | None = arg(None, "loader workers per process")
     pair_eyes: bool = arg(
         False,
-        "blend each eye's outputs with its partner's (the weight chosen on val, "
-        "stored in the checkpoint); reports kappa with and without, and writes the "
-        "blended predictions",
+        "both eyes of a patient: the fusion head stored by dr-fuse if the checkpoint has "
+        "one, else each eye's outputs blended with its partner's (the weight chosen on "
+        "val); reports kappa with and without, and writes the paired predictions",
     )
     allow_preprocessing_mismatch: bool = arg(
         False, "evaluate shards prepared otherwise than the training images (with a warning)"
@@ -118,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for split in splits_of(manifest, args.split):
             manifest.split(split)  # a missing split: one line, before any evaluation
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=not cuda, mixed_precision=resolve_precision(cfg.get("precision", "auto"), cuda)
-    )
+    accelerator = checkpoint_accelerator(info)
     gpu = accelerator.device.type == "cuda"
     model = model.to(accelerator.device)
     if gpu:
@@ -185,26 +187,24 @@ def evaluate_folder(
         class_weights_for(train_counts, weights_mode, accelerator.device) if train_counts else None
     )
     head, cuts = head_of(info)
+    fusion = info.get(FUSION_KEY) if args.pair_eyes else None
     parts, backend = [], None
     for split in splits_of(manifest, args.split):
-        loader = build_loader(
-            manifest.root,
-            split,
-            train=False,
-            batch_size=batch_size,
-            image_size=int(info["image_size"]),
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            seed=cfg.get("seed", 0),
-            backend=args.backend or cfg.get("backend", "auto"),
-            device=accelerator.device,
-            workers=args.workers,
-            channels_last=gpu,
-            with_keys=True,
+        loader = checkpoint_loader(
+            info, manifest.root, split, accelerator, batch_size, args.backend, args.workers
         )
         expected = manifest.split(split).samples
         parts.append(
-            evaluate(model, loader, accelerator, head, class_weights, expected=expected, cuts=cuts)
+            evaluate(
+                model,
+                loader,
+                accelerator,
+                head,
+                class_weights,
+                expected=expected,
+                cuts=cuts,
+                with_features=fusion is not None,
+            )
         )
         backend = loader.backend
         loader.close()
@@ -216,9 +216,13 @@ def evaluate_folder(
             f"{manifest.root}, whose manifest lists {expected}"
         )
     blend = info.get("pair_blend") or 0.0
-    result = alone.paired(blend) if args.pair_eyes else alone
+    blended = alone.paired(blend, info.get("pair_cut_points"))
+    fused = fused_result(fusion, alone) if fusion else None
+    result = (blended if fused is None else fused) if args.pair_eyes else alone
     positive, score = result.labels >= REFERABLE_GRADE, referable_score(result.probs)
     threshold, threshold_from = info.get("referable_threshold"), "the checkpoint (chosen on val)"
+    if fused is not None:
+        threshold, threshold_from = fusion["referable_threshold"], "the fusion head (chosen on val)"
     if threshold is None:  # a checkpoint of an older version: choose here, and say so
         threshold, threshold_from = (
             operating_threshold(positive, score),
@@ -236,9 +240,11 @@ def evaluate_folder(
         "accuracy": result.accuracy,
         "qwk": result.kappa,
         "qwk_eye_alone": alone.kappa,
-        "qwk_both_eyes": alone.paired(blend).kappa,
+        "qwk_both_eyes": blended.kappa,  # the blend
+        "qwk_fused": None if fused is None else fused.kappa,
         "pair_blend": blend,
         "paired": args.pair_eyes,
+        "pair_method": ("blend" if fused is None else "fusion") if args.pair_eyes else None,
         "head": head.name,
         "cut_points": cuts,
         "recall": result.recall,
@@ -271,8 +277,13 @@ def report(accelerator, info, args, metrics, alone: EvalResult, result: EvalResu
     )
     if args.pair_eyes:
         accelerator.print(
-            f"both eyes (partner weight {metrics['pair_blend']:.2f}, chosen on val): kappa "
-            f"{result.kappa:.4f}; each eye alone: kappa {alone.kappa:.4f}"
+            (
+                f"both eyes fused (dr-fuse's head): kappa {metrics['qwk_fused']:.4f}; "
+                if metrics["qwk_fused"] is not None
+                else ""
+            )
+            + f"both eyes blended (partner weight {metrics['pair_blend']:.2f}, chosen on val): "
+            f"kappa {metrics['qwk_both_eyes']:.4f}; each eye alone: kappa {alone.kappa:.4f}"
         )
     threshold = metrics["referable_threshold"]
     if metrics["referable_auc"] is not None:
@@ -327,6 +338,45 @@ def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:
     table["patient"] = [r.patient if r else p for r, p in zip(known, table["patient"], strict=True)]
     table.insert(1, "path", [r.path if r else "" for r in known])
     return table
+
+
+def checkpoint_accelerator(info: dict) -> Accelerator:
+    """An Accelerator with the checkpoint's precision (the trainer's), every GPU or the CPU."""
+    cuda = torch.cuda.is_available()
+    precision = (info.get("config") or {}).get("precision", "auto")
+    return Accelerator(cpu=not cuda, mixed_precision=resolve_precision(precision, cuda))
+
+
+def checkpoint_loader(
+    info: dict,
+    shards: Path,
+    split: str,
+    accelerator: Accelerator,
+    batch_size: int | None = None,
+    backend: str | None = None,
+    workers: int | None = None,
+) -> Loader:
+    """This rank's evaluation loader (with keys) of ``split``, as the trainer built it: the
+    checkpoint's batch size, image size, seed and backend unless given."""
+    cfg = info.get("config") or {}
+    batch_size = batch_size or cfg.get("batch_size", 8)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    return build_loader(
+        shards,
+        split,
+        train=False,
+        batch_size=batch_size,
+        image_size=int(info["image_size"]),
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.get("seed", 0),
+        backend=backend or cfg.get("backend", "auto"),
+        device=accelerator.device,
+        workers=workers,
+        channels_last=accelerator.device.type == "cuda",
+        with_keys=True,
+    )
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:

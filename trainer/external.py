@@ -66,6 +66,9 @@ def combined(results: list[EvalResult]) -> EvalResult:
         outputs=np.concatenate([r.outputs for r in results]),
         head=results[0].head,
         cuts=results[0].cuts,
+        features=None
+        if results[0].features is None
+        else np.concatenate([r.features for r in results]),
     )
 
 

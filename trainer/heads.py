@@ -5,7 +5,8 @@ matrices, screening scores, evaluate and predict work the same for all of them: 
 (N, 5) class probabilities and ``grades`` (N,).
 
 - ``classify`` (the reference): 5 logits, cross-entropy; probs = softmax, grade = argmax.
-- ``regress``: one output s, trained on the grade with MSE or smooth L1. The grade is the
+- ``regress``: one output s, trained on the grade with MSE (the default: quadratic kappa is
+  a squared-error agreement) or smooth L1. The grade is the
   number of cut-points below s (4 cut-points between the grades, 0.5/1.5/2.5/3.5 until they
   are tuned on val to maximise kappa). Probabilities come from the same cut-points:
   ``P(grade >= k) = sigmoid((s - c_k) / SOFTNESS)``, so ``p_k = P(>= k) - P(>= k+1)``; the
@@ -85,7 +86,7 @@ class RegressHead(Head):
     name = "regress"
     outputs = 1
 
-    def __init__(self, loss: str = "smoothl1"):
+    def __init__(self, loss: str = "mse"):
         if loss not in REGRESS_LOSSES:
             raise UserError(
                 f"unknown regression loss '{loss}'; choose one of {', '.join(REGRESS_LOSSES)}"
@@ -145,7 +146,7 @@ def _from_exceedance(above: np.ndarray) -> np.ndarray:
 HEADS = {"classify": ClassifyHead, "regress": RegressHead, "ordinal": OrdinalHead}
 
 
-def build_head(name: str, label_smoothing: float = 0.0, regress_loss: str = "smoothl1") -> Head:
+def build_head(name: str, label_smoothing: float = 0.0, regress_loss: str = "mse") -> Head:
     if name not in HEADS:
         raise UserError(f"unknown head '{name}'; choose one of {', '.join(HEADS)}")
     if label_smoothing and name != "classify":
@@ -159,17 +160,22 @@ def build_head(name: str, label_smoothing: float = 0.0, regress_loss: str = "smo
 
 
 def tune_cuts(
-    scores: np.ndarray, labels: np.ndarray, passes: int = 3, candidates: int = 64
+    scores: np.ndarray,
+    labels: np.ndarray,
+    passes: int = 3,
+    candidates: int = 64,
+    start: tuple[float, ...] = DEFAULT_CUTS,
 ) -> tuple[float, ...]:
     """Cut-points for a regress head that maximise quadratic kappa on (scores, labels).
 
-    Coordinate ascent from 0.5/1.5/2.5/3.5: each cut-point in turn takes the best of
-    ``candidates`` values between its neighbours, for a few passes. Deterministic.
+    Coordinate ascent from ``start`` (0.5/1.5/2.5/3.5): each cut-point in turn takes the best
+    of ``candidates`` values between its neighbours, for a few passes. Only a strictly better
+    kappa moves a cut, so the result never scores below ``start``. Deterministic.
     """
     from trainer.metrics import kappa_of
 
     scores = np.asarray(scores, dtype=np.float64).ravel()
-    cuts = list(DEFAULT_CUTS)
+    cuts = [float(c) for c in start]
     best = kappa_of(labels, (scores[:, None] > cuts).sum(axis=1))
     for _ in range(passes):
         for k in range(len(cuts)):

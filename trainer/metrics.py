@@ -158,7 +158,9 @@ def operating_threshold(
     specific such one); None without positives and negatives to choose from."""
     if positive.all() or not positive.any():
         return None
-    _, tpr, thresholds = roc_curve(positive, score)
+    # every threshold, not sklearn's thinned curve: a dropped point can be the highest
+    # threshold that reaches the target, and the next one kept is then less specific
+    _, tpr, thresholds = roc_curve(positive, score, drop_intermediate=False)
     return float(thresholds[np.argmax(tpr >= sensitivity)])
 
 

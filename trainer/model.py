@@ -53,6 +53,7 @@ def build_model(
     if imagenet not in versions:
         raise UserError(f"no ImageNet weights {imagenet} for {arch}; choose {', '.join(versions)}")
     model = constructor(num_classes=num_classes)
+    model.fc = Fp32Linear(model.fc.in_features, num_classes)
     if pretrained:
         load_backbone(
             model,
@@ -62,6 +63,27 @@ def build_model(
     elif weights:
         load_weights(model, weights)
     return model
+
+
+class Fp32Linear(nn.Linear):
+    """The head's last layer, computed in float32 even under bf16/fp16 autocast: bf16 keeps 8
+    bits of mantissa, so a regress score near 2 moves in steps of 1/64 and many images tie,
+    which blunts the cut-point search and the ROC. Same parameters (``fc.weight``,
+    ``fc.bias``) as ``nn.Linear``, so state dicts load either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision ResNet's pooled features (N, 512 or 2048): its forward without ``fc``,
+    so ``model.fc(backbone_features(model, x))`` is ``model(x)``."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return torch.flatten(model.avgpool(x), 1)
 
 
 def hub_checkpoint_path(arch: str, imagenet: str = "V1") -> Path:

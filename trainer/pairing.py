@@ -4,6 +4,9 @@ EyePACS photographs both eyes of every patient, and their grades are strongly co
 (the disease is systemic). ``blend_partners`` replaces each eye's raw head outputs by
 ``(1 - w) * own + w * partner``; an eye whose partner is not in the set keeps its own.
 The weight is chosen on val (``choose_blend``) and stored in best.pt as ``pair_blend``.
+For the regress head the weight and the cut-points are chosen together
+(``choose_blend_and_cuts``): blending shrinks the scores' spread, so cut-points tuned on
+each eye alone are misplaced for the blended scores; they are stored as ``pair_cut_points``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pipeline.shardformat import eye_of, patient_of
+from trainer.heads import tune_cuts
+from trainer.metrics import kappa_of
 
 BLENDS = tuple(round(0.05 * i, 2) for i in range(11))  # 0 (eye alone) .. 0.5 (the two averaged)
 OTHER_EYE = {"left": "right", "right": "left"}
@@ -43,3 +48,22 @@ def choose_blend(
         return 0.0
     results = [(score(blend_partners(keys, outputs, w)), -w) for w in BLENDS]
     return -max(results)[1]
+
+
+def choose_blend_and_cuts(
+    keys: Sequence[str], scores: np.ndarray, labels: np.ndarray, cuts: tuple[float, ...]
+) -> tuple[float, tuple[float, ...]]:
+    """A regress head's blend weight and cut-points chosen jointly for val kappa: for each
+    weight of ``BLENDS`` the cut-points are re-tuned on the blended scores, starting from
+    ``cuts`` (those of each eye alone), so no weight scores below its blend with ``cuts``;
+    ties go to the smaller weight. ``scores``: (N, 1) raw outputs."""
+    if (partner_index(keys) < 0).all():
+        return 0.0, tuple(cuts)
+    best = None
+    for weight in BLENDS:
+        blended = blend_partners(keys, scores, weight)[:, 0]
+        tuned = tune_cuts(blended, labels, start=cuts)
+        kappa = kappa_of(labels, (blended[:, None] > np.asarray(tuned)).sum(axis=1))
+        if best is None or kappa > best[0] + 1e-12:
+            best = (kappa, weight, tuned)
+    return best[1], best[2]

@@ -112,7 +112,9 @@ def check_run(out: Path, cfg: TrainConfig) -> list[str]:
             problems.append(f"epoch {row['epoch']} logged a non-finite loss or kappa")
     count = manifest.split(split).samples
     chooser = "val" if manifest.has("val") else "test"
-    best = max(rows, key=lambda r: r[f"{chooser}_qwk"])  # the first of equals, as the trainer keeps
+    key = rows[-1].get("selected_by", f"{chooser}_qwk")  # trainer/selection.py's statistic
+    sign = -1 if key.endswith("_mse") else 1
+    best = max(rows, key=lambda r: sign * r[key])  # the first of equals, as the trainer keeps
     logged = read_confusion_csv(out / CONFUSION_DIR / f"{split}_epoch_{best['epoch']:03d}.csv")
     if logged.sum() != count:
         problems.append(f"epoch {best['epoch']} counted {logged.sum()} of {count} {split} images")

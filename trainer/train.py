@@ -18,7 +18,9 @@ grade, referable-DR AUC, sensitivity and specificity, any-DR AUC; what val chose
 referable threshold, the regress head's cut-points, the both-eyes weight; images_per_s,
 epoch_s, lr, first_batch_s: the wait for the epoch's first batch), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
 ``checkpoints/last/`` (atomic, the one before kept as ``previous/``) and ``best.pt``
-(highest val kappa; test kappa when the shards have no val split, with a warning).
+(highest val kappa, or lowest val MSE for a regress head on a val split under 500 images:
+trainer/selection.py; test's when the shards have no val split, with a warning).
+``--recipe huang2023`` sets another recipe's defaults at once (trainer/recipes.py).
 ``config.json`` (config + environment) is written at the start and ``summary.json`` (with
 the test figures at the best-val epoch) at the end. Every rank computes; rank 0 writes.
 ``images_per_s`` counts the training images of all ranks per second of the training
@@ -52,7 +54,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from PIL import Image
 from torch.optim.lr_scheduler import LRScheduler
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
@@ -82,6 +84,7 @@ from trainer.engine import (
     build_optimizer,
     build_scheduler,
     class_weights_for,
+    ema_multi_avg_fn,
     evaluate,
     resolve_precision,
     seek_schedule,
@@ -98,7 +101,7 @@ from trainer.metrics import (
     write_confusion_csv,
 )
 from trainer.model import build_model, imagenet_state_dict
-from trainer.pairing import choose_blend
+from trainer.pairing import choose_blend, choose_blend_and_cuts
 from trainer.runfiles import (
     CONFIG_FILE,
     CONFUSION_DIR,
@@ -108,6 +111,7 @@ from trainer.runfiles import (
     read_metrics,
     truncate_metrics,
 )
+from trainer.selection import SMALL_VAL, selection_for, squared_error
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.verify_shards:
         on_leader(accelerator, lambda: check_shards(cfg.shards))
     chooser = choosing_split(manifest, accelerator)
+    selection = selection_for(cfg.head, chooser, manifest.split(chooser).samples)
     set_seed(cfg.seed)
 
     gpu = accelerator.device.type == "cuda"
@@ -144,10 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model_on_every_rank(cfg, head.outputs, accelerator)
     if gpu:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.optimizer)
+    optimizer = build_optimizer(
+        model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.optimizer, cfg.nesterov
+    )
     steps = optimizer_steps_per_epoch(len(train_loader), cfg.grad_accumulation)
     scheduler = build_scheduler(
-        optimizer, cfg.schedule, round(cfg.warmup_epochs * steps), cfg.epochs * steps
+        optimizer,
+        cfg.schedule,
+        round(cfg.warmup_epochs * steps),
+        cfg.epochs * steps,
+        floor=cfg.min_lr / cfg.lr,
     )
     class_weights = class_weights_for(
         manifest.split("train").class_counts, cfg.class_weights, accelerator.device
@@ -157,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(accelerator, train_loader.backend)
     accelerator.print(f"config: {json.dumps(cfg.to_dict())}\nenvironment: {json.dumps(env)}")
+    if selection.key.endswith("_mse"):
+        accelerator.print(
+            f"{chooser} has fewer than {SMALL_VAL} images: the best epoch is the one with the "
+            f"lowest {chooser} MSE (tuned cut-points would fit its noise); see docs/recipes.md"
+        )
     start, best = 0, None
     if state:
         start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, ema, out, steps)
@@ -207,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         results, choices = choose_on(chooser, results)
         row = metrics_row(epoch, train, results, choices, time.perf_counter() - begin)
         accelerator.print(format_row(row, cfg.epochs))
-        is_best = best is None or row[f"{chooser}_qwk"] > best[f"{chooser}_qwk"]
+        row["selected_by"] = selection.key
+        is_best = selection.better(row, best)
         best = row if is_best else best
         save_epoch(
             accelerator,
@@ -319,8 +336,9 @@ def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
 
 
 def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of the weights, BatchNorm statistics included."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    """An exponential moving average of the weights, BatchNorm statistics included, its decay
+    warmed up (engine.ema_decay)."""
+    return AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def make_deterministic() -> None:
@@ -540,14 +558,18 @@ def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, E
     cuts = tune_cuts(base.outputs[:, 0], base.labels) if base.head.name == "regress" else None
     results = {split: result.with_cuts(cuts) for split, result in results.items()}
     base = results[chooser]
-    blend = choose_blend(
-        base.keys, base.outputs, lambda o: kappa_of(base.labels, base.head.grades(o, cuts))
-    )
+    pair_cuts = None
+    if cuts:  # the blend and the cut-points that go with it, chosen together
+        blend, pair_cuts = choose_blend_and_cuts(base.keys, base.outputs, base.labels, cuts)
+    else:
+        blend = choose_blend(
+            base.keys, base.outputs, lambda o: kappa_of(base.labels, base.head.grades(o))
+        )
     threshold = operating_threshold(*referable(base))
-    cut_points = list(cuts) if cuts else None  # a list, as in metrics.jsonl
     return results, {
-        "cut_points": cut_points,
+        "cut_points": list(cuts) if cuts else None,  # lists, as in metrics.jsonl
         "pair_blend": blend,
+        "pair_cut_points": list(pair_cuts) if pair_cuts else None,
         "referable_threshold": threshold,
     }
 
@@ -564,10 +586,14 @@ def metrics_row(
             f"{split}_loss": r.loss,
             f"{split}_acc": r.accuracy,
             f"{split}_qwk": r.kappa,
-            f"{split}_qwk_paired": r.paired(choices["pair_blend"]).kappa,
+            f"{split}_qwk_paired": r.paired(
+                choices["pair_blend"], choices["pair_cut_points"]
+            ).kappa,
             f"{split}_recall": r.recall,
             **{f"{split}_{k}": v for k, v in screen.items()},
         }
+        if r.head.name == "regress":
+            row[f"{split}_mse"] = squared_error(r.outputs, r.labels)
     timing = {"images_per_s": train.images_per_s, "epoch_s": epoch_s, "lr": train.lr}
     return row | choices | timing | {"first_batch_s": train.first_batch_s}
 
@@ -600,7 +626,10 @@ def final_line(best: dict, chooser: str, out: Path) -> str:
                 f" (sensitivity {best['test_sensitivity']:.2f}, "
                 f"specificity {best['test_specificity']:.2f})"
             )
-    chosen = f"best {chooser} kappa {best[f'{chooser}_qwk']:.4f} at epoch {best['epoch']}"
+    chosen = f"best {chooser} kappa {best[f'{chooser}_qwk']:.4f}"
+    if best.get("selected_by", "").endswith("_mse"):
+        chosen = f"lowest {chooser} MSE {best[f'{chooser}_mse']:.4f} ({chooser} kappa {best[f'{chooser}_qwk']:.4f})"
+    chosen = f"{chosen} at epoch {best['epoch']}"
     if "test_qwk" not in best:
         return f"{chosen}; no test split to report; run folder {out}"
     return (
@@ -735,6 +764,7 @@ def write_summary(
             "arch": cfg.arch,
             "epochs": cfg.epochs,
             "chosen_on": chooser,
+            "selected_by": best.get("selected_by", f"{chooser}_qwk"),
             "best_epoch": best["epoch"],
             "test_split": "test_qwk" in best,  # false: the shards had none, val alone is reported
             "test_at_best_epoch": {k[5:]: v for k, v in best.items() if k.startswith("test_")}

@@ -1,0 +1,142 @@
+"""Both eyes by feature fusion: train a second-stage head on a trained checkpoint's features.
+
+    dr-fuse --checkpoint runs/r50/best.pt --shards shards
+    accelerate launch --multi_gpu --num_processes 4 tools/fuse.py --checkpoint ... --shards ...
+
+Extracts the backbone features of every train, val and test image once (the trainer's
+evaluation path: no augmentation, every image exactly once over all processes), trains the
+fusion head of trainer/fusion.py on [own eye, partner eye] features of the train split,
+chooses its epoch (and, for the regress head, its cut-points) on val, and stores it in the
+checkpoint under "fusion", so that ``evaluate.py --pair-eyes`` and ``predict.py
+--pair-eyes`` use it. Prints, for val and test, kappa each eye alone, both eyes blended
+(the trainer's choice) and fused; with --out also writes them to ``OUT/fusion.json``.
+Running it again replaces the stored head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.cli import arg, parse_config, run_cli
+from pipeline.errors import UserError
+from pipeline.fileio import atomic_write_json
+from pipeline.manifest import read_manifest
+from trainer.checkpoint import add_to_best, head_of, load_best
+from trainer.config import BACKENDS
+from trainer.engine import EvalResult, evaluate
+from trainer.evaluate import checkpoint_accelerator, checkpoint_loader
+from trainer.fusion import (
+    FUSION_KEY,
+    HIDDEN,
+    FusionSettings,
+    fused_result,
+    has_pairs,
+    train_fusion,
+)
+
+REPORT_FILE = "fusion.json"
+
+
+@dataclass
+class FuseConfig:
+    checkpoint: Path = arg(help="best.pt written by trainer/train.py (rewritten)", metavar="FILE")
+    shards: Path = arg(help="the shard folder it was trained on", metavar="DIR")
+    epochs: int = arg(30, "epochs of the fusion head")
+    lr: float = arg(0.01, "its learning rate (SGD, Nesterov momentum 0.9, clipped at norm 1)")
+    batch_size: int = arg(64, "its batch size (pairs of feature vectors)")
+    hidden: int = arg(HIDDEN, "its hidden width")
+    weight_decay: float = arg(5e-4, "its weight decay")
+    seed: int = arg(0, "seed of its initialisation and order")
+    eval_batch_size: int | None = arg(
+        None, "images per forward pass when extracting features (default: the checkpoint's)"
+    )
+    backend: str | None = arg(None, "loader backend (default: the checkpoint's)", choices=BACKENDS)
+    workers: int | None = arg(None, "loader workers per process")
+    out: Path | None = arg(None, f"also write {REPORT_FILE} into this folder", metavar="DIR")
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "hidden"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_config(FuseConfig, argv, prog="fuse.py", description=__doc__.splitlines()[0])
+    model, info = load_best(args.checkpoint)
+    accelerator = checkpoint_accelerator(info)
+    manifest = read_manifest(args.shards)
+    for split in ("train", "val"):
+        if not manifest.has(split):
+            raise UserError(
+                f"{args.shards} has no {split} split: the fusion head trains on train and "
+                "chooses on val"
+            )
+    head, cuts = head_of(info)
+    model = accelerator.prepare(model.to(accelerator.device))
+    splits = [s for s in ("train", "val", "test") if manifest.has(s)]
+    results = {}
+    for split in splits:
+        loader = checkpoint_loader(
+            info, args.shards, split, accelerator, args.eval_batch_size, args.backend, args.workers
+        )
+        results[split] = evaluate(
+            model,
+            loader,
+            accelerator,
+            head,
+            expected=manifest.split(split).samples,
+            cuts=cuts,
+            with_features=True,
+        )
+        loader.close()
+        accelerator.print(f"features of {split}: {results[split].features.shape}")
+    if not has_pairs(results["train"].keys):
+        raise UserError(
+            "no patient has both eyes in the train split (keys like 10_left / 10_right): "
+            "there is nothing to fuse"
+        )
+    settings = FusionSettings(
+        args.epochs, args.lr, args.batch_size, args.hidden, args.weight_decay, args.seed
+    )
+    fusion = train_fusion(results["train"], results["val"], head, settings)
+    kappa = {split: kappas(info, fusion, results[split]) for split in splits if split != "train"}
+    fusion |= {"kappa": kappa, "settings": asdict(settings)}
+    accelerator.print(
+        f"fusion head: epoch {fusion['epoch']} of {args.epochs} chosen by {fusion['selected_by']}"
+    )
+    for split, k in kappa.items():
+        accelerator.print(
+            f"{split}: kappa each eye alone {k['eye_alone']:.4f}, both eyes blended "
+            f"{k['blend']:.4f}, both eyes fused {k['fused']:.4f}"
+        )
+    if accelerator.is_main_process:
+        add_to_best(args.checkpoint, FUSION_KEY, fusion)
+        accelerator.print(f"stored the fusion head in {args.checkpoint}")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            report = {k: v for k, v in fusion.items() if k != "state"}
+            atomic_write_json(args.out / REPORT_FILE, report | {"checkpoint": str(args.checkpoint)})
+    accelerator.end_training()
+    return 0
+
+
+def kappas(info: dict, fusion: dict, alone: EvalResult) -> dict[str, float]:
+    """A split's kappa each eye alone, blended (the trainer's weight and cut-points) and fused."""
+    blended = alone.paired(info.get("pair_blend") or 0.0, info.get("pair_cut_points"))
+    return {
+        "eye_alone": alone.kappa,
+        "blend": blended.kappa,
+        "fused": fused_result(fusion, alone).kappa,
+    }
+
+
+def cli() -> None:
+    """The ``dr-fuse`` console command."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
