@@ -110,8 +110,9 @@ class TrainConfig:
     workers: int | None = arg(None, "loader workers per process (default: the loader's choice)")
     augment: str = arg(
         "reference",
-        "train augmentation: reference (flips) or strong (flips, "
-        "rotation through the full circle, scale and colour jitter)",
+        "train augmentation: reference (flips), strong (flips, "
+        "rotation through the full circle, scale and colour jitter) or huang2023 (flips, "
+        "full rotation, translation 0.2, colour 0.2)",
         choices=tuple(PRESETS),
     )
     rotate: float | None = arg(
@@ -122,6 +123,11 @@ class TrainConfig:
     )
     color_jitter: float | None = arg(
         None, "brightness and contrast factors in [1-C, 1+C] (overrides --augment's)", metavar="C"
+    )
+    translate: float | None = arg(
+        None,
+        "shift in x and y of up to T of the size, black fill (overrides --augment's)",
+        metavar="T",
     )
     class_weights: str = arg(
         "none",
@@ -213,7 +219,11 @@ class TrainConfig:
 
     def augment_config(self) -> AugmentConfig:
         return augment_preset(
-            self.augment, rotate=self.rotate, scale=self.scale_jitter, color=self.color_jitter
+            self.augment,
+            rotate=self.rotate,
+            scale=self.scale_jitter,
+            color=self.color_jitter,
+            translate=self.translate,
         )
 
     def to_dict(self) -> dict:

@@ -45,12 +45,13 @@ HUANG2023 = {
     "clip_grad": None,  # they do not clip the single-eye network's gradient
     "ema": None,
     "grad_accumulation": 1,
-    # flips, rotation through the full circle, brightness and contrast +-0.2, no random
-    # crop (their config lists it with probability 0); their +-20 % translation is missing
-    "augment": "reference",
+    # flips, rotation through the full circle, translation +-20 %, brightness and contrast
+    # +-0.2, every one on every image; no random crop (their config lists it with p=0)
+    "augment": "huang2023",
     "rotate": 180.0,
     "scale_jitter": 0.0,
     "color_jitter": 0.2,
+    "translate": 0.2,
 }
 
 RECIPES: dict[str, dict] = {"reference": {}, "huang2023": HUANG2023}

@@ -8,9 +8,12 @@ The same ``AugmentConfig`` drives both backends and means the same thing on each
    otherwise a plain resize, and only when the stored size differs from the output size;
 2. rotation (``rotate``): angle uniform in ``[-rotate, rotate]`` degrees about the
    centre, same size, black fill (the fundus background is black);
-3. vertical flip (p=0.5); 4. brightness then contrast (``color``), each factor
+3. translation (``translate``): a shift of whole pixels in x and in y, each uniform over
+   ``[-m, m]`` with ``m = floor(translate * size)``; the uncovered area is black (a
+   whole-pixel shift moves pixels exactly, so both backends give the same image);
+4. vertical flip (p=0.5); 5. brightness then contrast (``color``), each factor
    uniform in ``[1 - color, 1 + color]``, contrast about the image's grey mean
-   (torchvision's definition); 5. horizontal flip (p=0.5).
+   (torchvision's definition); 6. horizontal flip (p=0.5).
 
 Parameters are drawn from an explicit ``numpy.random.Generator``, never from torch's
 global RNG, so a worker's images depend only on (seed, epoch, rank, worker).
@@ -39,6 +42,7 @@ class AugmentConfig:
     rotate: float = 0.0  # max degrees, angle uniform in [-rotate, rotate]; 0 = off
     scale: float = 0.0  # random resized crop: area fraction uniform in [1 - scale, 1]; 0 = off
     color: float = 0.0  # brightness and contrast factors uniform in [1 - color, 1 + color]; 0 = off
+    translate: float = 0.0  # max shift in x and y, a fraction of the size; 0 = off
 
     def __post_init__(self):
         if not 0 <= self.rotate <= 180:
@@ -47,6 +51,12 @@ class AugmentConfig:
             raise UserError(f"scale jitter must be in [0, 1), got {self.scale}")
         if not 0 <= self.color < 1:
             raise UserError(f"colour jitter must be in [0, 1), got {self.color}")
+        if not 0 <= self.translate <= 0.5:
+            raise UserError(f"translation must be in [0, 0.5] of the size, got {self.translate}")
+
+    def max_shift(self, size: int) -> int:
+        """The largest translation, in whole pixels, at output size ``size``."""
+        return math.floor(self.translate * size + 1e-9)
 
 
 NO_AUGMENT = AugmentConfig(hflip=False, vflip=False)  # evaluation
@@ -55,11 +65,15 @@ NO_AUGMENT = AugmentConfig(hflip=False, vflip=False)  # evaluation
 PRESETS = {
     "reference": AugmentConfig(),
     "strong": AugmentConfig(rotate=180.0, scale=0.25, color=0.2),
+    # Huang et al. 2023's EyePACS set: flips, full rotation, +-20 % translation, brightness
+    # and contrast +-0.2, no random crop
+    "huang2023": AugmentConfig(rotate=180.0, translate=0.2, color=0.2),
 }
 
 
 def augment_preset(name: str, **knobs: float | None) -> AugmentConfig:
-    """The preset ``name`` with any knob (``rotate``, ``scale``, ``color``) that is not None replaced."""
+    """The preset ``name`` with any knob (``rotate``, ``scale``, ``color``, ``translate``) that
+    is not None replaced."""
     if name not in PRESETS:
         raise UserError(f"unknown augmentation '{name}'; choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[name], **{k: v for k, v in knobs.items() if v is not None})
@@ -74,6 +88,18 @@ def crop_box(
     top = int(rng.integers(0, height - side + 1))
     left = int(rng.integers(0, width - side + 1))
     return top, left, side
+
+
+def translate(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``img`` (..., H, W) moved ``dx`` pixels right and ``dy`` down, the uncovered area 0."""
+    h, w = img.shape[-2:]
+    out = torch.zeros_like(img)
+    if abs(dx) >= w or abs(dy) >= h:
+        return out
+    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = img[
+        ..., max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+    ]
+    return out
 
 
 class TorchTransform:
@@ -96,6 +122,10 @@ class TorchTransform:
         if aug.rotate > 0:
             angle = float(rng.uniform(-aug.rotate, aug.rotate))
             img = F.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
+        if aug.translate > 0 and aug.max_shift(self.size) > 0:
+            most = aug.max_shift(self.size)
+            dx, dy = (int(v) for v in rng.integers(-most, most + 1, size=2))
+            img = translate(img, dx, dy)
         if aug.vflip and rng.random() < 0.5:
             img = F.vertical_flip(img)
         if aug.color > 0:

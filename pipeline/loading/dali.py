@@ -106,6 +106,23 @@ def grey_mean(images, gpu: bool):
     return grey.cpu() if gpu else grey
 
 
+def translate(images, dx, dy):
+    """Images moved ``dx`` pixels right and ``dy`` down (per-sample CPU scalars), black fill.
+
+    ``warp_affine`` with the forward matrix ``[[1, 0, dx], [0, 1, dy]]``: a whole-pixel shift
+    samples pixel centres exactly, so this equals ``pipeline.loading.augment.translate``."""
+    offset = fn.stack(dx, dy)
+    matrix = fn.transforms.translation(offset=offset)
+    return fn.warp_affine(
+        images, matrix=matrix, inverse_map=False, fill_value=0, interp_type=types.INTERP_NN
+    )
+
+
+def random_shift(most: int):
+    """A whole number of pixels, uniform over ``[-most, most]``, per sample."""
+    return fn.random.uniform(values=[float(v) for v in range(-most, most + 1)])
+
+
 def decode_and_augment(
     jpegs,
     *,
@@ -123,6 +140,9 @@ def decode_and_augment(
     if aug.rotate > 0:
         angle = fn.random.uniform(range=[-aug.rotate, aug.rotate])
         images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0)
+    if aug.translate > 0 and aug.max_shift(size) > 0:
+        most = aug.max_shift(size)
+        images = translate(images, random_shift(most), random_shift(most))
     if aug.vflip:
         images = fn.flip(images, horizontal=0, vertical=fn.random.coin_flip(probability=0.5))
     if aug.color > 0:
