@@ -14,6 +14,8 @@ for counts and check it against the files.
                               "samples": 1000, "bytes": 123456, "sha256": "..."}, ...]},
         "test": {...}
       },
+      "channel_stats": {"split": "train", "images": 28099,    # absent in folders packed
+                        "mean": [r, g, b], "std": [r, g, b]},  # before it was measured
       ...                      # the builder's report: rejected, rejected_by_reason, config
     }
 
@@ -64,6 +66,8 @@ class Manifest:
     seed: int = 0
     created: str = field(default_factory=_now)
     report: dict = field(default_factory=dict)  # the builder's: rejects by reason, its config, ...
+    # the train split's per-channel pixel mean and std (0-255), None when not measured
+    channel_stats: dict | None = None
 
     def split(self, name: str) -> SplitInfo:
         """The split's entry, or a clear error if the manifest has none or it is empty."""
@@ -98,6 +102,7 @@ class Manifest:
                 }
                 for name, s in self.splits.items()
             },
+            **({"channel_stats": self.channel_stats} if self.channel_stats else {}),
             **self.report,
         }
 
@@ -137,6 +142,7 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
             "image_size",
             "seed",
             "splits",
+            "channel_stats",
         }
         return Manifest(
             root=root,
@@ -147,11 +153,39 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
             seed=int(raw.get("seed", 0)),
             created=str(raw.get("created", "")),
             report={k: v for k, v in raw.items() if k not in known},
+            channel_stats=_channel_stats(raw.get("channel_stats")),
         )
     except UserError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path} is not a valid shard manifest ({err})") from None
+
+
+def _channel_stats(entry) -> dict | None:
+    """The manifest's ``channel_stats``, checked (three means, three stds), or None when absent."""
+    if entry is None:
+        return None
+    mean, std = [float(v) for v in entry["mean"]], [float(v) for v in entry["std"]]
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("channel_stats needs three means and three stds")
+    return {**entry, "mean": mean, "std": std}
+
+
+def dataset_normalization(manifest: Manifest) -> tuple[list[float], list[float]]:
+    """(mean, std) of the train split's pixels, for ``--normalize dataset``."""
+    if not manifest.channel_stats:
+        raise UserError(
+            f"{manifest.root / MANIFEST_NAME} has no channel statistics (packed before "
+            "make_shards measured them); repack it with tools/make_shards.py to use "
+            "--normalize dataset"
+        )
+    mean, std = manifest.channel_stats["mean"], manifest.channel_stats["std"]
+    if min(std) <= 0:
+        raise UserError(
+            f"the train split of {manifest.root} has a channel without variation (std {std}); "
+            "--normalize dataset cannot divide by it, use --normalize imagenet"
+        )
+    return mean, std
 
 
 def verify_split(manifest: Manifest, split: str, full: bool = False) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline.constants import NUM_CLASSES, SHARD_NAME
 from pipeline.manifest import Manifest, SplitInfo
 from pipeline.shardformat import write_shard
+from pipeline.writing import channelstats
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +54,7 @@ def build_shard_dir(
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
+    train_sums = list(channelstats.ZERO)  # what make_shards measures, for --normalize dataset
     for split, n in counts.items():
         labels = [int(x) for x in rng.permutation(np.arange(n) % NUM_CLASSES)]
         if pairs:  # the right eye near the left one's grade
@@ -66,6 +68,9 @@ def build_shard_dir(
             (name, class_image(lab, size, rng), lab)
             for name, lab in zip(names, labels, strict=True)
         ]
+        if split == "train":
+            for _, data, _ in samples:
+                train_sums = channelstats.add(train_sums, channelstats.image_sums(data))
         shards = []
         for index, start in enumerate(range(0, n, shard_size)):
             path = root / SHARD_NAME.format(split=split, index=index)
@@ -78,6 +83,7 @@ def build_shard_dir(
         preprocess={"size": size, "graham": False},
         source={"layout": "test", "path": str(root)},
         seed=seed,
+        channel_stats=channelstats.stats(train_sums, counts.get("train", 0)),
     ).write()
     return root
 

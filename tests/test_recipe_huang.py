@@ -349,6 +349,10 @@ def test_the_recipe_run_records_every_resolved_value(huang_run):
     row = json.loads((huang_run["run"] / "metrics.jsonl").read_text().splitlines()[0])
     assert row["selected_by"] == "val_mse" and "val_mse" in row and len(row["pair_cut_points"]) == 4
     assert "lowest val MSE" in huang_run["train"].stdout.strip().splitlines()[-1]
+    # --normalize dataset: best.pt carries the train split's own statistics
+    best = torch.load(huang_run["run"] / "best.pt", map_location="cpu", weights_only=False)
+    stats = json.loads((huang_run["shards"] / "manifest.json").read_text())["channel_stats"]
+    assert (best["mean"], best["std"]) == (stats["mean"], stats["std"])
 
 
 @pytest.mark.slow

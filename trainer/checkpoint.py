@@ -12,7 +12,7 @@ it is kept as ``checkpoints/previous/``)::
 on a small val split: trainer/selection.py; test's when the shards have no val split) holds everything evaluation and prediction need, with nothing else::
 
     {"model": state dict, "arch", "num_classes", "class_names", "image_size",
-     "mean", "std" (ImageNet, on the 0-255 pixel scale), "preprocess" (the shard
+     "mean", "std" (--normalize's, on the 0-255 pixel scale), "preprocess" (the shard
      manifest's: size, graham, ... -- how new photographs must be prepared),
      "augment" (the training augmentation), "head" and "outputs" (classify 5, regress 1,
      ordinal 4), "cut_points" (regress), "pair_blend" (both eyes), "pair_cut_points"
@@ -188,7 +188,9 @@ def save_best(
     preprocess: dict | None = None,
     augment: dict | None = None,
     head: str = "classify",
+    normalize: tuple | None = None,
 ) -> None:
+    mean, std = normalize or (IMAGENET_MEAN, IMAGENET_STD)
     payload = {
         "model": {k: v.detach().cpu() for k, v in model_state.items()},
         "arch": arch,
@@ -197,8 +199,8 @@ def save_best(
         "num_classes": NUM_CLASSES,
         "class_names": list(CLASS_NAMES),
         "image_size": image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": [float(v) for v in mean],  # what training normalised with (--normalize)
+        "std": [float(v) for v in std],
         "preprocess": preprocess or {},
         "augment": augment or {},  # what training did to its images (evaluation does none of it)
         # P(grade >= 2) at or above it means "refer": chosen on val for 90 % sensitivity

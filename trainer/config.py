@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pipeline.cli import arg, parse_config_given
 from pipeline.errors import UserError
 from pipeline.loading.augment import PRESETS, AugmentConfig, augment_preset
+from trainer.normalize import NORMALIZE
 from trainer.recipes import RECIPES, resolve
 
 ARCHS = ("resnet18", "resnet50")  # the keys of trainer.model.MODELS (checked by a test)
@@ -128,6 +129,12 @@ class TrainConfig:
         None,
         "shift in x and y of up to T of the size, black fill (overrides --augment's)",
         metavar="T",
+    )
+    normalize: str = arg(
+        "imagenet",
+        "per-channel mean and std to normalise with: ImageNet's, or the train split's "
+        "own (measured by make_shards; recorded in best.pt either way)",
+        choices=NORMALIZE,
     )
     class_weights: str = arg(
         "none",

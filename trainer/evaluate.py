@@ -376,6 +376,7 @@ def checkpoint_loader(
         workers=workers,
         channels_last=accelerator.device.type == "cuda",
         with_keys=True,
+        normalize=(info["mean"], info["std"]) if "mean" in info else None,
     )
 
 

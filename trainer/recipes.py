@@ -52,6 +52,7 @@ HUANG2023 = {
     "scale_jitter": 0.0,
     "color_jitter": 0.2,
     "translate": 0.2,
+    "normalize": "dataset",  # the train split's own channel mean and std
 }
 
 RECIPES: dict[str, dict] = {"reference": {}, "huang2023": HUANG2023}

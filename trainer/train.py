@@ -101,6 +101,7 @@ from trainer.metrics import (
     write_confusion_csv,
 )
 from trainer.model import build_model, imagenet_state_dict
+from trainer.normalize import normalization_for
 from trainer.pairing import choose_blend, choose_blend_and_cuts
 from trainer.runfiles import (
     CONFIG_FILE,
@@ -414,6 +415,7 @@ def build_loaders(
         workers=cfg.workers,
         channels_last=channels_last,
         mmap={"auto": None, "mmap": True, "read": False}[cfg.shard_io],
+        normalize=normalization_for(cfg.normalize, manifest=manifest),
     )
     train = build_loader(cfg.shards, "train", train=True, augment=cfg.augment_config(), **args)
     evals = {
@@ -701,6 +703,7 @@ def save_epoch(
             preprocess=preprocess,
             augment=augment,
             head=cfg.head,
+            normalize=normalization_for(cfg.normalize, cfg.shards),
         )
     append_metrics(out, row)
 

@@ -69,6 +69,9 @@ class LoaderSpec:
     augment: AugmentConfig
     channels_last: bool
     mmap: bool = True  # DALI memory-maps the tars (not on network filesystems)
+    # per-channel (mean, std) on the 0-255 scale the images are normalised with
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     @property
     def total(self) -> int:
@@ -132,10 +135,12 @@ def normalization(
 class Normalizer:
     """uint8 NCHW (or float already normalised) -> float NCHW normalised on the device."""
 
-    def __init__(self, device: torch.device, channels_last: bool):
+    def __init__(
+        self, device: torch.device, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    ):
         self.device = device
         self.channels_last = channels_last
-        self.shift, self.scale = normalization(device)
+        self.shift, self.scale = normalization(device, mean, std)
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor
@@ -166,7 +171,7 @@ class Loader:
         self.steps = spec.steps
         self.num_samples = spec.num_samples
         self.epoch = 0
-        self.normalize = Normalizer(spec.device, spec.channels_last)
+        self.normalize = Normalizer(spec.device, spec.channels_last, spec.mean, spec.std)
 
     def __len__(self) -> int:
         return self.steps

@@ -131,6 +131,8 @@ def decode_and_augment(
     stored_size: int,
     augment: AugmentConfig | None,
     channels_last: bool,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
 ):
     """JPEG bytes -> float normalised images; the steps and order of ``pipeline.augment``."""
     aug = augment or NO_AUGMENT
@@ -157,8 +159,8 @@ def decode_and_augment(
         images,
         dtype=types.FLOAT,
         output_layout="HWC" if channels_last else "CHW",
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
+        mean=list(mean),
+        std=list(std),
         mirror=fn.random.coin_flip(probability=0.5) if aug.hflip else 0,
     )
 
@@ -178,6 +180,8 @@ def shard_pipeline(
     channels_last,
     with_keys,
     mmap=True,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
 ):
     jpegs, cls = read_shards(
         files, indexes, shard_id=shard_id, num_shards=num_shards, shuffle=train, mmap=mmap
@@ -189,6 +193,8 @@ def shard_pipeline(
         stored_size=stored_size,
         augment=augment if train else None,
         channels_last=channels_last,
+        mean=mean,
+        std=std,
     )
     labels = fn.cast(cls, dtype=types.INT64) - ord("0")  # grades are one ASCII digit
     if with_keys:
@@ -262,6 +268,8 @@ class DaliLoader(Loader):
             channels_last=spec.channels_last,
             with_keys=self.with_keys,
             mmap=spec.mmap,
+            mean=spec.mean,
+            std=spec.std,
             **pipeline_kwargs(spec, seed),
         )
         pipe.build()

@@ -100,12 +100,15 @@ def build_loader(
     verify: bool = False,
     with_keys: bool = False,
     mmap: bool | None = None,
+    normalize: tuple | None = None,
 ) -> Loader:
     """The loader for ``split`` of the shard folder ``shards`` (see the module docstring).
 
     ``with_keys``: batches are ``(images, labels, keys)``, the sample keys in batch order
     (evaluation uses them to write a row per image). ``mmap``: whether DALI memory-maps the
     tars; None chooses by the filesystem (not on network filesystems, where it is slow).
+    ``normalize``: the (mean, std) per channel, 0-255 scale, to normalise with (ImageNet's
+    when None; ``pipeline.manifest.dataset_normalization`` gives the train split's own).
     """
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
@@ -142,6 +145,11 @@ def build_loader(
         augment=augment,
         channels_last=channels_last,
         mmap=not on_network_filesystem(manifest.root) if mmap is None else mmap,
+        **(
+            {"mean": tuple(map(float, normalize[0])), "std": tuple(map(float, normalize[1]))}
+            if normalize
+            else {}
+        ),
     )
     return _backend_class(name)(spec, with_keys=with_keys)
 

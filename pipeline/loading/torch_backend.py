@@ -49,7 +49,7 @@ class ShardSlice(IterableDataset):
         self.shape = (3, spec.image_size, spec.image_size)
         self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
         self.normalize = normalize
-        self.shift, self.scale = normalization()
+        self.shift, self.scale = normalization("cpu", spec.mean, spec.std)
 
     def __iter__(self):
         info = get_worker_info()

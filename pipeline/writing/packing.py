@@ -75,6 +75,7 @@ from pipeline.fileio import (
 )
 from pipeline.manifest import Manifest, SplitInfo
 from pipeline.shardformat import ShardInfo, fsync_files, write_shard
+from pipeline.writing import channelstats
 from pipeline.writing.layouts import LAYOUT_NAMES, Options
 from pipeline.writing.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
 from pipeline.writing.report import Expected, loud_warnings, reason_kind, write_samples
@@ -218,6 +219,7 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
 
     shards: dict[str, list[ShardInfo]] = {split: [] for split in SPLITS}
     counts = {split: [0] * NUM_CLASSES for split in SPLITS}
+    train_sums = list(channelstats.ZERO)
     new_record: dict[str, dict] = {}
     workers = cfg.workers or os.cpu_count() or 1
     with _pool(workers if todo else 1, out) as pool, _progress(console, cfg.quiet) as bar:
@@ -248,6 +250,8 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
                 a + b for a, b in zip(counts[chunk.split], entry["class_counts"], strict=True)
             ]
             rejects.extend(tuple(r) for r in entry["rejects"])
+            if chunk.split == "train":
+                train_sums = channelstats.add(train_sums, entry["channel_sums"])
             bar.advance(task, len(chunk.samples))
 
     _remove_stale(
@@ -278,6 +282,7 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
             "notes": source.notes,
         },
         seed=cfg.seed,
+        channel_stats=channelstats.stats(train_sums, sum(counts["train"])),
         report={
             "rejected": len(rejects),
             "rejected_by_reason": dict(sorted(Counter(reason_kind(r[1]) for r in rejects).items())),
@@ -355,10 +360,15 @@ def _prepare_one(
 
 
 def _prepare_task(
-    paths: list[str], size: int, graham: bool
-) -> list[tuple[bytes | None, str | None]]:
-    """Pool task: ``_prepare_one`` of each path."""
-    return [_prepare_one(path, size, graham) for path in paths]
+    paths: list[str], size: int, graham: bool, measure: list[bool]
+) -> list[tuple[bytes | None, str | None, list[int] | None]]:
+    """Pool task: ``_prepare_one`` of each path, with the channel sums of those to ``measure``
+    (train images: ``channelstats``, taken here in the worker)."""
+    out = []
+    for path, wanted in zip(paths, measure, strict=True):
+        data, reason = _prepare_one(path, size, graham)
+        out.append((data, reason, channelstats.image_sums(data) if data and wanted else None))
+    return out
 
 
 class _Preparer:
@@ -375,12 +385,14 @@ class _Preparer:
         pending: deque = deque()
         for batch in _batched(samples, TASK_SIZE):
             ready = [None if self.graham else passthrough_bytes(s.path, self.size) for s in batch]
-            paths = [str(s.path) for s, data in zip(batch, ready, strict=True) if data is None]
+            todo = [s for s, data in zip(batch, ready, strict=True) if data is None]
+            paths = [str(s.path) for s in todo]
+            measure = [s.split == "train" for s in todo]
             pending.append(
                 (
                     batch,
                     ready,
-                    _start(self.pool, _prepare_task, paths, self.size, self.graham)
+                    _start(self.pool, _prepare_task, paths, self.size, self.graham, measure)
                     if paths
                     else None,
                 )
@@ -394,7 +406,7 @@ class _Preparer:
 def _resolve(batch, ready, job) -> Iterator[tuple[Sample, bytes | None, str | None]]:
     results = iter(_result(job) if job else ())
     for sample, data in zip(batch, ready, strict=True):
-        yield (sample, data, None) if data is not None else (sample, *next(results))
+        yield (sample, data, None, None) if data is not None else (sample, *next(results))
 
 
 @contextmanager
@@ -509,7 +521,7 @@ def _pack_originals(path: Path, chunk: _Chunk, size: int) -> dict | None:
             data = passthrough_bytes(sample.path, size)
             if data is None:
                 raise _NeedsDecoding
-            yield sample, data, None
+            yield sample, data, None, None
 
     try:
         return _write_chunk(path, chunk, originals())
@@ -521,15 +533,19 @@ def _write_chunk(path: Path, chunk: _Chunk, prepared: Iterator) -> dict:
     """Write one shard from the next ``len(chunk.samples)`` prepared samples; its record entry."""
     counts = [0] * NUM_CLASSES
     rejects: list[tuple[str, str]] = []
+    sums = list(channelstats.ZERO)
 
     def accepted():
+        nonlocal sums
         for expected in chunk.samples:
-            sample, data, reason = next(prepared)
+            sample, data, reason, image_sums = next(prepared)
             assert sample is expected, "prepared samples out of order"
             if data is None:
                 rejects.append((sample.key, reason, sample.source))
                 continue
             counts[sample.label] += 1
+            if chunk.split == "train":  # measured in the worker, or here for pass-through bytes
+                sums = channelstats.add(sums, image_sums or channelstats.image_sums(data))
             yield sample.key, data, sample.label
 
     samples = accepted()
@@ -543,12 +559,13 @@ def _write_chunk(path: Path, chunk: _Chunk, prepared: Iterator) -> dict:
         "index_sha256": file_sha256(path.with_suffix(INDEX_SUFFIX)) if info else None,
         "class_counts": counts,
         "rejects": rejects,
+        "channel_sums": sums,
     }
 
 
 def _can_reuse(out: Path, entry: dict | None, fingerprint: str) -> bool:
     """Whether an earlier run's shard was made from the same inputs and is still intact."""
-    if not entry or entry.get("fingerprint") != fingerprint:
+    if not entry or entry.get("fingerprint") != fingerprint or "channel_sums" not in entry:
         return False
     shard = entry.get("shard")
     if shard is None:
