@@ -39,6 +39,7 @@ from trainer.fusion import FUSION_KEY, fused_outputs
 from trainer.model import backbone_features
 from trainer.pairing import blend_partners
 from trainer.preprocessing import check_preprocessing
+from trainer.tta import tta_outputs_and_features
 
 PHOTO_EXTENSIONS = (*IMAGE_EXTENSIONS, ".png")
 PREDICTIONS_FILE = "predictions.csv"
@@ -54,7 +55,9 @@ class PredictConfig:
     )
     checkpoint: Path = arg(help="best.pt written by trainer/train.py", metavar="FILE")
     out: Path = arg(Path("."), "folder to write predictions.csv into", metavar="DIR")
-    tta: bool = arg(False, "average over horizontal/vertical flips")
+    tta: bool = arg(
+        False, "average over the eight flips and 90-degree rotations (as evaluate.py --tta)"
+    )
     batch_size: int = arg(16, "images per forward pass")
     pair_eyes: bool = arg(
         False,
@@ -159,7 +162,8 @@ def photo_graham(args: PredictConfig, recorded: dict) -> bool:
 def predict_batch(
     model, images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tta: bool
 ) -> torch.Tensor:
-    """The head's raw outputs (N, k); with ``tta`` averaged over the four flips."""
+    """The head's raw outputs (N, k); with ``tta`` averaged over the eight flips and
+    rotations (trainer/tta.py)."""
     return outputs_and_features(model, images, shift, scale, tta)[0]
 
 
@@ -168,12 +172,13 @@ def outputs_and_features(
     model, images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tta: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's raw outputs (N, k) and the backbone features (N, D) (``model(x)`` is
-    ``model.fc(features)``); with ``tta`` both averaged over the four flips."""
+    ``model.fc(features)``); with ``tta`` both averaged over the eight flips and rotations
+    (trainer/tta.py, as evaluate.py --tta)."""
     x = torch.addcmul(shift, images, scale)  # the loaders' normalisation, to the bit
-    views = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)] if tta else [x]
-    features = [backbone_features(model, v).float() for v in views]
-    outputs = [model.fc(f).float() for f in features]
-    return torch.stack(outputs).mean(0), torch.stack(features).mean(0)
+    if tta:
+        return tta_outputs_and_features(model, x)
+    features = backbone_features(model, x).float()
+    return model.fc(features).float(), features
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from trainer.metrics import (
 )
 from trainer.model import backbone_features
 from trainer.pairing import blend_partners
+from trainer.tta import tta_outputs_and_features
 
 CLASSIFY = ClassifyHead()  # the reference recipe's head, the default
 CHECK_EVERY = 50  # steps between cross-rank loss checks (a sync point; also feeds the progress bar)
@@ -356,10 +357,12 @@ def evaluate(
     expected: int | None = None,
     cuts: tuple[float, ...] | None = None,
     with_features: bool = False,
+    tta: bool = False,
 ) -> EvalResult:
     """Every image's outputs, over every rank's slice, and the mean loss; ``loader`` yields
     keys (``build_loader(..., with_keys=True)``). ``with_features``: also every image's
-    backbone features (both eyes' feature fusion, trainer/fusion.py).
+    backbone features (both eyes' feature fusion, trainer/fusion.py). ``tta``: outputs and
+    features averaged over the eight flips and 90-degree rotations (trainer/tta.py).
 
     ``expected``: the split's sample count; another total, or a key seen twice, means
     samples were dropped or duplicated across ranks, and that is a bug worth stopping for.
@@ -374,8 +377,12 @@ def evaluate(
     with torch.inference_mode():
         for images, labels, batch_keys in loader:
             with accelerator.autocast():
-                features = backbone_features(model, images) if with_features else None
-                out = model(images) if features is None else model.fc(features)
+                if tta:
+                    out, features = tta_outputs_and_features(model, images)
+                    features = features if with_features else None
+                else:
+                    features = backbone_features(model, images) if with_features else None
+                    out = model(images) if features is None else model.fc(features)
             loss_sum, weight_sum = head.loss_sums(out, labels, class_weights)
             sums += torch.stack([loss_sum, weight_sum])
             keys += batch_keys

@@ -96,6 +96,11 @@ class EvalConfig:
         "one, else each eye's outputs blended with its partner's (the weight chosen on "
         "val); reports kappa with and without, and writes the paired predictions",
     )
+    tta: bool = arg(
+        False,
+        "test-time augmentation: average each image's outputs over its eight flips and "
+        "90-degree rotations (the stored cut-points and operating point are used as they are)",
+    )
     allow_preprocessing_mismatch: bool = arg(
         False, "evaluate shards prepared otherwise than the training images (with a warning)"
     )
@@ -204,6 +209,7 @@ def evaluate_folder(
                 expected=expected,
                 cuts=cuts,
                 with_features=fusion is not None,
+                tta=args.tta,
             )
         )
         backend = loader.backend
@@ -244,6 +250,7 @@ def evaluate_folder(
         "qwk_fused": None if fused is None else fused.kappa,
         "pair_blend": blend,
         "paired": args.pair_eyes,
+        "tta": args.tta,
         "pair_method": ("blend" if fused is None else "fusion") if args.pair_eyes else None,
         "head": head.name,
         "cut_points": cuts,
