@@ -7,6 +7,10 @@ test solid, one colour per run) and ``OUT/compare.md`` (the markdown table it al
 The table reports each run's test figures at its best-val epoch: val chooses, test reports
 (a run whose shards had no val split was chosen on test, and the table says so). Runs of
 different lengths and runs still in progress are fine: each is drawn as far as it got.
+
+``--seeds`` sums up runs that differ only by seed instead (``tools/compare_seeds.py``):
+mean ± sd per configuration and a paired bootstrap interval of the difference from
+``--baseline``, written to ``OUT/seeds.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import pandas as pd
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import NUM_CLASSES
 from pipeline.errors import UserError
+from tools.compare_seeds import SEEDS_FILE, group_runs, seeds_table
 from trainer.runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 
 FIGURE_FILE = "compare.png"
@@ -34,6 +39,13 @@ class CompareConfig:
         help="run folders written by trainer/train.py", positional=True, metavar="RUN"
     )
     out: Path = arg(Path("."), "folder to write compare.png and compare.md into", metavar="DIR")
+    seeds: bool = arg(
+        False, "group runs that differ only by seed: mean ± sd and paired bootstrap intervals"
+    )
+    baseline: str | None = arg(
+        None, "--seeds: the configuration to compare with (one of its runs, or its label)"
+    )
+    bootstrap: int = arg(10_000, "--seeds: bootstrap resamples", metavar="N")
 
 
 @dataclass
@@ -183,8 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = [load_run(p) for p in cfg.runs]
     if all(run.metrics.empty for run in runs):
         raise UserError("none of the runs has a finished epoch yet; nothing to compare")
-    _unique_names(runs)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.seeds:
+        if cfg.bootstrap < 100:
+            raise UserError(f"--bootstrap needs at least 100 resamples, got {cfg.bootstrap}")
+        table = seeds_table(group_runs(runs), cfg.baseline, cfg.bootstrap)
+        (cfg.out / SEEDS_FILE).write_text(table + "\n")
+        print(table)
+        print(f"\ntable:  {cfg.out / SEEDS_FILE}")
+        return 0
+    _unique_names(runs)
     plot_runs(runs, cfg.out / FIGURE_FILE)
     table = results_table(runs)
     (cfg.out / TABLE_FILE).write_text(table + "\n")
