@@ -103,3 +103,16 @@ def test_the_recipe_and_the_option(monkeypatch):
     assert parse_args(["--recipe", "huang2023", "--normalize", "imagenet"])[0].normalize == (
         "imagenet"
     )
+
+
+def test_best_pt_rebuilt_after_a_kill_keeps_the_dataset_statistics(tiny_shards, tmp_path):
+    from trainer.checkpoint import BEST_FILE, load_best, repair_best
+    from trainer.model import build_model
+
+    config = {"arch": "resnet18", "image_size": 64, "normalize": "dataset"}
+    config["shards"] = str(tiny_shards)
+    state = {"epoch": 1, "model": build_model("resnet18").state_dict(), "config": config}
+    repair_best(tmp_path, {**state, "best": {"epoch": 1, "test_qwk": 0.5}})
+    info = load_best(tmp_path / BEST_FILE)[1]
+    assert (info["mean"], info["std"]) == tuple(normalization_for("dataset", tiny_shards))
+    assert info["mean"] != normalization_for("imagenet")[0]

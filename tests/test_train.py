@@ -85,7 +85,14 @@ RECIPE = [
     "90",
     "--quiet",
 ]
-STRONG_90 = {"hflip": True, "vflip": True, "rotate": 90.0, "scale": 0.25, "color": 0.2}
+STRONG_90 = {
+    "hflip": True,
+    "vflip": True,
+    "rotate": 90.0,
+    "scale": 0.25,
+    "color": 0.2,
+    "translate": 0.0,
+}
 
 
 def run_env(tmp: Path, **extra) -> dict:

@@ -41,6 +41,7 @@ from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_bytes, reporting_disk_full
 from trainer.heads import Head, build_head
 from trainer.model import build_model
+from trainer.normalize import normalization_for
 
 CHECKPOINTS = "checkpoints"
 LAST = "last"
@@ -256,6 +257,8 @@ def repair_best(run_dir: str | Path, state: dict) -> None:
         preprocess=state.get("preprocess"),
         augment=state.get("augment"),
         head=config.get("head", "classify"),
+        # --normalize dataset: the shard folder's statistics, as the run's own saves took them
+        normalize=normalization_for(config.get("normalize", "imagenet"), config.get("shards")),
     )
 
 
