@@ -22,10 +22,10 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from torch.optim.swa_utils import AveragedModel
 
 from pipeline.errors import RunError, UserError
 from pipeline.shardformat import eye_of, patient_of
+from trainer.ema import EMA
 from trainer.heads import ClassifyHead, Head
 from trainer.metrics import (
     accuracy,
@@ -218,7 +218,7 @@ def train_step(
     head: Head = CLASSIFY,
     class_weights: Tensor | None = None,
     clip_grad: float | None = None,
-    ema: AveragedModel | None = None,
+    ema: EMA | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One step (an optimizer step every ``gradient_accumulation_steps`` of them); the detached
     outputs, loss sum and weight sum (for the epoch's means)."""
@@ -248,7 +248,7 @@ def train_one_epoch(
     class_weights: Tensor | None = None,
     on_step: Callable[[float | None], None] | None = None,
     clip_grad: float | None = None,
-    ema: AveragedModel | None = None,
+    ema: EMA | None = None,
 ) -> TrainResult:
     """One epoch of whole optimizer steps: with gradient accumulation over N batches, the
     epoch's last ``len(loader) % N`` batches are left out (so every epoch, and a resumed

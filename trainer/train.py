@@ -52,7 +52,6 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from PIL import Image
 from torch.optim.lr_scheduler import LRScheduler
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
@@ -74,6 +73,7 @@ from trainer.checkpoint import (
     state_checksum,
 )
 from trainer.config import TrainConfig, merge_for_resume, parse_args
+from trainer.ema import EMA
 from trainer.engine import (
     EvalResult,
     NonFiniteLossError,
@@ -318,9 +318,10 @@ def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
     return batches // accumulation
 
 
-def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of the weights, BatchNorm statistics included."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+def build_ema(model: torch.nn.Module, decay: float) -> EMA:
+    """An exponential moving average of the weights, BatchNorm statistics included, updated
+    without a host synchronisation (``trainer.ema``)."""
+    return EMA(model, decay)
 
 
 def make_deterministic() -> None:
@@ -415,7 +416,7 @@ def restore(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
-    ema: AveragedModel | None,
+    ema: EMA | None,
     out: Path,
     steps_per_epoch: int,
 ) -> tuple[int, dict | None]:
@@ -593,7 +594,7 @@ def save_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
-    ema: AveragedModel | None,
+    ema: EMA | None,
     row: dict,
     confusions: dict[str, np.ndarray],
     best: dict,
