@@ -410,7 +410,7 @@ def test_dali_gpu_meets_the_contract(tiny_shards, test_ref):
 
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
 def test_dali_gpu_graph_is_well_formed(tiny_shards):
-    """The GPU graph (mixed decode, GPU augment, GPU->CPU contrast centre) defines and serialises
+    """The GPU graph (mixed decode, GPU augment, contrast centre on the GPU) defines and serialises
     without a GPU; only building it needs one (test_dali_gpu_meets_the_contract)."""
     from pipeline.loading.dali import shard_pipeline
 
