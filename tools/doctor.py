@@ -229,6 +229,15 @@ def check_gpus() -> Result:
     return Result(FAIL, found, f"torch cannot initialise CUDA ({reason}); check `nvidia-smi`")
 
 
+def check_gpu_run() -> Result:
+    """The batch and learning rate a GPU run should start from (trainer.scaling)."""
+    from trainer.scaling import gpu_advice
+
+    if not torch_gpus():
+        return Result(SKIP, "no GPU: the defaults (--batch-size 8 --lr 0.01) suit the CPU")
+    return Result(OK, gpu_advice(torch_gpus()))
+
+
 def check_precision() -> Result:
     torch = torch_module()
     if not torch_gpus():
@@ -593,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     report("GPUs", check_gpus)
     report("precision", check_precision)
+    report("GPU run", check_gpu_run)
     report("DALI", check_dali)
     report("DALI GPU decoder", check_dali_gpu_decoder)
     report("HW JPEG decoder", check_hw_decoder)

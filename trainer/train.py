@@ -108,6 +108,7 @@ from trainer.runfiles import (
     read_metrics,
     truncate_metrics,
 )
+from trainer.scaling import batch_line, process_group_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(accelerator, train_loader.backend)
     accelerator.print(f"config: {json.dumps(cfg.to_dict())}\nenvironment: {json.dumps(env)}")
+    accelerator.print(
+        batch_line(cfg.batch_size, accelerator.num_processes, cfg.grad_accumulation, cfg.lr)
+    )
     start, best = 0, None
     if state:
         start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, ema, out, steps)
@@ -306,6 +310,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         log_with=cfg.log_with,
         # trackers need a folder when named; the run folder, once chosen, replaces this one
         project_dir=cfg.out or "runs",
+        # rank 0's long work (--verify-shards, plots) must not trip NCCL's 10 minutes
+        kwargs_handlers=[process_group_kwargs()],
     )
 
 
