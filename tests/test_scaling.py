@@ -40,3 +40,14 @@ def test_the_trainers_accelerator_waits_longer_than_nccls_default():
     accelerator = build_accelerator(TrainConfig(shards="unused"))
     assert PROCESS_GROUP_TIMEOUT > timedelta(minutes=10)
     assert accelerator.init_handler.to_kwargs()["timeout"] == PROCESS_GROUP_TIMEOUT
+
+
+def test_doctor_gives_the_gpu_run_flags_for_the_gpus_it_sees(monkeypatch):
+    from tools import doctor
+
+    monkeypatch.setattr(doctor, "torch_gpus", lambda: 0)
+    assert doctor.check_gpu_run().status == doctor.SKIP
+    monkeypatch.setattr(doctor, "torch_gpus", lambda: 8)
+    result = doctor.check_gpu_run()
+    assert result.status == doctor.OK
+    assert result.found.startswith("--batch-size 64 --lr 0.64 ")
