@@ -702,10 +702,11 @@ def test_resume_on_another_number_of_processes_keeps_the_schedule(tiny_shards, t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_train_and_eval_steps_never_wait_for_the_host():
-    """No step creates a CPU tensor or reads a value back, for any head: CUDA's sync debug
+    """No step (with --ema's update too) creates a CPU tensor or reads a value back, for any head: CUDA's sync debug
     mode raises if one does (the evaluation loop's step is the forward pass and the loss)."""
     from accelerate import Accelerator
 
+    from trainer.ema import EMA
     from trainer.engine import build_optimizer, build_scheduler, train_step
     from trainer.heads import build_head
 
@@ -723,8 +724,9 @@ def test_train_and_eval_steps_never_wait_for_the_host():
         optimizer = build_optimizer(model, 0.01, 0.9, 5e-4)
         scheduler = build_scheduler(optimizer, "cosine", 2, 10)
         model, optimizer = accelerator.prepare(model, optimizer)
+        ema = EMA(accelerator.unwrap_model(model), 0.999)  # --ema: no host read per update
         train_step(
-            model, images, labels, optimizer, scheduler, accelerator, head
+            model, images, labels, optimizer, scheduler, accelerator, head, ema=ema
         )  # lazy inits may sync
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -740,6 +742,7 @@ def test_train_and_eval_steps_never_wait_for_the_host():
                     head,
                     class_weights,
                     clip_grad=1.0,
+                    ema=ema,
                 )
                 head.train_grades(out)
                 with torch.inference_mode(), accelerator.autocast():

@@ -239,7 +239,9 @@ def repair_best(run_dir: str | Path, state: dict) -> None:
         return
     config = state["config"]
     weights = state["model"]
-    if "ema" in state:  # AveragedModel's state: "module."-prefixed weights and n_averaged
+    if (
+        "ema" in state
+    ):  # trainer.ema.EMA (AveragedModel's layout): "module."-prefixed weights, n_averaged
         weights = {
             k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")
         }

@@ -54,7 +54,6 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from PIL import Image
 from torch.optim.lr_scheduler import LRScheduler
-from torch.optim.swa_utils import AveragedModel
 
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
@@ -76,6 +75,7 @@ from trainer.checkpoint import (
     state_checksum,
 )
 from trainer.config import TrainConfig, merge_for_resume, parse_args
+from trainer.ema import EMA
 from trainer.engine import (
     EvalResult,
     NonFiniteLossError,
@@ -84,7 +84,6 @@ from trainer.engine import (
     build_optimizer,
     build_scheduler,
     class_weights_for,
-    ema_multi_avg_fn,
     evaluate,
     resolve_precision,
     seek_schedule,
@@ -111,6 +110,7 @@ from trainer.runfiles import (
     read_metrics,
     truncate_metrics,
 )
+from trainer.scaling import batch_line, process_group_kwargs
 from trainer.selection import SMALL_VAL, selection_for, squared_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(accelerator, train_loader.backend)
     accelerator.print(f"config: {json.dumps(cfg.to_dict())}\nenvironment: {json.dumps(env)}")
+    accelerator.print(
+        batch_line(cfg.batch_size, accelerator.num_processes, cfg.grad_accumulation, cfg.lr)
+    )
     if selection.key.endswith("_mse"):
         accelerator.print(
             f"{chooser} has fewer than {SMALL_VAL} images: the best epoch is the one with the "
@@ -323,6 +326,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         log_with=cfg.log_with,
         # trackers need a folder when named; the run folder, once chosen, replaces this one
         project_dir=cfg.out or "runs",
+        # rank 0's long work (--verify-shards, plots) must not trip NCCL's 10 minutes
+        kwargs_handlers=[process_group_kwargs()],
     )
 
 
@@ -335,10 +340,10 @@ def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
     return batches // accumulation
 
 
-def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+def build_ema(model: torch.nn.Module, decay: float) -> EMA:
     """An exponential moving average of the weights, BatchNorm statistics included, its decay
-    warmed up (engine.ema_decay)."""
-    return AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(decay), use_buffers=True)
+    warmed up, updated without a host synchronisation (``trainer.ema``)."""
+    return EMA(model, decay)
 
 
 def make_deterministic() -> None:
@@ -452,7 +457,7 @@ def restore(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
-    ema: AveragedModel | None,
+    ema: EMA | None,
     out: Path,
     steps_per_epoch: int,
 ) -> tuple[int, dict | None]:
@@ -646,7 +651,7 @@ def save_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
-    ema: AveragedModel | None,
+    ema: EMA | None,
     row: dict,
     confusions: dict[str, np.ndarray],
     best: dict,
