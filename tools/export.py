@@ -7,8 +7,8 @@ image size and N free (any batch size), and one output ``output``, the head's ra
 (N, 5) for the ``classify`` head. The model's ``metadata_props`` hold, each value as JSON:
 ``arch``, ``image_size``, ``mean`` and ``std`` (RGB, on the 0-255 pixel scale),
 ``preprocess`` (how the shards were made: size, graham, ...), ``head`` (``classify`` unless
-best.pt says otherwise) and, when best.pt has them, ``cut_points``, ``referable_threshold``
-and ``pair_blend``, copied as they are.
+best.pt says otherwise) and, when best.pt has them, ``cut_points``, ``referable_threshold``,
+``pair_blend`` and ``temperature``, copied as they are.
 
 How a deployment gets from a photograph to a grade:
 
@@ -16,8 +16,11 @@ How a deployment gets from a photograph to a grade:
    to ``preprocess["size"]`` (then to ``image_size`` if that differs), Graham's
    normalisation if ``preprocess["graham"]``;
 2. ``x = (rgb - mean) / std`` per channel, on the 0-255 scale, laid out as N, 3, S, S;
-3. ``classify``: the grade is the argmax of the five outputs, their softmax the
-   probabilities; ``regress``: one output per image, and the grade is the number of
+3. ``classify``: the grade is the argmax of the five outputs, the softmax of the outputs
+   divided by ``temperature`` (fitted on val; 1 when absent) the calibrated probabilities,
+   and the referable score p2 + p3 + p4 of those is what ``referable_threshold`` applies
+   to; ``ordinal``: four "grade > k" logits, divided by ``temperature`` before the sigmoid;
+   ``regress``: one output per image, and the grade is the number of
    ``cut_points`` (four increasing thresholds) it exceeds.
 
 The export is checked before it is kept: onnxruntime and torch must agree on a random
@@ -43,7 +46,7 @@ from trainer.checkpoint import load_best
 FORMATS = ("onnx",)
 MODEL_FILE = "model.onnx"
 INPUT, OUTPUT = "image", "output"
-THRESHOLDS = ("cut_points", "referable_threshold", "pair_blend")
+THRESHOLDS = ("cut_points", "referable_threshold", "pair_blend", "temperature")
 # Both sides compute in float32 with different kernels and summation orders; over a ResNet's
 # layers that differs by about 1e-6 of the output's scale, a wrong export by its whole scale.
 TOLERANCE = 1e-4

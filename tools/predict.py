@@ -9,7 +9,7 @@ padded square, resized, Graham-normalised if the shards were, and JPEG-encoded),
 loaders' evaluation path (decode, resize to the model's size, normalise). So raw camera
 photos work as they are, and a photo packed into shards gets the same probabilities here
 as from ``trainer/evaluate.py``. Writes ``OUT/predictions.csv``, one row per image: the
-predicted grade, the five probabilities, or the reason it could not be graded (unreadable,
+predicted grade, the five probabilities (calibrated with the checkpoint's temperature), or the reason it could not be graded (unreadable,
 too small, a symlink loop). Such an image is reported and skipped; the exit status is 1
 when any was, 0 when all were graded.
 """
@@ -32,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.loading.contract import normalization
 from pipeline.loading.samples import eval_image
 from pipeline.writing.preprocess import BadImage, prepare
+from trainer.calibration import scaled
 from trainer.checkpoint import head_of, load_best
 from trainer.pairing import blend_partners
 
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.pair_eyes:  # partners found by file name: 10_left.jpeg beside 10_right.jpeg
             stems = [p.path.stem for p, _ in graded]
             outputs = blend_partners(stems, outputs, info.get("pair_blend") or 0.0)
-        probs, grades = head.probs(outputs, cuts), head.grades(outputs, cuts)
+        probs = head.probs(scaled(outputs, info.get("temperature")), cuts)  # calibrated
+        grades = head.grades(outputs, cuts)
         for (pred, _), p, g in zip(graded, probs, grades, strict=True):
             pred.probs, pred.grade = [float(x) for x in p], int(g)
 

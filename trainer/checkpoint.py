@@ -16,7 +16,8 @@ val split) holds everything evaluation and prediction need, with nothing else::
      manifest's: size, graham, ... -- how new photographs must be prepared),
      "augment" (the training augmentation), "head" and "outputs" (classify 5, regress 1,
      ordinal 4), "cut_points" (regress), "pair_blend" (both eyes), "referable_threshold"
-     (the screening operating point): the last three chosen on val; "epoch", "metrics",
+     (the screening operating point), "temperature" (classify/ordinal: outputs / T before
+     the softmax or sigmoid; trainer.calibration): the last four chosen on val; "epoch", "metrics",
      "config"}
 
 Both load with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
@@ -204,6 +205,8 @@ def save_best(
         "referable_threshold": metrics.get("referable_threshold"),
         "cut_points": metrics.get("cut_points"),  # regress head: tuned on val for kappa
         "pair_blend": metrics.get("pair_blend"),  # both eyes: weight of the partner, chosen on val
+        # classify/ordinal: raw outputs / temperature before the softmax/sigmoid, fitted on val
+        "temperature": metrics.get("temperature"),
         "epoch": epoch,
         "metrics": metrics,
         "config": config,

@@ -26,6 +26,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from pipeline.errors import RunError, UserError
 from pipeline.shardformat import eye_of, patient_of
+from trainer.calibration import scaled
 from trainer.heads import ClassifyHead, Head
 from trainer.metrics import (
     accuracy,
@@ -68,9 +69,10 @@ class EvalResult:
     outputs: np.ndarray  # (N, head.outputs) raw outputs
     head: Head = field(default_factory=ClassifyHead)
     cuts: tuple[float, ...] | None = None  # regress head: tuned on val
+    temperature: float | None = None  # classify/ordinal: fitted on val (trainer.calibration)
 
     def __post_init__(self):
-        self.probs = self.head.probs(self.outputs, self.cuts)  # (N, 5)
+        self.probs = self.head.probs(scaled(self.outputs, self.temperature), self.cuts)  # (N, 5)
         self.grades = self.head.grades(self.outputs, self.cuts)
         self.confusion = confusion_of(self.labels, self.grades)
 
@@ -92,6 +94,9 @@ class EvalResult:
 
     def with_cuts(self, cuts: tuple[float, ...] | None) -> EvalResult:
         return replace(self, cuts=cuts)
+
+    def with_temperature(self, temperature: float | None) -> EvalResult:
+        return replace(self, temperature=temperature)
 
     def paired(self, weight: float) -> EvalResult:
         """The same images with each eye's outputs blended with its partner's."""

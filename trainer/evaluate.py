@@ -9,7 +9,9 @@ also ``predictions.csv``: one row per image (key, patient, eye, true, pred, p0..
 referable_score), the file to open to see which photographs were graded wrong, and
 ``roc.png``. Screening figures: referable DR (grade >= 2, score p2+p3+p4) ROC-AUC, with
 sensitivity and specificity at the operating point stored in the checkpoint (chosen on
-val by the trainer), and any-DR (grade >= 1) ROC-AUC. It
+val by the trainer), and any-DR (grade >= 1) ROC-AUC. Probabilities are calibrated with
+the checkpoint's temperature (classify and ordinal heads); ``ece_raw`` and ``ece`` are the
+expected calibration error before and after it, ``reliability.png`` draws both. It
 evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the
 numbers logged for that epoch.
@@ -29,6 +31,7 @@ from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import read_manifest
+from trainer.calibration import ece_figures, plot_reliability, reliability_curves
 from trainer.checkpoint import head_of, load_best
 from trainer.config import BACKENDS
 from trainer.engine import class_weights_for, evaluate, resolve_precision
@@ -45,6 +48,7 @@ from trainer.metrics import (
 
 PREDICTIONS_FILE = "predictions.csv"
 ROC_FILE = "roc.png"
+RELIABILITY_FILE = "reliability.png"
 
 
 @dataclass
@@ -109,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     model = accelerator.prepare(model)
 
     head, cuts = head_of(info)
-    alone = evaluate(model, loader, accelerator, head, class_weights, expected=expected, cuts=cuts)
+    alone = evaluate(
+        model, loader, accelerator, head, class_weights, expected=expected, cuts=cuts
+    ).with_temperature(info.get("temperature"))  # None: regress, or an older checkpoint
     loader.close()
     blend = info.get("pair_blend") or 0.0
     result = alone.paired(blend) if args.pair_eyes else alone
@@ -142,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         **screen,
         "referable_threshold": threshold,
         "referable_threshold_from": threshold_from,
+        "temperature": alone.temperature,
+        **ece_figures(result),
         "world_size": accelerator.num_processes,
         "backend": loader.backend,
     }
@@ -150,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['arch']} epoch {info.get('epoch')} on {args.split} ({result.samples} images): "
         f"accuracy {100 * result.accuracy:.2f} %, kappa {result.kappa:.4f}, loss {result.loss:.4f}, "
         f"recall 0-4 {recall}"
+    )
+    accelerator.print(
+        f"calibration: ECE {metrics['ece_raw']:.4f} before, {metrics['ece']:.4f} after "
+        + (f"temperature {result.temperature:.3f}" if result.temperature else "(no temperature)")
     )
     if args.pair_eyes:
         accelerator.print(
@@ -189,9 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
         }
         plot_roc(curves, threshold, out / ROC_FILE, title=f"{info['arch']} on {args.split}")
+        plot_reliability(
+            reliability_curves(result),
+            out / RELIABILITY_FILE,
+            title=f"{info['arch']} on {args.split}",
+        )
         accelerator.print(
-            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE} and "
-            f"confusion_{args.split}.csv/.png"
+            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE}, {RELIABILITY_FILE} "
+            f"and confusion_{args.split}.csv/.png"
         )
     accelerator.end_training()
     return 0

@@ -14,8 +14,10 @@
 Each epoch trains on the train split, evaluates the val and test splits and writes into
 --out (default ``runs/ARCH-YYYYmmdd-HHMMSS``): a line of ``metrics.jsonl`` (train loss and
 accuracy; for val and test: loss, accuracy, kappa, kappa with both eyes blended, recall per
-grade, referable-DR AUC, sensitivity and specificity, any-DR AUC; what val chose: the
-referable threshold, the regress head's cut-points, the both-eyes weight; images_per_s,
+grade, referable-DR AUC, sensitivity and specificity, any-DR AUC, the calibration error before and
+after the temperature (``ece_raw``, ``ece``); what val chose: the referable threshold (on
+calibrated scores), the regress head's cut-points, the both-eyes weight, the temperature
+(``trainer/calibration.py``); images_per_s,
 epoch_s, lr), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
 ``checkpoints/last/`` (atomic, the one before kept as ``previous/``) and ``best.pt``
 (highest val kappa; test kappa when the shards have no val split, with a warning).
@@ -62,6 +64,7 @@ from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.verify import verify_shards
 from trainer import smoke
+from trainer.calibration import calibrate_on, ece_figures
 from trainer.checkpoint import (
     BEST_FILE,
     last_dir,
@@ -520,6 +523,7 @@ def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, E
     base = results[chooser]
     cuts = tune_cuts(base.outputs[:, 0], base.labels) if base.head.name == "regress" else None
     results = {split: result.with_cuts(cuts) for split, result in results.items()}
+    results, temperature = calibrate_on(chooser, results)  # the threshold is chosen calibrated
     base = results[chooser]
     blend = choose_blend(
         base.keys, base.outputs, lambda o: kappa_of(base.labels, base.head.grades(o, cuts))
@@ -530,6 +534,7 @@ def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, E
         "cut_points": cut_points,
         "pair_blend": blend,
         "referable_threshold": threshold,
+        "temperature": temperature,
     }
 
 
@@ -548,6 +553,7 @@ def metrics_row(
             f"{split}_qwk_paired": r.paired(choices["pair_blend"]).kappa,
             f"{split}_recall": r.recall,
             **{f"{split}_{k}": v for k, v in screen.items()},
+            **ece_figures(r, f"{split}_"),
         }
     return row | choices | {"images_per_s": train.images_per_s, "epoch_s": epoch_s, "lr": train.lr}
 
