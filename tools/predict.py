@@ -11,7 +11,9 @@ photos work as they are, and a photo packed into shards gets the same probabilit
 as from ``trainer/evaluate.py``. Writes ``OUT/predictions.csv``, one row per image: the
 predicted grade, the five probabilities (calibrated with the checkpoint's temperature), or the reason it could not be graded (unreadable,
 too small, a symlink loop). Such an image is reported and skipped; the exit status is 1
-when any was, 0 when all were graded.
+when any was, 0 when all were graded. ``--explain`` also writes ``OUT/cam/<name>.png`` per
+graded photo: where the model looked (Grad-CAM, trainer/explain.py) beside the photo as
+the model saw it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from pipeline.loading.samples import eval_image
 from pipeline.writing.preprocess import BadImage, prepare
 from trainer.calibration import scaled
 from trainer.checkpoint import head_of, load_best
+from trainer.explain import CAM_DIR, caption_of, explain_images, overlay
 from trainer.pairing import blend_partners
 
 PHOTO_EXTENSIONS = (*IMAGE_EXTENSIONS, ".png")
@@ -56,6 +60,11 @@ class PredictConfig:
         False,
         "blend each eye's outputs with its partner's (10_left with 10_right, "
         "by file name; the weight chosen on val, stored in the checkpoint)",
+    )
+    explain: bool = arg(
+        False,
+        "also write OUT/cam/<name>.png per photograph: the class-activation map of its "
+        "prediction beside the photograph as the model saw it",
     )
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
 
@@ -145,13 +154,15 @@ def main(argv: list[str] | None = None) -> int:
 
     pending: list[tuple[Prediction, torch.Tensor]] = []
     graded: list[tuple[Prediction, np.ndarray]] = []
+    maps: list[tuple[np.ndarray, np.ndarray]] = []  # --explain: (pixels, map) per graded photo
 
     def flush():
         if pending:
-            outputs = predict_batch(
-                model, torch.stack([t for _, t in pending]).to(args.device), shift, scale, args.tta
-            )
+            images = torch.stack([t for _, t in pending])
+            outputs = predict_batch(model, images.to(args.device), shift, scale, args.tta)
             graded.extend(zip((p for p, _ in pending), outputs.cpu().numpy(), strict=True))
+            if args.explain:
+                maps.extend(explain_images(model, info, list(images), args.device))
             pending.clear()
 
     for path in paths:
@@ -178,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out / PREDICTIONS_FILE
     write_csv(out, results)
+    if maps:
+        write_explained(args.out / CAM_DIR, [p for p, _ in graded], maps)
     failed = sum(r.error is not None for r in results)
     graded = len(results) - failed
     counts = np.bincount([r.grade for r in results if r.grade is not None], minlength=NUM_CLASSES)
@@ -188,6 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     if graded == 0:
         raise UserError("none of the images could be read")
     return 1 if failed else 0
+
+
+def write_explained(
+    folder: Path, graded: list[Prediction], maps: list[tuple[np.ndarray, np.ndarray]]
+) -> None:
+    """``folder/<photo name>.png``: each photo as the model saw it, beside its map."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = Counter(p.path.stem for p in graded)
+    for pred, (pixels, cam) in zip(graded, maps, strict=True):
+        # two photos of one name in different folders: the folder goes into the name
+        name = pred.path.stem if names[pred.path.stem] == 1 else "_".join(pred.path.parts[-2:])
+        caption = caption_of(str(pred.path), pred.grade, sum(pred.probs[2:]))
+        overlay(pixels, cam, caption).save(folder / f"{Path(name).stem}.png")
+    print(f"wrote {len(graded)} class-activation overlay(s) into {folder}")
 
 
 def write_csv(path: Path, results: list[Prediction]) -> None:

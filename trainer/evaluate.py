@@ -11,7 +11,9 @@ referable_score), the file to open to see which photographs were graded wrong, a
 sensitivity and specificity at the operating point stored in the checkpoint (chosen on
 val by the trainer), and any-DR (grade >= 1) ROC-AUC. Probabilities are calibrated with
 the checkpoint's temperature (classify and ordinal heads); ``ece_raw`` and ``ece`` are the
-expected calibration error before and after it, ``reliability.png`` draws both. It
+expected calibration error before and after it, ``reliability.png`` draws both. With
+``--explain N``, ``cam/<key>.png`` shows where the model looked (trainer/explain.py) in
+the N most confidently wrong photographs (largest grade distance first). It
 evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the
 numbers logged for that epoch.
@@ -34,7 +36,8 @@ from pipeline.manifest import read_manifest
 from trainer.calibration import ece_figures, plot_reliability, reliability_curves
 from trainer.checkpoint import head_of, load_best
 from trainer.config import BACKENDS
-from trainer.engine import class_weights_for, evaluate, resolve_precision
+from trainer.engine import bare, class_weights_for, evaluate, resolve_precision
+from trainer.explain import CAM_DIR, rank_wrong, write_overlays
 from trainer.metrics import (
     REFERABLE_GRADE,
     any_dr_score,
@@ -68,6 +71,12 @@ class EvalConfig:
         "stored in the checkpoint); reports kappa with and without, and writes the "
         "blended predictions",
     )
+    explain: int = arg(
+        0,
+        "with --out: write OUT/cam/<key>.png, the class-activation map beside the photograph, "
+        "for this many photographs, the most confidently wrong first",
+        metavar="N",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if args.explain and not args.out:
+        raise UserError("--explain writes pictures: give --out DIR too")
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=not cuda, mixed_precision=resolve_precision(cfg.get("precision", "auto"), cuda)
@@ -195,7 +206,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"{info['arch']} on {args.split}: accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}"
             ),
         )
-        write_predictions(result.predictions(), out / PREDICTIONS_FILE)
+        table = result.predictions()
+        write_predictions(table, out / PREDICTIONS_FILE)
+        if args.explain > 0:
+            chosen = table.iloc[rank_wrong(table)[: args.explain]]
+            explained = write_overlays(
+                bare(accelerator, model),
+                info,
+                args.shards,
+                args.split,
+                chosen,
+                out / CAM_DIR,
+                accelerator.device,
+            )
+            accelerator.print(
+                f"wrote {len(explained)} class-activation overlays into {out / CAM_DIR}"
+            )
         curves = {
             "referable DR (>= 2)": (positive, score),
             "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),

@@ -21,8 +21,10 @@ calibrated scores), the regress head's cut-points, the both-eyes weight, the tem
 epoch_s, lr), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
 ``checkpoints/last/`` (atomic, the one before kept as ``previous/``) and ``best.pt``
 (highest val kappa; test kappa when the shards have no val split, with a warning).
-``config.json`` (config + environment) is written at the start and ``summary.json`` (with
-the test figures at the best-val epoch) at the end. Every rank computes; rank 0 writes.
+``config.json`` (config + environment) is written at the start, ``summary.json`` (with
+the test figures at the best-val epoch) and ``report.html`` (trainer/report.py: the run
+on one page) at the end; ``predictions/{val,test}_epoch_NNN.csv`` keeps the best epoch's
+per-image outputs for it. Every rank computes; rank 0 writes.
 ``images_per_s`` counts the training images of all ranks per second of the training
 loop; ``epoch_s`` is training plus evaluation.
 
@@ -102,6 +104,7 @@ from trainer.metrics import (
 )
 from trainer.model import build_model, imagenet_state_dict
 from trainer.pairing import choose_blend
+from trainer.report import save_predictions, write_report
 from trainer.runfiles import (
     CONFIG_FILE,
     CONFUSION_DIR,
@@ -227,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             is_best,
             preprocess=manifest.preprocess,
         )
+        if is_best and accelerator.is_main_process:  # for the report's per-image figures
+            save_predictions(out, epoch, results)
         trackers.log(row, out)
 
     checksums = gather_object([state_checksum(bare(accelerator, evaluated).state_dict())])
@@ -234,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"the ranks ended with different weights: {checksums}")
     if accelerator.is_main_process:
         write_summary(out, cfg, env, best, checksums, chooser)
+        report(out)
     accelerator.print(final_line(best, chooser, out))
     for loader in (train_loader, *eval_loaders.values()):
         loader.close()
@@ -704,6 +710,14 @@ def stopped_message(err: Exception, epoch: int, out: Path) -> str:
         f"{err} of epoch {epoch}; training stopped and {kept}. Lower --lr (or add "
         "--warmup-epochs) and start again, or continue with --resume --lr SMALLER"
     )
+
+
+def report(out: Path) -> None:
+    """report.html; a failure there costs the page, not the run (dr-report writes it again)."""
+    try:
+        write_report(out)
+    except Exception as err:  # the run's own files are all written by now
+        print(f"warning: report.html not written ({type(err).__name__}: {err}); dr-report {out}")
 
 
 def write_summary(
