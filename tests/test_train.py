@@ -48,9 +48,12 @@ KEYS = {
             "any_dr_auc",
             "sensitivity",
             "specificity",
+            "ece",
+            "ece_raw",
         )
     ),
     "referable_threshold",
+    "temperature",
     "cut_points",
     "pair_blend",
     "images_per_s",
