@@ -48,9 +48,12 @@ KEYS = {
             "any_dr_auc",
             "sensitivity",
             "specificity",
+            "ece",
+            "ece_raw",
         )
     ),
     "referable_threshold",
+    "temperature",
     "cut_points",
     "pair_blend",
     "pair_cut_points",  # regress: the cut-points chosen with the blend (None otherwise)

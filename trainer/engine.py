@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from pipeline.errors import RunError, UserError
 from pipeline.shardformat import eye_of, patient_of
+from trainer.calibration import scaled
 from trainer.ema import EMA
 from trainer.heads import ClassifyHead, Head
 from trainer.metrics import (
@@ -73,9 +74,10 @@ class EvalResult:
     head: Head = field(default_factory=ClassifyHead)
     cuts: tuple[float, ...] | None = None  # regress head: tuned on val
     features: np.ndarray | None = None  # (N, D) backbone features, when asked for
+    temperature: float | None = None  # classify/ordinal: fitted on val (trainer.calibration)
 
     def __post_init__(self):
-        self.probs = self.head.probs(self.outputs, self.cuts)  # (N, 5)
+        self.probs = self.head.probs(scaled(self.outputs, self.temperature), self.cuts)  # (N, 5)
         self.grades = self.head.grades(self.outputs, self.cuts)
         self.confusion = confusion_of(self.labels, self.grades)
 
@@ -97,6 +99,9 @@ class EvalResult:
 
     def with_cuts(self, cuts: tuple[float, ...] | None) -> EvalResult:
         return replace(self, cuts=cuts)
+
+    def with_temperature(self, temperature: float | None) -> EvalResult:
+        return replace(self, temperature=temperature)
 
     def paired(self, weight: float, cuts: tuple[float, ...] | None = None) -> EvalResult:
         """The same images with each eye's outputs blended with its partner's (and, for the

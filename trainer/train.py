@@ -14,15 +14,19 @@
 Each epoch trains on the train split, evaluates the val and test splits and writes into
 --out (default ``runs/ARCH-YYYYmmdd-HHMMSS``): a line of ``metrics.jsonl`` (train loss and
 accuracy; for val and test: loss, accuracy, kappa, kappa with both eyes blended, recall per
-grade, referable-DR AUC, sensitivity and specificity, any-DR AUC; what val chose: the
-referable threshold, the regress head's cut-points, the both-eyes weight; images_per_s,
-epoch_s, lr, first_batch_s: the wait for the epoch's first batch), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
+grade, referable-DR AUC, sensitivity and specificity, any-DR AUC, the calibration error before
+and after the temperature (``ece_raw``, ``ece``); what val chose: the referable threshold (on
+calibrated scores), the regress head's cut-points, the both-eyes weight, the temperature
+(``trainer/calibration.py``); images_per_s, epoch_s, lr, first_batch_s: the wait for the
+epoch's first batch), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
 ``checkpoints/last/`` (atomic, the one before kept as ``previous/``) and ``best.pt``
 (highest val kappa, or lowest val MSE for a regress head on a val split under 500 images:
 trainer/selection.py; test's when the shards have no val split, with a warning).
 ``--recipe huang2023`` sets another recipe's defaults at once (trainer/recipes.py).
-``config.json`` (config + environment) is written at the start and ``summary.json`` (with
-the test figures at the best-val epoch) at the end. Every rank computes; rank 0 writes.
+``config.json`` (config + environment) is written at the start, ``summary.json`` (with
+the test figures at the best-val epoch) and ``report.html`` (trainer/report.py: the run
+on one page) at the end; ``predictions/{val,test}_epoch_NNN.csv`` keeps the best epoch's
+per-image outputs for it. Every rank computes; rank 0 writes.
 ``images_per_s`` counts the training images of all ranks per second of the training
 loop; ``epoch_s`` is training plus evaluation.
 
@@ -63,6 +67,7 @@ from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.verify import verify_shards
 from trainer import smoke
+from trainer.calibration import calibrate_on, ece_figures
 from trainer.checkpoint import (
     BEST_FILE,
     last_dir,
@@ -101,6 +106,7 @@ from trainer.metrics import (
 )
 from trainer.model import build_model, imagenet_state_dict
 from trainer.pairing import choose_blend, choose_blend_and_cuts
+from trainer.report import save_predictions, write_report
 from trainer.runfiles import (
     CONFIG_FILE,
     CONFUSION_DIR,
@@ -244,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             is_best,
             preprocess=manifest.preprocess,
         )
+        if is_best and accelerator.is_main_process:  # for the report's per-image figures
+            save_predictions(out, epoch, results)
         trackers.log(row, out)
 
     checksums = gather_object([state_checksum(bare(accelerator, evaluated).state_dict())])
@@ -251,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"the ranks ended with different weights: {checksums}")
     if accelerator.is_main_process:
         write_summary(out, cfg, env, best, checksums, chooser)
+        report(out)
     accelerator.print(final_line(best, chooser, out))
     for loader in (train_loader, *eval_loaders.values()):
         loader.close()
@@ -562,6 +571,7 @@ def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, E
     base = results[chooser]
     cuts = tune_cuts(base.outputs[:, 0], base.labels) if base.head.name == "regress" else None
     results = {split: result.with_cuts(cuts) for split, result in results.items()}
+    results, temperature = calibrate_on(chooser, results)  # the threshold is chosen calibrated
     base = results[chooser]
     pair_cuts = None
     if cuts:  # the blend and the cut-points that go with it, chosen together
@@ -576,6 +586,7 @@ def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, E
         "pair_blend": blend,
         "pair_cut_points": list(pair_cuts) if pair_cuts else None,
         "referable_threshold": threshold,
+        "temperature": temperature,
     }
 
 
@@ -596,6 +607,7 @@ def metrics_row(
             ).kappa,
             f"{split}_recall": r.recall,
             **{f"{split}_{k}": v for k, v in screen.items()},
+            **ece_figures(r, f"{split}_"),
         }
         if r.head.name == "regress":
             row[f"{split}_mse"] = squared_error(r.outputs, r.labels)
@@ -757,6 +769,14 @@ def stopped_message(err: Exception, epoch: int, out: Path) -> str:
         f"{err} of epoch {epoch}; training stopped and {kept}. Lower --lr (or add "
         "--warmup-epochs) and start again, or continue with --resume --lr SMALLER"
     )
+
+
+def report(out: Path) -> None:
+    """report.html; a failure there costs the page, not the run (dr-report writes it again)."""
+    try:
+        write_report(out)
+    except Exception as err:  # the run's own files are all written by now
+        print(f"warning: report.html not written ({type(err).__name__}: {err}); dr-report {out}")
 
 
 def write_summary(
