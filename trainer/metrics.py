@@ -158,7 +158,7 @@ def operating_threshold(
     specific such one); None without positives and negatives to choose from."""
     if positive.all() or not positive.any():
         return None
-    _, tpr, thresholds = roc_curve(positive, score)
+    _, tpr, thresholds = roc_curve(positive, score, drop_intermediate=False)
     return float(thresholds[np.argmax(tpr >= sensitivity)])
 
 
