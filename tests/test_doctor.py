@@ -59,7 +59,7 @@ def test_the_doctor_passes_here_and_smoke_tests_every_backend(
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if line.strip().startswith(doctor.FAIL)] == []
     assert asked == (["torch", "dali"] if doctor.dali_usable() else ["torch"])
-    assert re.search(r"OK +smoke: torch +passed in \d+ s: backend torch, device cpu", out), out
+    assert re.search(rf"{doctor.OK} +smoke: torch +passed in \d+ s: backend torch, device cpu", out)
     assert out.strip().splitlines()[-1].endswith("smoke-tested backends: torch")
     assert list((tmp_path / "cwd").iterdir()) == []  # it checked shards/ and runs/ by probing
     assert list((tmp_path / "tmp").iterdir()) == []  # the passing smoke run was removed
