@@ -268,6 +268,7 @@ def test_one_folder_keeps_todays_outputs(no_test_run, external_sets, external_ev
         "confusion_test.png",
         "metrics.json",
         "predictions.csv",
+        "reliability.png",
         "roc.png",
     ]
     alone = json.loads((out / "metrics.json").read_text())
