@@ -1,10 +1,14 @@
-"""Shared fixtures: tiny shard folders built through the real shard writer."""
+"""Shared fixtures: tiny shard folders built through the real shard writer, the one trained
+run that several test files read, and the one way tests start a command (``run``,
+``python``, ``launch``)."""
 
 from __future__ import annotations
 
 import io
 import os
 import subprocess
+import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +20,33 @@ from pipeline.constants import NUM_CLASSES, SHARD_NAME
 from pipeline.manifest import Manifest, SplitInfo
 from pipeline.shardformat import write_shard
 from pipeline.writing import channelstats
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = "trainer/train.py"
+# the straight run: cosine with warmup and class weights, so resume must restore the schedule
+STRAIGHT_RECIPE = [
+    "--image-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--backend",
+    "torch",
+    "--workers",
+    "0",
+    "--schedule",
+    "cosine",
+    "--warmup-epochs",
+    "0.5",
+    "--class-weights",
+    "sqrt",
+    "--augment",
+    "strong",
+    "--rotate",
+    "90",
+    "--quiet",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -44,11 +75,14 @@ def build_shard_dir(
     shard_size: int = 7,
     seed: int = 0,
     pairs: bool = False,
+    relabel: dict[str, Callable[[int], int]] | None = None,
 ) -> Path:
     """Write a shard folder with ``counts[split]`` samples per split, labels cycling 0-4.
 
     ``pairs``: samples come as both eyes of a patient (``val3_left``, ``val3_right``) with a
     grade apart by at most one, as in EyePACS; otherwise every sample is its own patient.
+    ``relabel``: per split, the grade recorded for an image drawn as grade g (the image
+    keeps the look of g), to build a split that disagrees with the others on purpose.
     """
     counts = counts or {"train": 40, "test": 13}
     rng = np.random.default_rng(seed)
@@ -64,13 +98,15 @@ def build_shard_dir(
             f"{split}{i // 2}_{('left', 'right')[i % 2]}" if pairs else f"{split}{i}_left"
             for i in range(n)
         ]
+        recorded = (relabel or {}).get(split, lambda g: g)
         samples = [
-            (name, class_image(lab, size, rng), lab)
+            (name, class_image(lab, size, rng), recorded(lab))
             for name, lab in zip(names, labels, strict=True)
         ]
         if split == "train":
             for _, data, _ in samples:
                 train_sums = channelstats.add(train_sums, channelstats.image_sums(data))
+        labels = [recorded(lab) for lab in labels]
         shards = []
         for index, start in enumerate(range(0, n, shard_size)):
             path = root / SHARD_NAME.format(split=split, index=index)
@@ -113,6 +149,81 @@ def tmpfs(mount: Path, size: str, *options: str):
 def tiny_shards(tmp_path_factory) -> Path:
     """40 train / 13 test samples at 64 px in shards of 7 (uneven on purpose)."""
     return build_shard_dir(tmp_path_factory.mktemp("tiny_shards"))
+
+
+@pytest.fixture(scope="session")
+def straight_run(tiny_shards, tmp_path_factory) -> Path:
+    """Two epochs of STRAIGHT_RECIPE on ``tiny_shards`` through a one-process ``accelerate
+    launch`` (its stdout in ``stdout.txt`` beside the run folder). Tests only read it (copy
+    it to change it): test_train resumes against it, test_results evaluates it."""
+    tmp = tmp_path_factory.mktemp("straight")
+    proc = launch(TRAIN, "--shards", tiny_shards, "--out", tmp / "run", *STRAIGHT_RECIPE, tmp=tmp)
+    (tmp / "stdout.txt").write_text(proc.stdout)
+    return tmp / "run"
+
+
+# ---------------------------------------------------------------- starting commands
+
+
+def run_env(tmp: Path, **extra: str) -> dict:
+    """The environment of a command a test starts: one thread, the torch cache and
+    accelerate's config folder under ``tmp`` (so no user config), unbuffered output, and no
+    precision left over from a launcher; ``extra`` adds or replaces variables."""
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        HF_HOME=str(tmp / "hf"),
+        TORCH_HOME=str(tmp / "torch"),
+    )
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    return env | extra
+
+
+def run(
+    cmd: list, tmp: Path, *, check: bool = True, cwd: Path = ROOT, env: dict | None = None, **kw
+) -> subprocess.CompletedProcess:
+    """``cmd`` (strings or paths) in ``cwd`` (the repository) with ``run_env(tmp)``, output
+    captured; with ``check``, an exit status other than 0 fails the test with the output."""
+    proc = subprocess.run(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env if env is not None else run_env(tmp),
+        capture_output=True,
+        text=True,
+        **kw,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def python(script: str | Path, *args, tmp: Path, check: bool = True, **env: str):
+    """``python SCRIPT ARGS`` (a path relative to the repository, or absolute), one process."""
+    return run([sys.executable, script, *args], tmp, check=check, env=run_env(tmp, **env))
+
+
+def launch(
+    script: str | Path, *args, tmp: Path, processes: int = 1, check: bool = True, **kw
+) -> subprocess.CompletedProcess:
+    """``accelerate launch SCRIPT ARGS`` on ``processes`` CPU ranks (DDP from two), fp32."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *(["--multi_gpu"] if processes > 1 else []),
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        script,
+        *args,
+    ]
+    return run(cmd, tmp, check=check, **kw)
 
 
 @pytest.fixture(scope="session")

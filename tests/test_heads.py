@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from pipeline.errors import UserError
@@ -38,15 +39,52 @@ def test_every_head_gives_probabilities_and_grades_that_agree(name):
     labels = torch.from_numpy(rng.integers(0, 5, 200))
     loss, weights = head.loss_sums(torch.from_numpy(out), labels, None)
     assert torch.isfinite(loss) and weights == 200
-    weighted, total = head.loss_sums(torch.from_numpy(out), labels, torch.tensor([1.0, 2, 3, 4, 5]))
-    assert total == float(torch.tensor([1.0, 2, 3, 4, 5])[labels].sum())
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_class_weights_weigh_each_sample_by_its_grade(name):
+    """The weighted loss against torch's own losses: cross-entropy's ``weight``, and the
+    regression and per-threshold binary losses weighted by hand."""
+    head = build_head(name)
+    rng = np.random.default_rng(4)
+    out = torch.from_numpy(rng.normal(size=(50, head.outputs)).astype(np.float32) + 1)
+    labels = torch.from_numpy(rng.integers(0, 5, 50))
+    weights = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0])
+    loss, total = head.loss_sums(out, labels, weights)
+    per_sample = weights[labels]
+    assert float(total) == pytest.approx(float(per_sample.sum()))
+    if name == "classify":  # its mean is torch's weighted mean
+        want = F.cross_entropy(out, labels, weight=weights, reduction="sum")
+    elif name == "regress":
+        want = (F.smooth_l1_loss(out[:, 0], labels.float(), reduction="none") * per_sample).sum()
+    else:
+        above = (labels[:, None] > torch.arange(4)).float()  # grade > k, k = 0..3
+        bce = F.binary_cross_entropy_with_logits(out, above, reduction="none").sum(dim=1)
+        want = (bce * per_sample).sum()
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    unweighted, _ = head.loss_sums(out, labels, None)
+    assert float(loss) != pytest.approx(float(unweighted), rel=1e-3)
 
 
 def test_regress_probabilities_follow_the_cut_points():
     head = build_head("regress")
+    hand = np.array([-1.0, 0.49, 0.51, 1.2, 1.51, 2.49, 2.6, 3.49, 3.51, 9.0], np.float32)
+    assert head.grades(hand[:, None]).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert head.grades(hand[:, None], (0.0, 1.0, 2.0, 3.0)).tolist() == [
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+        4,
+    ]
     scores = np.linspace(-1.05, 4.95, 61, dtype=np.float32)[:, None]  # none exactly on a cut-point
     grades = head.grades(scores, DEFAULT_CUTS)
-    assert np.array_equal(grades, (scores[:, 0] > np.array(DEFAULT_CUTS)[:, None]).sum(axis=0))
+    assert np.array_equal(grades, np.digitize(scores[:, 0], DEFAULT_CUTS))
     # P(grade >= 2) rises with the score: the referable ROC is the score's own
     referable = referable_score(head.probs(scores))
     assert np.all(np.diff(referable) > 0)

@@ -19,6 +19,7 @@ import pytest
 
 from pipeline.fileio import HOST
 from pipeline.manifest import read_manifest
+from pipeline.shardformat import patient_of, read_index
 from pipeline.verify import verify_shards
 from tests.conftest import tmpfs
 from tools.make_synthetic import generate
@@ -251,12 +252,21 @@ def test_verify_lists_every_problem(packed, tmp_path):
     proc = run("--verify", root)
     assert proc.returncode == 1
     report = proc.stderr
-    first_key = jpg[3][: -len(".jpg")]
     assert f"shard {train[0]['file']} does not match its sha256 in the manifest" in report
     assert f"in {train[1]['file']} has grade b'7', not one of 0-4" in report
     assert f"index {test[0]['index']} disagrees with {test[0]['file']} about" in report
     assert f"is in test ({test[1]['file']}) and also in train" in report
     assert "has images in train and in test" in report
     assert "images per grade but the manifest says" in report
-    assert first_key  # the sample whose bytes changed is in a shard named above
-    assert report.splitlines()[0] == f"{root}: {len(report.splitlines()) - 1} problem(s):"
+
+    # one line per problem planted: 2 shards whose bytes changed, the grade, the index, the
+    # train class counts; per sample of the copied shard its key; and per test sample of a
+    # patient it holds (both eyes, wherever the other is) the patient in two splits
+    def keys(shard: dict) -> list[str]:
+        return [ref.key for ref in read_index(packed / shard["index"], shard["file"])]
+
+    copied = {patient_of(key) for key in keys(test[1])}
+    in_test = sum(patient_of(key) in copied for shard in test for key in keys(shard))
+    expected = 5 + len(keys(test[1])) + in_test
+    assert report.splitlines()[0] == f"{root}: {expected} problem(s):"
+    assert len(report.splitlines()) == 1 + expected

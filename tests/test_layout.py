@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "trainer", "tools")
 
@@ -78,6 +80,7 @@ COMMANDS = (
 )
 
 
+@pytest.mark.slow
 def test_console_commands_work_from_any_folder(tmp_path):
     """After `pip install`, every dr-* command answers --help outside the repository."""
     import subprocess

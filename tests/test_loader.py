@@ -410,7 +410,7 @@ def test_dali_gpu_meets_the_contract(tiny_shards, test_ref):
 
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
 def test_dali_gpu_graph_is_well_formed(tiny_shards):
-    """The GPU graph (mixed decode, GPU augment, GPU->CPU contrast centre) defines and serialises
+    """The GPU graph (mixed decode, GPU augment, contrast centre on the GPU) defines and serialises
     without a GPU; only building it needs one (test_dali_gpu_meets_the_contract)."""
     from pipeline.loading.dali import shard_pipeline
 
@@ -530,11 +530,17 @@ def test_device_errors_pass_through_and_data_errors_are_explained(tiny_shards, m
 @pytest.mark.skipif(
     not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and a CUDA GPU"
 )
-def test_dali_gpu_pixels_match_the_cpu_path(tiny_shards):
+@pytest.mark.parametrize("hw_decoder_load", [0.0, 1.0])
+def test_dali_gpu_pixels_match_the_cpu_path(tiny_shards, hw_decoder_load, monkeypatch):
     """The GPU decoder (nvJPEG, fancy upsampling on) against libjpeg-turbo on the CPU, on the
-    same stored JPEGs at their stored size. Tolerance, on the 0-255 scale: at most 3 levels
-    anywhere and 0.5 on average, the spread two standard-conforming IDCTs and colour
-    conversions may show; without fancy upsampling, chroma edges differ by tens of levels."""
+    same stored JPEGs at their stored size, with every image on the CUDA decoder (0, what
+    training uses) and on the hardware decoder (1; the CUDA decoder where a GPU has none).
+    Tolerance, on the 0-255 scale: at most 3 levels anywhere and 0.5 on average, the spread
+    two standard-conforming IDCTs and colour conversions may show; without fancy upsampling,
+    chroma edges differ by tens of levels."""
+    import pipeline.loading.dali as dali
+
+    monkeypatch.setattr(dali, "HW_DECODER_LOAD", hw_decoder_load)
     gpu = {
         k: x
         for b in epoch(loader(tiny_shards, backend="dali", device="cuda"))

@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import UserError
-from tests.conftest import build_shard_dir
+from tests.conftest import TRAIN, build_shard_dir, python
 from trainer.checkpoint import load_best, load_last, state_checksum
 from trainer.config import TrainConfig
+from trainer.heads import tune_cuts
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "trainer" / "train.py")
 BASE = [
     "--image-size",
     "64",
@@ -32,24 +29,6 @@ BASE = [
     "0",
     "--quiet",
 ]
-
-
-def env(tmp: Path) -> dict:
-    return dict(
-        os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_HOME=str(tmp / "torch")
-    )
-
-
-def python(script: str, args, tmp: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, script, *map(str, args)],
-        cwd=ROOT,
-        env=env(tmp),
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def rows(run: Path) -> list[dict]:
@@ -72,22 +51,41 @@ def regress_run(paired_shards, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("regress")
     python(
         TRAIN,
-        [
-            "--shards",
-            paired_shards,
-            "--out",
-            tmp / "run",
-            "--head",
-            "regress",
-            "--epochs",
-            "2",
-            "--schedule",
-            "cosine",
-            *BASE,
-        ],
-        tmp,
+        *("--shards", paired_shards, "--out", tmp / "run", "--head", "regress", "--epochs", "2"),
+        *("--schedule", "cosine", *BASE),
+        tmp=tmp,
     )
     return tmp / "run"
+
+
+def outputs_of(checkpoint: Path, shards: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """best.pt's raw regress scores and the true grades of a split, evaluated in this process
+    as the trainer evaluates (batch 8, torch loader, one thread: the same sums)."""
+    from accelerate import Accelerator
+
+    from pipeline.loading.loader import build_loader
+    from trainer.checkpoint import head_of
+    from trainer.engine import evaluate
+
+    model, info = load_best(checkpoint)
+    loader = build_loader(
+        shards,
+        split,
+        train=False,
+        batch_size=8,
+        image_size=64,
+        backend="torch",
+        workers=0,
+        with_keys=True,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = evaluate(model, loader, Accelerator(cpu=True), head_of(info)[0])
+    finally:
+        torch.set_num_threads(threads)
+        loader.close()
+    return result.outputs[:, 0], result.labels
 
 
 @pytest.mark.slow
@@ -106,19 +104,17 @@ def test_regress_head_tunes_cut_points_on_val_and_evaluate_applies_them(
         "cut_points"
     ]
     assert info["pair_blend"] == best["pair_blend"]
+    # the cut-points are those tune_cuts finds on val's scores, not on test's
+    on_val = tune_cuts(*outputs_of(regress_run / "best.pt", paired_shards, "val"))
+    on_test = tune_cuts(*outputs_of(regress_run / "best.pt", paired_shards, "test"))
+    assert info["cut_points"] == pytest.approx(on_val, abs=1e-6)
+    assert np.abs(np.subtract(on_test, on_val)).max() > 1e-3, "val and test should tune apart"
     out = tmp_path / "eval"
     proc = python(
         "trainer/evaluate.py",
-        [
-            "--checkpoint",
-            regress_run / "best.pt",
-            "--shards",
-            paired_shards,
-            "--out",
-            out,
-            "--pair-eyes",
-        ],
-        tmp_path,
+        *("--checkpoint", regress_run / "best.pt", "--shards", paired_shards, "--out", out),
+        "--pair-eyes",
+        tmp=tmp_path,
     )
     metrics = json.loads((out / "metrics.json").read_text())
     # each eye alone: the logged test kappa; both eyes: the logged paired one
@@ -136,6 +132,10 @@ def test_regress_head_tunes_cut_points_on_val_and_evaluate_applies_them(
 def test_predict_pair_eyes_gives_evaluates_blended_probabilities(
     regress_run, paired_shards, tmp_path
 ):
+    # a best.pt whose partner weight is not 0 (val chose 0 on these tiny shards)
+    checkpoint = tmp_path / "blended.pt"
+    best = torch.load(regress_run / "best.pt", weights_only=True)
+    torch.save(best | {"pair_blend": 0.4}, checkpoint)
     photos = tmp_path / "photos"
     photos.mkdir()
     for tar_path in sorted(paired_shards.glob("test-*.tar")):
@@ -147,53 +147,34 @@ def test_predict_pair_eyes_gives_evaluates_blended_probabilities(
                     )
     python(
         "trainer/evaluate.py",
-        [
-            "--checkpoint",
-            regress_run / "best.pt",
-            "--shards",
-            paired_shards,
-            "--out",
-            tmp_path / "eval",
-            "--pair-eyes",
-        ],
-        tmp_path,
+        *("--checkpoint", checkpoint, "--shards", paired_shards, "--out", tmp_path / "eval"),
+        "--pair-eyes",
+        tmp=tmp_path,
     )
+    evaluated = {
+        r["key"]: r for r in csv.DictReader((tmp_path / "eval" / "predictions.csv").open())
+    }
+    predicted = {}
     for paired in (False, True):
         out = tmp_path / f"pred-{paired}"
         python(
             "tools/predict.py",
-            [
-                "--checkpoint",
-                regress_run / "best.pt",
-                photos,
-                "--out",
-                out,
-                "--device",
-                "cpu",
-                *(["--pair-eyes"] if paired else []),
-            ],
-            tmp_path,
+            *("--checkpoint", checkpoint, photos, "--out", out, "--device", "cpu"),
+            *(["--pair-eyes"] if paired else []),
+            tmp=tmp_path,
         )
-        predicted = {
+        predicted[paired] = {
             Path(r["image"]).stem: r for r in csv.DictReader((out / "predictions.csv").open())
         }
-        if paired:
-            evaluated = {
-                r["key"]: r for r in csv.DictReader((tmp_path / "eval" / "predictions.csv").open())
-            }
-            assert set(evaluated) == set(predicted)
-            for key, row in evaluated.items():
-                assert int(row["pred"]) == int(predicted[key]["grade"])
-                for g in range(5):
-                    assert abs(float(row[f"p{g}"]) - float(predicted[key][f"p{g}"])) <= 2e-6, (
-                        key,
-                        g,
-                    )
-        else:
-            alone = predicted
-    blend = load_best(regress_run / "best.pt")[1]["pair_blend"]
-    changed = sum(alone[k]["p0"] != predicted[k]["p0"] for k in alone)
-    assert (changed > 0) == (blend > 0)
+    alone, both = predicted[False], predicted[True]
+    assert set(evaluated) == set(both) == set(alone)
+    # blending moved the probabilities of the eyes whose partner differs
+    moved = [k for k in alone if alone[k]["p0"] != both[k]["p0"]]
+    assert len(moved) >= len(alone) // 2, (len(moved), len(alone))
+    for key, row in evaluated.items():
+        assert int(row["pred"]) == int(both[key]["grade"]), key
+        for g in range(5):
+            assert abs(float(row[f"p{g}"]) - float(both[key][f"p{g}"])) <= 2e-6, (key, g)
 
 
 @pytest.mark.slow
@@ -203,8 +184,8 @@ def test_export_of_a_regress_head_carries_its_cut_points(regress_run, tmp_path):
 
     python(
         "tools/export.py",
-        ["--checkpoint", regress_run / "best.pt", "--format", "onnx", "--out", tmp_path],
-        tmp_path,
+        *("--checkpoint", regress_run / "best.pt", "--format", "onnx", "--out", tmp_path),
+        tmp=tmp_path,
     )
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
     info = load_best(regress_run / "best.pt")[1]
@@ -222,43 +203,29 @@ def test_ordinal_head_with_ema_accumulation_clipping_adamw_and_tensorboard(paire
     run = tmp_path / "run"
     python(
         TRAIN,
-        [
-            "--shards",
-            paired_shards,
-            "--out",
-            run,
-            "--head",
-            "ordinal",
-            "--epochs",
-            "2",
-            "--ema",
-            "0.9",
-            "--grad-accumulation",
-            "2",
-            "--clip-grad",
-            "1.0",
-            "--optimizer",
-            "adamw",
-            "--lr",
-            "1e-3",
-            "--log-with",
-            "tensorboard",
-            *BASE,
-        ],
-        tmp_path,
+        *("--shards", paired_shards, "--out", run, "--head", "ordinal", "--epochs", "2"),
+        *("--ema", "0.9", "--grad-accumulation", "2", "--clip-grad", "1.0"),
+        *("--optimizer", "adamw", "--lr", "1e-3", "--log-with", "tensorboard", *BASE),
+        tmp=tmp_path,
     )
     state = load_last(run)
     assert "ema" in state and "betas" in state["optimizer"]["param_groups"][0]  # AdamW
     # 40 images, batch 8: 5 batches an epoch, 2 optimizer steps of 2 (the 5th batch left out)
     assert state["scheduler"]["last_epoch"] == 2 * 2
     _, info = load_best(run / "best.pt")
+    # best.pt holds the average of its epoch, not the raw weights: last/ is epoch 2,
+    # previous/ epoch 1
+    at_best = {
+        2: state,
+        1: torch.load(run / "checkpoints" / "previous" / "state.pt", weights_only=True),
+    }[info["epoch"]]
+    assert at_best["epoch"] == info["epoch"]
     ema_weights = {
-        k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")
+        k.removeprefix("module."): v for k, v in at_best["ema"].items() if k.startswith("module.")
     }
-    if info["epoch"] == 2:  # best.pt holds the average, not the raw weights
-        best_state = torch.load(run / "best.pt", weights_only=True)["model"]
-        assert state_checksum(best_state) == state_checksum(ema_weights)
-        assert state_checksum(best_state) != state_checksum(state["model"])
+    best_state = torch.load(run / "best.pt", weights_only=True)["model"]
+    assert state_checksum(best_state) == state_checksum(ema_weights)
+    assert state_checksum(best_state) != state_checksum(at_best["model"])
     assert (info["head"], info["outputs"]) == ("ordinal", 4)
     events = EventAccumulator(str(next(run.rglob("events.out.tfevents.*")).parent))
     events.Reload()
@@ -272,7 +239,7 @@ def test_compile_trains_on_the_cpu(tmp_path):
     shards = build_shard_dir(tmp_path / "shards", {"train": 16, "test": 8})
     run = tmp_path / "run"
     proc = python(
-        TRAIN, ["--shards", shards, "--out", run, "--epochs", "1", "--compile", *BASE], tmp_path
+        TRAIN, "--shards", shards, "--out", run, "--epochs", "1", "--compile", *BASE, tmp=tmp_path
     )
     assert json.loads((run / "config.json").read_text())["config"]["compile"]
     assert not any(
@@ -301,6 +268,33 @@ def test_label_smoothing_softens_the_classify_loss():
     sharp = build_head("classify").loss_sums(out, labels, None)[0]
     smooth = build_head("classify", label_smoothing=0.1).loss_sums(out, labels, None)[0]
     assert smooth > sharp  # confident and right still costs something
+
+
+def test_clip_grad_bounds_the_update():
+    """SGD at lr 1 without momentum moves the weights by the gradient itself: clipped to norm
+    1e-3, the step is 1e-3 long, where the unclipped gradient moves them far more."""
+    from accelerate import Accelerator
+
+    from trainer.engine import build_optimizer, build_scheduler, train_step
+    from trainer.heads import build_head
+
+    accelerator = Accelerator(cpu=True)
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 5
+    steps = {}
+    for clip in (None, 1e-3):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
+        optimizer = build_optimizer(model, lr=1.0, momentum=0.0, weight_decay=0.0)
+        scheduler = build_scheduler(optimizer, "constant", warmup_steps=0, total_steps=1)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        head = build_head("classify")
+        train_step(model, images, labels, optimizer, scheduler, accelerator, head, clip_grad=clip)
+        after = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        steps[clip] = float((after - before).norm())
+    assert steps[None] > 0.1  # the raw gradient's step: a hundred times the clip and more
+    assert steps[1e-3] == pytest.approx(1e-3, rel=1e-4)
 
 
 def test_imagenet_v2_weights_offline_is_one_sentence(tmp_path, monkeypatch):

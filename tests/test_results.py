@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tests.conftest import TRAIN, launch, python
 from trainer.metrics import read_confusion_csv
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = [
     "--image-size",
     "64",
@@ -30,51 +27,44 @@ RECIPE = [
 ]
 
 
-def run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf"))
-    env.pop("ACCELERATE_MIXED_PRECISION", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+@pytest.fixture(scope="module")
+def two_runs(straight_run, tiny_shards, tmp_path_factory) -> tuple[Path, Path]:
+    """A constant-lr run of its own (2 epochs) and conftest's straight run (cosine, class
+    weights, 2 epochs)."""
+    constant = tmp_path_factory.mktemp("runs") / "constant"
+    python(
+        TRAIN,
+        "--shards",
+        tiny_shards,
+        "--out",
+        constant,
+        "--epochs",
+        "2",
+        *RECIPE,
+        tmp=constant.parent,
+    )
+    return constant, straight_run
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny_shards, tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("runs")
-    a, b = tmp / "constant", tmp / "cosine"
-    run(
-        [
-            sys.executable,
-            "trainer/train.py",
-            "--shards",
-            str(tiny_shards),
-            "--out",
-            str(a),
-            "--epochs",
-            "2",
-            *RECIPE,
-        ],
-        tmp,
-    )
-    run(
-        [
-            sys.executable,
-            "trainer/train.py",
-            "--shards",
-            str(tiny_shards),
-            "--out",
-            str(b),
-            "--epochs",
-            "1",
-            "--schedule",
-            "cosine",
-            "--class-weights",
-            "sqrt",
-            *RECIPE,
-        ],
-        tmp,
-    )
-    return a, b
+def evaluated(tiny_shards, tmp_path_factory):
+    """``evaluated(run_dir, processes)``: evaluate.py on the run's best.pt on test through
+    ``accelerate launch`` on that many ranks, once per module; its output folder and stdout."""
+    done = {}
+
+    def evaluate(run_dir: Path, processes: int) -> tuple[Path, str]:
+        if (run_dir, processes) not in done:
+            out = tmp_path_factory.mktemp(f"eval-{run_dir.name}-{processes}")
+            proc = launch(
+                "trainer/evaluate.py",
+                *("--checkpoint", run_dir / "best.pt", "--shards", tiny_shards, "--out", out),
+                tmp=out,
+                processes=processes,
+            )
+            done[run_dir, processes] = out, proc.stdout
+        return done[run_dir, processes]
+
+    return evaluate
 
 
 def best_row(run_dir: Path) -> dict:
@@ -84,10 +74,9 @@ def best_row(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
-def test_evaluate_reproduces_the_trainers_numbers(two_runs, tiny_shards, tmp_path, processes):
+def test_evaluate_reproduces_the_trainers_numbers(two_runs, evaluated, processes):
     for run_dir in two_runs:  # the second run weights its loss by class
-        out = tmp_path / f"eval-{run_dir.name}"
-        proc = launch_evaluate(run_dir, tiny_shards, out, processes, tmp_path)
+        out, stdout = evaluated(run_dir, processes)
         got = json.loads((out / "metrics.json").read_text())
         want = best_row(run_dir)
         assert got["samples"] == 13 and got["world_size"] == processes
@@ -95,47 +84,28 @@ def test_evaluate_reproduces_the_trainers_numbers(two_runs, tiny_shards, tmp_pat
         assert got["qwk"] == want["test_qwk"]
         assert got["recall"] == want["test_recall"]
         assert math.isclose(got["loss"], want["test_loss"], rel_tol=1e-5)
+        # screening: the threshold best.pt carries (chosen by the trainer), applied unchanged
+        assert got["referable_threshold_from"] == "the checkpoint (chosen on val)"
+        assert got["referable_threshold"] == want["referable_threshold"]
+        assert (got["sensitivity"], got["specificity"]) == (
+            want["test_sensitivity"],
+            want["test_specificity"],
+        )
+        for auc in ("referable_auc", "any_dr_auc"):
+            assert got[auc] == pytest.approx(want[f"test_{auc}"], abs=1e-12), auc
         logged = read_confusion_csv(run_dir / "confusion" / f"test_epoch_{want['epoch']:03d}.csv")
         assert (read_confusion_csv(out / "confusion_test.csv") == logged).all()
         assert Image.open(out / "confusion_test.png").size[0] > 300
-        assert f"kappa {want['test_qwk']:.4f}" in proc.stdout
-
-
-def launch_evaluate(run_dir: Path, shards: Path, out: Path, processes: int, tmp: Path, *more):
-    multi = ["--multi_gpu"] if processes > 1 else []
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *multi,
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_processes",
-        str(processes),
-        "trainer/evaluate.py",
-        "--checkpoint",
-        str(run_dir / "best.pt"),
-        "--shards",
-        str(shards),
-        "--out",
-        str(out),
-        *more,
-    ]
-    return run(cmd, tmp)
+        assert f"kappa {want['test_qwk']:.4f}" in stdout
 
 
 @pytest.mark.slow
-def test_per_image_scores_are_the_same_set_on_1_2_and_3_ranks(two_runs, tiny_shards, tmp_path):
+def test_per_image_scores_are_the_same_set_on_1_2_and_3_ranks(two_runs, evaluated):
     from sklearn.metrics import roc_auc_score
 
     tables = {}
     for processes in (1, 2, 3):
-        out = tmp_path / f"eval-{processes}"
-        launch_evaluate(two_runs[1], tiny_shards, out, processes, tmp_path)
+        out, _ = evaluated(two_runs[1], processes)
         tables[processes] = pd.read_csv(out / "predictions.csv")
         metrics = json.loads((out / "metrics.json").read_text())
         table = tables[processes]
@@ -154,21 +124,25 @@ def test_per_image_scores_are_the_same_set_on_1_2_and_3_ranks(two_runs, tiny_sha
     )
 
 
-def test_evaluate_bad_split_is_one_sentence(two_runs, tiny_shards, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "trainer/evaluate.py",
-            "--checkpoint",
-            str(two_runs[0] / "best.pt"),
-            "--shards",
-            str(tiny_shards),
-            "--split",
-            "val",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+def test_evaluate_bad_split_is_one_sentence(tiny_shards, tmp_path):
+    from trainer.checkpoint import save_best
+    from trainer.model import build_model
+
+    checkpoint = tmp_path / "best.pt"  # an untrained model: the split is checked first
+    save_best(
+        checkpoint,
+        build_model("resnet18").state_dict(),
+        arch="resnet18",
+        image_size=64,
+        epoch=1,
+        metrics={},
+        config={"backend": "torch"},
+    )
+    proc = python(
+        "trainer/evaluate.py",
+        *("--checkpoint", checkpoint, "--shards", tiny_shards, "--split", "val"),
+        tmp=tmp_path,
+        check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -179,11 +153,9 @@ def test_evaluate_bad_split_is_one_sentence(two_runs, tiny_shards, tmp_path):
 @pytest.mark.slow
 def test_compare_runs_on_two_real_runs(two_runs, tmp_path):
     out = tmp_path / "compare"
-    proc = run(
-        [sys.executable, "tools/compare_runs.py", *map(str, two_runs), "--out", str(out)], tmp_path
-    )
+    proc = python("tools/compare_runs.py", *two_runs, "--out", out, tmp=tmp_path)
     assert Image.open(out / "compare.png").size[0] > 1000
     table = (out / "compare.md").read_text()
     assert "| resnet18, from scratch (constant) | 2/2 |" in table
-    assert "| resnet18, from scratch (cosine) | 1/1 |" in table
+    assert f"| resnet18, from scratch ({two_runs[1].name}) | 2/2 |" in table  # the folder's name
     assert table.strip() in proc.stdout

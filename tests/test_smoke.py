@@ -4,7 +4,6 @@ through ``accelerate launch`` on two CPU ranks from a folder that is not the rep
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,7 +15,9 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.loading.loader import dali_available
 from pipeline.manifest import read_manifest, verify_split
+from tests.conftest import launch, run, run_env
 from trainer.config import TrainConfig, parse_args
+from trainer.metrics import read_confusion_csv
 from trainer.smoke import EVAL_FOLDER, check_run, smoke_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,27 +47,17 @@ def installed(tmp_path_factory) -> Path:
 def env_for(site: Path, tmp: Path) -> dict:
     """The installed copy first on the path; no user accelerate config; temp folders in tmp."""
     (tmp / "tmp").mkdir(exist_ok=True)
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(site),
-        HF_HOME=str(tmp / "hf"),
-        TMPDIR=str(tmp / "tmp"),
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.pop("ACCELERATE_MIXED_PRECISION", None)
-    return env
+    return run_env(tmp, PYTHONPATH=str(site), TMPDIR=str(tmp / "tmp"))
 
 
+@pytest.mark.slow
 def test_the_installed_package_carries_the_fixture(installed, tmp_path):
-    proc = subprocess.run(
+    proc = run(
         [sys.executable, "-c", "from trainer.smoke import fixture_dir; print(fixture_dir())"],
+        tmp_path,
         cwd=tmp_path,
         env=env_for(installed, tmp_path),
-        capture_output=True,
-        text=True,
     )
-    assert proc.returncode == 0, proc.stderr
     found = Path(proc.stdout.strip())
     assert found == installed / "trainer" / "fixture"
     manifest = read_manifest(found)
@@ -78,26 +69,15 @@ def test_the_installed_package_carries_the_fixture(installed, tmp_path):
 def smoke_run(installed, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """``accelerate launch --multi_gpu --num_processes 2 trainer/train.py --smoke``."""
     tmp = tmp_path_factory.mktemp("smoke")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
-        str(installed / "trainer" / "train.py"),
-        "--arch",
-        "resnet18",
-        "--smoke",
-        "--quiet",
-    ]
     (tmp / "cwd").mkdir()
-    proc = subprocess.run(
-        cmd, cwd=tmp / "cwd", env=env_for(installed, tmp), capture_output=True, text=True
+    proc = launch(
+        installed / "trainer" / "train.py",
+        *("--arch", "resnet18", "--smoke", "--quiet"),
+        tmp=tmp,
+        processes=2,
+        check=False,
+        cwd=tmp / "cwd",
+        env=env_for(installed, tmp),
     )
     return proc, tmp
 
@@ -120,8 +100,22 @@ def test_smoke_on_two_ranks_from_any_folder(smoke_run, installed):
     config = json.loads((run / "config.json").read_text())["config"]
     assert config["shards"] == str(installed / "trainer" / "fixture")
     assert (config["image_size"], config["epochs"], config["batch_size"]) == (64, 2, 4)
-    assert (run / EVAL_FOLDER / "confusion_test.csv").is_file()
-    assert check_run(run, TrainConfig(**config)) == []
+    # what "best.pt re-evaluated as logged" claims, read from the run folder here
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    best = max(rows, key=lambda r: r["val_qwk"])  # the fixture has a val split
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] == best["epoch"] and summary["chosen_on"] == "val"
+    (first, second) = summary["weights_sha256_per_rank"]
+    assert first == second
+    again = json.loads((run / EVAL_FOLDER / "metrics.json").read_text())
+    assert again["checkpoint_epoch"] == best["epoch"] and again["world_size"] == 2
+    assert (
+        again["samples"] == read_manifest(installed / "trainer" / "fixture").split("test").samples
+    )
+    assert (again["accuracy"], again["qwk"]) == (best["test_acc"], best["test_qwk"])
+    logged = read_confusion_csv(run / "confusion" / f"test_epoch_{best['epoch']:03d}.csv")
+    assert (read_confusion_csv(run / EVAL_FOLDER / "confusion_test.csv") == logged).all()
 
 
 @pytest.mark.slow

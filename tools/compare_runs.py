@@ -3,7 +3,8 @@
     python tools/compare_runs.py runs/resnet18 runs/resnet50 --out runs/compare
 
 Writes ``OUT/compare.png`` (accuracy, loss and kappa per epoch; train dashed, val dotted,
-test solid, one colour per run) and ``OUT/compare.md`` (the markdown table it also prints).
+test solid, one colour per run) and ``OUT/compare.md`` (the markdown table it also prints,
+with a link to each run's ``report.html``).
 The table reports each run's test figures at its best-val epoch: val chooses, test reports
 (a run whose shards had no val split was chosen on test, and the table says so). Runs of
 different lengths and runs still in progress are fine: each is drawn as far as it got.
@@ -27,6 +28,7 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import NUM_CLASSES
 from pipeline.errors import UserError
 from tools.compare_seeds import SEEDS_FILE, group_runs, seeds_table
+from trainer.report import REPORT_FILE
 from trainer.runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 
 FIGURE_FILE = "compare.png"
@@ -143,6 +145,16 @@ def results_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def report_links(runs: list[Run], out: Path) -> str:
+    """Links to each run's report.html (trainer/report.py), relative to ``out``."""
+    links = [
+        f"- {run.name}: [{REPORT_FILE}]({os.path.relpath(run.path / REPORT_FILE, out)})"
+        for run in runs
+        if (run.path / REPORT_FILE).is_file()
+    ]
+    return "\n\nEach run on one page:\n\n" + "\n".join(links) if links else ""
+
+
 def _figure(value) -> str:
     return "-" if value is None or pd.isna(value) else f"{value:.3f}"
 
@@ -206,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _unique_names(runs)
     plot_runs(runs, cfg.out / FIGURE_FILE)
-    table = results_table(runs)
+    table = results_table(runs) + report_links(runs, cfg.out)
     (cfg.out / TABLE_FILE).write_text(table + "\n")
     print(table)
     print(f"\nfigure: {cfg.out / FIGURE_FILE}\ntable:  {cfg.out / TABLE_FILE}")

@@ -22,14 +22,14 @@ export MPLBACKEND=Agg
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 mkdir -p "$DEMO"
-rm -rf "$DEMO/runs" "$DEMO/eval" "$DEMO/photos"  # an earlier demo's results; data and shards are reused
+rm -rf "$DEMO/runs" "$DEMO/eval" "$DEMO/photos" "$DEMO/cam" "$DEMO/heat"  # an earlier demo's results; data and shards are reused
 if [ -d data ] && [ -n "$(ls -A data 2>/dev/null)" ]; then
     step "packing the dataset in data/ into $DEMO/shards"
     python tools/make_shards.py data "$DEMO/shards" --size "$SIZE"
 else
     step "no data/ here: $N synthetic fundus photographs ($DIFFICULTY) into $DEMO/data"
     python tools/make_synthetic.py --out "$DEMO/data" --n "$N" --size 256 --layout kaggle --seed 0 \
-        --difficulty "$DIFFICULTY" --lesion-scale "$LESION_SCALE"
+        --difficulty "$DIFFICULTY" --lesion-scale "$LESION_SCALE" --masks
     step "packing them into WebDataset shards ($SIZE px; train, val and test) in $DEMO/shards"
     python tools/make_shards.py "$DEMO/data" "$DEMO/shards" --size "$SIZE" --shard-size 64
 fi
@@ -47,7 +47,7 @@ done
 
 step "evaluating the regress head's best checkpoint on test, each eye alone and both eyes blended"
 python trainer/evaluate.py --checkpoint "$DEMO/runs/resnet18-regress/best.pt" \
-    --shards "$DEMO/shards" --out "$DEMO/eval" --pair-eyes
+    --shards "$DEMO/shards" --out "$DEMO/eval" --pair-eyes --explain 8
 
 step "comparing the two heads (test at the best-val epoch)"
 python tools/compare_runs.py "$DEMO/runs/resnet18-classify" "$DEMO/runs/resnet18-regress" \
@@ -69,15 +69,41 @@ except ImportError:
     pass
 PY
 python tools/predict.py --checkpoint "$DEMO/runs/resnet18-regress/best.pt" --tta --pair-eyes \
-    --out "$DEMO" "$DEMO/photos"
+    --explain --out "$DEMO" "$DEMO/photos"
 column -s, -t < "$DEMO/predictions.csv" 2>/dev/null || cat "$DEMO/predictions.csv"
+
+step "how sure the classify head is: calibration error on test before and after its temperature"
+ECE=$(python - "$DEMO/runs/resnet18-classify/summary.json" <<'PY'
+import json, sys
+best = json.load(open(sys.argv[1]))["best"]
+print(f"temperature {best['temperature']:.3f} (fitted on val at epoch {best['epoch']}); test ECE "
+      f"{best['test_ece_raw']:.3f} before, {best['test_ece']:.3f} after; val ECE "
+      f"{best['val_ece_raw']:.3f} before, {best['val_ece']:.3f} after")
+PY
+)
+echo "$ECE"
+HEAT="(no lesion masks: the photographs are not synthetic)"
+if [ -d "$DEMO/data/masks" ]; then
+    step "where the classify head looks: Grad-CAM heat inside the lesions of referable test photographs"
+    HEAT=$(python tools/lesion_heat.py --checkpoint "$DEMO/runs/resnet18-classify/best.pt" \
+        --data "$DEMO/data" --shards "$DEMO/shards" --split test --out "$DEMO/heat" | tail -1)
+    echo "$HEAT"
+fi
 
 step "done; look at:"
 cat <<MSG
+  $DEMO/runs/resnet18-classify/report.html   each run on one page (open in a browser): curves, confusion,
+  $DEMO/runs/resnet18-regress/report.html    ROC, reliability, recall, the most confidently wrong photographs
+  $DEMO/cam/                                 where the model looked in each photograph it graded (Grad-CAM)
+  $DEMO/eval/cam/                            the same for the 8 test photographs it got most confidently wrong
   $DEMO/compare.png                          accuracy, loss and kappa per epoch (train, val, test) for both heads
   $DEMO/compare.md                           the results table: test at the best-val epoch, with both eyes too
   $DEMO/runs/*/confusion/*_epoch_*.png       a confusion matrix per epoch, val and test
   $DEMO/runs/*/metrics.jsonl                 one JSON line per epoch
   $DEMO/eval/                                the regress head's best.pt on test: metrics.json, roc.png, predictions.csv
   $DEMO/predictions.csv                      predicted grade and probabilities per photograph
+  $DEMO/heat/                                the classify head's maps on referable test photographs
+
+classify head, calibration: $ECE
+classify head, lesion heat: $HEAT
 MSG

@@ -229,6 +229,15 @@ def check_gpus() -> Result:
     return Result(FAIL, found, f"torch cannot initialise CUDA ({reason}); check `nvidia-smi`")
 
 
+def check_gpu_run() -> Result:
+    """The batch and learning rate a GPU run should start from (trainer.scaling)."""
+    from trainer.scaling import gpu_advice
+
+    if not torch_gpus():
+        return Result(SKIP, "no GPU: the defaults (--batch-size 8 --lr 0.01) suit the CPU")
+    return Result(OK, gpu_advice(torch_gpus()))
+
+
 def check_precision() -> Result:
     torch = torch_module()
     if not torch_gpus():
@@ -349,6 +358,8 @@ def check_hw_decoder() -> Result:
     if image is None:
         return Result(OK, "none on this GPU: nvJPEG decodes on the CUDA cores")
     share = round(100 * HW_DECODER_LOAD)
+    if not share:  # docs/gpu.md: pixel parity with predict.py not yet shown for it
+        return Result(OK, "available; unused by the DALI loader (hw_decoder_load 0, docs/gpu.md)")
     return Result(OK, f"available: the DALI loader sends {share} % of each batch to it")
 
 
@@ -591,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     report("GPUs", check_gpus)
     report("precision", check_precision)
+    report("GPU run", check_gpu_run)
     report("DALI", check_dali)
     report("DALI GPU decoder", check_dali_gpu_decoder)
     report("HW JPEG decoder", check_hw_decoder)

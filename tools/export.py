@@ -8,10 +8,11 @@ image size and N free (any batch size), and one output ``output``, the head's ra
 ``arch``, ``image_size``, ``mean`` and ``std`` (RGB, on the 0-255 pixel scale),
 ``preprocess`` (how the shards were made: size, graham, ...), ``head`` (``classify`` unless
 best.pt says otherwise) and, when best.pt has them, ``cut_points``, ``referable_threshold``,
-``pair_blend`` and ``pair_cut_points`` (the cut-points for blended scores), copied as they
-are; and ``fusion`` when ``dr-fuse`` stored a fusion head: its sizes, cut-points, operating
-point, epoch and kappa figures. Its weights are not exported: model.onnx is the single-eye
-network, and a deployment that fuses both eyes uses tools/predict.py --pair-eyes.
+``pair_blend`` and ``pair_cut_points`` (the cut-points for blended scores) and
+``temperature``, copied as they are; and ``fusion`` when ``dr-fuse`` stored a fusion head: its
+sizes, cut-points, operating point, epoch and kappa figures. Its weights are not exported:
+model.onnx is the single-eye network, and a deployment that fuses both eyes uses
+tools/predict.py --pair-eyes.
 
 How a deployment gets from a photograph to a grade:
 
@@ -19,8 +20,11 @@ How a deployment gets from a photograph to a grade:
    to ``preprocess["size"]`` (then to ``image_size`` if that differs), Graham's
    normalisation if ``preprocess["graham"]``;
 2. ``x = (rgb - mean) / std`` per channel, on the 0-255 scale, laid out as N, 3, S, S;
-3. ``classify``: the grade is the argmax of the five outputs, their softmax the
-   probabilities; ``regress``: one output per image, and the grade is the number of
+3. ``classify``: the grade is the argmax of the five outputs, the softmax of the outputs
+   divided by ``temperature`` (fitted on val; 1 when absent) the calibrated probabilities,
+   and the referable score p2 + p3 + p4 of those is what ``referable_threshold`` applies
+   to; ``ordinal``: four "grade > k" logits, divided by ``temperature`` before the sigmoid;
+   ``regress``: one output per image, and the grade is the number of
    ``cut_points`` (four increasing thresholds) it exceeds.
 
 The export is checked before it is kept: onnxruntime and torch must agree on a random
@@ -46,7 +50,7 @@ from trainer.checkpoint import load_best
 FORMATS = ("onnx",)
 MODEL_FILE = "model.onnx"
 INPUT, OUTPUT = "image", "output"
-THRESHOLDS = ("cut_points", "referable_threshold", "pair_blend", "pair_cut_points")
+THRESHOLDS = ("cut_points", "referable_threshold", "pair_blend", "pair_cut_points", "temperature")
 # what dr-fuse stored, less its weights (model.onnx is the single-eye network; see the docstring)
 FUSION_FIELDS = (
     "features",

@@ -37,7 +37,7 @@ PYVER=${2:-3.12}
 PLATFORM=${3:-manylinux_2_28_x86_64}
 # the project's pins for the loaders (pyproject.toml): DALI for CUDA 12 drivers and newer;
 # pytest for tools/gpu_check.sh's GPU tests
-PACKAGES=(${FETCH_PACKAGES:-"nvidia-dali-cuda120>=1.40" "webdataset>=0.2.86" "pytest>=8"})
+PACKAGES=(${FETCH_PACKAGES:-"nvidia-dali-cuda120>=2.0" "webdataset>=0.2.86" "pytest>=8"})
 mkdir -p "$DEST"
 PLAT=(--only-binary=:all: --python-version "$PYVER" --implementation cp
       --platform "$PLATFORM" --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64

@@ -45,6 +45,10 @@ EyePACS is:
 Lesions at their real size only survive training at a real size (512 px). `--lesion-scale K`
 draws every lesion K times larger, nothing else changed, for training at a fraction of that:
 the demo trains at 128 px on realistic pictures drawn with `--lesion-scale 3`.
+
+`--masks` also writes where the lesions are: `masks/<id>.png` beside each photograph (255
+where a lesion was painted) and `masks/drawn_grades.csv`; the pictures are the same with or
+without it. `tools/lesion_heat.py` uses them to measure whether a model looks at lesions.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ DIFFICULTIES = ("easy", "realistic")
 EYES = ("left", "right")
 JPEG_QUALITY = 92
 MIN_SIZE = 32
+MASKS_DIR = "masks"  # --masks: masks/<id>.png (255 = lesion) and masks/drawn_grades.csv
+DRAWN_GRADES = "drawn_grades.csv"
+LESION_MASK_LEVEL = 0.1  # share of a lesion's full opacity from which a pixel counts as lesion
 
 # Lesions per image as (low, high) inclusive ranges, one per grade 0-4. Ranges of neighbouring
 # grades barely overlap so that the grade can be read off the picture.
@@ -398,6 +405,24 @@ def render_fundus(
     easy: H = size, W = width or size. realistic: the frame is drawn (H <= size, W >= H, `width`
     must be None) and the photograph goes through `_camera`.
     """
+    return render_fundus_with_mask(
+        grade, rng, size, eye, width=width, difficulty=difficulty, lesion_scale=lesion_scale
+    )[0]
+
+
+def render_fundus_with_mask(
+    grade: int,
+    rng: np.random.Generator,
+    size: int = 512,
+    eye: str = "left",
+    *,
+    width: int | None = None,
+    difficulty: str = "easy",
+    lesion_scale: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`render_fundus`'s photograph (the same pixels for the same rng) and its lesion mask:
+    (H, W) bool, true where any lesion was painted (`LESION_MASK_LEVEL` of full opacity or
+    more, after the lesion's own blur)."""
     if not 0 <= grade < NUM_CLASSES:
         raise ValueError(f"grade must be 0-{NUM_CLASSES - 1}, got {grade}")
     if eye not in EYES:
@@ -456,6 +481,10 @@ def render_fundus(
     _blend(img, blot, RED_LESION, 0.9)
     _blend(img, red, RED_LESION, 0.9)
     _blend(img, yellow, EXUDATE, 0.95)
+    painted = [m for m in (red, blot, yellow, cotton, fibrous) if m is not None]
+    lesions = np.zeros((h, w), bool)
+    for m in painted:
+        lesions |= m >= LESION_MASK_LEVEL
 
     if difficulty == "realistic":
         img = _camera(img, rng, xx, yy, (cx, cy), retina_r)
@@ -463,7 +492,7 @@ def render_fundus(
         img += rng.normal(0.0, 2.0, (h, w, 1)).astype(np.float32)  # sensor noise
     edge = np.clip((1.0 - r) * retina_r / 1.5, 0.0, 1.0)  # anti-aliased rim, black outside
     img *= edge[..., None]
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return np.clip(img, 0, 255).astype(np.uint8), lesions & (edge > 0.5)
 
 
 def _camera(img, rng, xx, yy, centre, retina_r) -> np.ndarray:
@@ -621,9 +650,14 @@ def generate(
     *,
     difficulty: str = "easy",
     lesion_scale: float = 1.0,
+    masks: bool = False,
     progress: bool = False,
 ) -> list[tuple[str, int]]:
-    """Write n synthetic fundus JPEGs and their labels in `layout`; return (image_id, label) for all."""
+    """Write n synthetic fundus JPEGs and their labels in `layout`; return (image_id, label) for all.
+
+    `masks`: also each photograph's lesion mask, `masks/<id>.png` (L, 255 = lesion, the
+    photograph's size), and `masks/drawn_grades.csv` (`image,drawn`: the grade the picture
+    shows, which realistic label noise can make differ from its label)."""
     _check_options(n, size, layout, width, class_mix, test_fraction, difficulty)
     out = Path(out_dir)
     _writable_dir(out)
@@ -643,7 +677,7 @@ def generate(
     for i, (image_id, grade) in jobs:
         eye = image_id.rsplit("_", 1)[1]
         rng = np.random.default_rng([seed, 1, i])
-        pixels = render_fundus(
+        pixels, lesions = render_fundus_with_mask(
             grade, rng, size, eye, width=width, difficulty=difficulty, lesion_scale=lesion_scale
         )
         quality = JPEG_QUALITY if difficulty == "easy" else int(rng.integers(75, 96))
@@ -653,6 +687,14 @@ def generate(
             Image.fromarray(pixels).save(path, "PNG")
         else:
             Image.fromarray(pixels).save(path, "JPEG", quality=quality)
+        if masks:
+            mask_dir = _writable_dir(out / MASKS_DIR)
+            Image.fromarray(lesions.astype(np.uint8) * 255).save(mask_dir / f"{image_id}.png")
+    if masks:
+        _write_lines(
+            out / MASKS_DIR / DRAWN_GRADES,
+            ["image,drawn", *(f"{i},{g}" for i, g in zip(ids, drawn, strict=True))],
+        )
 
     if layout in PUBLIC_LAYOUTS:
         pass
@@ -792,6 +834,11 @@ class SynthConfig:
         "draw lesions this many times larger than life, so that they survive training at a "
         "fraction of the photographs' size (the demo trains at 128 px what EyePACS trains at 512)",
     )
+    masks: bool = arg(
+        False,
+        "also write each photograph's lesion mask (masks/<id>.png, 255 = lesion) and the "
+        "grade each picture shows (masks/drawn_grades.csv), for checking where a model looks",
+    )
 
     def __post_init__(self):
         if not 0.25 <= self.lesion_scale <= 8:
@@ -812,6 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         width=cfg.width,
         difficulty=cfg.difficulty,
         lesion_scale=cfg.lesion_scale,
+        masks=cfg.masks,
         progress=True,
     )
     counts = np.bincount([g for _, g in items], minlength=NUM_CLASSES)

@@ -9,11 +9,13 @@ padded square, resized, Graham-normalised if the shards were, and JPEG-encoded),
 loaders' evaluation path (decode, resize to the model's size, normalise). So raw camera
 photos work as they are, and a photo packed into shards gets the same probabilities here
 as from ``trainer/evaluate.py``. Writes ``OUT/predictions.csv``, one row per image: the
-predicted grade, the five probabilities, or the reason it could not be graded (unreadable,
+predicted grade, the five probabilities (calibrated with the checkpoint's temperature), or the reason it could not be graded (unreadable,
 too small, a symlink loop). Such an image is reported and skipped; the exit status is 1
 when any was, 0 when all were graded. ``--preprocess plain|graham`` says how to prepare the
 photos for a checkpoint that does not record it; one that contradicts what the checkpoint
-records stops (``--allow-preprocessing-mismatch`` goes on, with a warning).
+records stops (``--allow-preprocessing-mismatch`` goes on, with a warning). ``--explain``
+also writes ``OUT/cam/<name>.png`` per graded photo: where the model looked (Grad-CAM,
+trainer/explain.py) beside the photo as the model saw it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,9 @@ from pipeline.errors import UserError
 from pipeline.loading.contract import normalization
 from pipeline.loading.samples import eval_image
 from pipeline.writing.preprocess import BadImage, prepare
+from trainer.calibration import scaled
 from trainer.checkpoint import head_of, load_best
+from trainer.explain import CAM_DIR, caption_of, explain_images, overlay
 from trainer.fusion import FUSION_KEY, fused_outputs
 from trainer.model import backbone_features
 from trainer.pairing import blend_partners
@@ -64,6 +69,11 @@ class PredictConfig:
         "grade both eyes of a patient together (10_left with 10_right, by file name): "
         "with the checkpoint's fusion head (dr-fuse) if it has one, else blending each "
         "eye's outputs with its partner's (the weight chosen on val)",
+    )
+    explain: bool = arg(
+        False,
+        "also write OUT/cam/<name>.png per photograph: the class-activation map of its "
+        "prediction beside the photograph as the model saw it",
     )
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     preprocess: str = arg(
@@ -196,11 +206,13 @@ def main(argv: list[str] | None = None) -> int:
 
     pending: list[tuple[Prediction, torch.Tensor]] = []
     graded: list[tuple[Prediction, np.ndarray, np.ndarray]] = []
+    maps: list[tuple[np.ndarray, np.ndarray]] = []  # --explain: (pixels, map) per graded photo
 
     def flush():
         if pending:
+            images = torch.stack([t for _, t in pending])
             outputs, features = outputs_and_features(
-                model, torch.stack([t for _, t in pending]).to(args.device), shift, scale, args.tta
+                model, images.to(args.device), shift, scale, args.tta
             )
             graded.extend(
                 zip(
@@ -210,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                     strict=True,
                 )
             )
+            if args.explain:
+                maps.extend(explain_images(model, info, list(images), args.device))
             pending.clear()
 
     for path in paths:
@@ -229,12 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.pair_eyes:  # partners found by file name: 10_left.jpeg beside 10_right.jpeg
             stems = [p.path.stem for p, _, _ in graded]
             outputs, cuts = paired_outputs(info, stems, outputs, np.stack([f for *_, f in graded]))
-        probs, grades = head.probs(outputs, cuts), head.grades(outputs, cuts)
+        # calibrated, as evaluate.py's: not the fusion head's outputs, which have no temperature
+        temperature = None if args.pair_eyes and info.get(FUSION_KEY) else info.get("temperature")
+        probs = head.probs(scaled(outputs, temperature), cuts)
+        grades = head.grades(outputs, cuts)
         for (pred, _, _), p, g in zip(graded, probs, grades, strict=True):
             pred.probs, pred.grade = [float(x) for x in p], int(g)
 
     out = args.out / PREDICTIONS_FILE
     write_csv(out, results)
+    if maps:
+        write_explained(args.out / CAM_DIR, [p for p, *_ in graded], maps)
     failed = sum(r.error is not None for r in results)
     graded = len(results) - failed
     counts = np.bincount([r.grade for r in results if r.grade is not None], minlength=NUM_CLASSES)
@@ -259,6 +278,20 @@ def paired_outputs(
     cuts = info.get("pair_cut_points") or info.get("cut_points")
     blended = blend_partners(keys, outputs, info.get("pair_blend") or 0.0)
     return blended, tuple(cuts) if cuts else None
+
+
+def write_explained(
+    folder: Path, graded: list[Prediction], maps: list[tuple[np.ndarray, np.ndarray]]
+) -> None:
+    """``folder/<photo name>.png``: each photo as the model saw it, beside its map."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = Counter(p.path.stem for p in graded)
+    for pred, (pixels, cam) in zip(graded, maps, strict=True):
+        # two photos of one name in different folders: the folder goes into the name
+        name = pred.path.stem if names[pred.path.stem] == 1 else "_".join(pred.path.parts[-2:])
+        caption = caption_of(str(pred.path), pred.grade, sum(pred.probs[2:]))
+        overlay(pixels, cam, caption).save(folder / f"{Path(name).stem}.png")
+    print(f"wrote {len(graded)} class-activation overlay(s) into {folder}")
 
 
 def write_csv(path: Path, results: list[Prediction]) -> None:

@@ -16,9 +16,10 @@ on a small val split: trainer/selection.py; test's when the shards have no val s
      manifest's: size, graham, ... -- how new photographs must be prepared),
      "augment" (the training augmentation), "head" and "outputs" (classify 5, regress 1,
      ordinal 4), "cut_points" (regress), "pair_blend" (both eyes), "pair_cut_points"
-     (regress, both eyes blended), "referable_threshold" (the screening operating point):
-     the last four chosen on val; "fusion" (written by tools/fuse.py: trainer/fusion.py);
-     "epoch", "metrics", "config"}
+     (regress, both eyes blended), "referable_threshold" (the screening operating point),
+     "temperature" (classify/ordinal: outputs / T before the softmax or sigmoid;
+     trainer.calibration): the last five chosen on val; "fusion" (written by tools/fuse.py:
+     trainer/fusion.py); "epoch", "metrics", "config"}
 
 Both load with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
 """
@@ -209,6 +210,8 @@ def save_best(
         "cut_points": metrics.get("cut_points"),  # regress head: tuned on val for kappa
         "pair_blend": metrics.get("pair_blend"),  # both eyes: weight of the partner, chosen on val
         "pair_cut_points": metrics.get("pair_cut_points"),  # regress: cut-points of the blend
+        # classify/ordinal: raw outputs / temperature before the softmax/sigmoid, fitted on val
+        "temperature": metrics.get("temperature"),
         "epoch": epoch,
         "metrics": metrics,
         "config": config,
@@ -242,7 +245,9 @@ def repair_best(run_dir: str | Path, state: dict) -> None:
         return
     config = state["config"]
     weights = state["model"]
-    if "ema" in state:  # AveragedModel's state: "module."-prefixed weights and n_averaged
+    if (
+        "ema" in state
+    ):  # trainer.ema.EMA (AveragedModel's layout): "module."-prefixed weights, n_averaged
         weights = {
             k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")
         }

@@ -22,10 +22,11 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from torch.optim.swa_utils import AveragedModel
 
 from pipeline.errors import RunError, UserError
 from pipeline.shardformat import eye_of, patient_of
+from trainer.calibration import scaled
+from trainer.ema import EMA
 from trainer.heads import ClassifyHead, Head
 from trainer.metrics import (
     accuracy,
@@ -74,9 +75,10 @@ class EvalResult:
     head: Head = field(default_factory=ClassifyHead)
     cuts: tuple[float, ...] | None = None  # regress head: tuned on val
     features: np.ndarray | None = None  # (N, D) backbone features, when asked for
+    temperature: float | None = None  # classify/ordinal: fitted on val (trainer.calibration)
 
     def __post_init__(self):
-        self.probs = self.head.probs(self.outputs, self.cuts)  # (N, 5)
+        self.probs = self.head.probs(scaled(self.outputs, self.temperature), self.cuts)  # (N, 5)
         self.grades = self.head.grades(self.outputs, self.cuts)
         self.confusion = confusion_of(self.labels, self.grades)
 
@@ -98,6 +100,9 @@ class EvalResult:
 
     def with_cuts(self, cuts: tuple[float, ...] | None) -> EvalResult:
         return replace(self, cuts=cuts)
+
+    def with_temperature(self, temperature: float | None) -> EvalResult:
+        return replace(self, temperature=temperature)
 
     def paired(self, weight: float, cuts: tuple[float, ...] | None = None) -> EvalResult:
         """The same images with each eye's outputs blended with its partner's (and, for the
@@ -207,28 +212,6 @@ def seek_schedule(optimizer: Optimizer, scheduler: LambdaLR, step: int, lr: floa
         group["lr"] = lr * factor(step)
 
 
-def ema_decay(decay: float, updates: int) -> float:
-    """The EMA's decay after ``updates`` averaged steps: min(decay, (1 + t) / (10 + t)), so
-    that a short run averages what it learned instead of keeping the initial weights (at
-    0.999 the plain average still holds 37 % of them after 1000 steps)."""
-    return min(decay, (1.0 + updates) / (10.0 + updates))
-
-
-def ema_multi_avg_fn(decay: float) -> Callable:
-    """AveragedModel's update with the warmed-up decay; integer buffers (BatchNorm's batch
-    counters) follow the model. ``AveragedModel`` already reads its counter on the host
-    every step, so reading it here adds no sync."""
-
-    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        d = ema_decay(decay, int(num_averaged))
-        if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, 1.0 - d)
-        else:
-            torch._foreach_copy_(averaged, current)
-
-    return update
-
-
 def class_weights_for(
     counts: Sequence[int], mode: str, device: torch.device | None = None
 ) -> Tensor | None:
@@ -258,7 +241,7 @@ def train_step(
     head: Head = CLASSIFY,
     class_weights: Tensor | None = None,
     clip_grad: float | None = None,
-    ema: AveragedModel | None = None,
+    ema: EMA | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One step (an optimizer step every ``gradient_accumulation_steps`` of them); the detached
     outputs, loss sum and weight sum (for the epoch's means)."""
@@ -288,7 +271,7 @@ def train_one_epoch(
     class_weights: Tensor | None = None,
     on_step: Callable[[float | None], None] | None = None,
     clip_grad: float | None = None,
-    ema: AveragedModel | None = None,
+    ema: EMA | None = None,
 ) -> TrainResult:
     """One epoch of whole optimizer steps: with gradient accumulation over N batches, the
     epoch's last ``len(loader) % N`` batches are left out (so every epoch, and a resumed

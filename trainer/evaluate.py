@@ -14,7 +14,11 @@ partner's; kappa each eye alone, blended and fused are all reported (the loss is
 alone's). Screening figures: referable DR (grade >= 2, score p2+p3+p4) ROC-AUC, with
 sensitivity and specificity at the operating point stored in the checkpoint (chosen on
 val by the trainer, or by dr-fuse for the fused scores), and any-DR (grade >= 1) ROC-AUC.
-It evaluates the way the trainer does (same batch size, precision, loader and loss
+Probabilities are calibrated with the checkpoint's temperature (classify and ordinal heads);
+``ece_raw`` and ``ece`` are the expected calibration error before and after it,
+``reliability.png`` draws both. With ``--explain N``, ``cam/<key>.png`` shows where the model
+looked (trainer/explain.py) in the N most confidently wrong photographs (largest grade
+distance first). It evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the
 numbers logged for that epoch. ``--split all`` evaluates every image of the folder (its
 splits together). Several folders (``--shards A B C``) are evaluated in turn, each into its
@@ -41,9 +45,11 @@ from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.samplelist import read_sample_table
+from trainer.calibration import ece_figures, plot_reliability, reliability_curves
 from trainer.checkpoint import head_of, load_best
 from trainer.config import BACKENDS
-from trainer.engine import EvalResult, class_weights_for, evaluate, resolve_precision
+from trainer.engine import EvalResult, bare, class_weights_for, evaluate, resolve_precision
+from trainer.explain import CAM_DIR, rank_wrong, write_overlays
 from trainer.external import (
     ROC_FIGURE,
     TABLE_CSV,
@@ -70,6 +76,7 @@ from trainer.preprocessing import check_preprocessing
 
 PREDICTIONS_FILE = "predictions.csv"
 ROC_FILE = "roc.png"
+RELIABILITY_FILE = "reliability.png"
 
 
 @dataclass
@@ -104,6 +111,12 @@ class EvalConfig:
     allow_preprocessing_mismatch: bool = arg(
         False, "evaluate shards prepared otherwise than the training images (with a warning)"
     )
+    explain: int = arg(
+        0,
+        "with --out: write OUT/cam/<key>.png, the class-activation map beside the photograph, "
+        "for this many photographs, the most confidently wrong first",
+        metavar="N",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if args.explain and not args.out:
+        raise UserError("--explain writes pictures: give --out DIR too")
+    if args.explain and args.split == "all":
+        raise UserError(
+            "--explain reads the photographs of one split: give --split train, val or test"
+        )
     if len({Path(folder).resolve() for folder in args.shards}) < len(args.shards):
         raise UserError("--shards names the same folder twice")
     manifests = [read_manifest(folder) for folder in args.shards]  # all checked before any runs
@@ -214,7 +233,8 @@ def evaluate_folder(
         )
         backend = loader.backend
         loader.close()
-    alone = combined(parts)
+    # the temperature: None for the regress head, or a checkpoint older than calibration
+    alone = combined(parts).with_temperature(info.get("temperature"))
     expected = sum(manifest.split(split).samples for split in splits_of(manifest, args.split))
     if alone.samples != expected or len(set(alone.keys)) != expected:
         raise RuntimeError(
@@ -223,7 +243,8 @@ def evaluate_folder(
         )
     blend = info.get("pair_blend") or 0.0
     blended = alone.paired(blend, info.get("pair_cut_points"))
-    fused = fused_result(fusion, alone) if fusion else None
+    # the fusion head's outputs are its own: the single eye's temperature does not apply
+    fused = fused_result(fusion, alone).with_temperature(None) if fusion else None
     result = (blended if fused is None else fused) if args.pair_eyes else alone
     positive, score = result.labels >= REFERABLE_GRADE, referable_score(result.probs)
     threshold, threshold_from = info.get("referable_threshold"), "the checkpoint (chosen on val)"
@@ -259,6 +280,8 @@ def evaluate_folder(
         **screen,
         "referable_threshold": threshold,
         "referable_threshold_from": threshold_from,
+        "temperature": alone.temperature,
+        **ece_figures(result),
         "world_size": accelerator.num_processes,
         "backend": backend,
     }
@@ -267,9 +290,13 @@ def evaluate_folder(
         write_folder(
             out, info, args.split, metrics, result, positive, score, threshold, manifest.root
         )
+        if args.explain > 0:
+            explain_wrong(
+                model, info, accelerator, result, manifest.root, args.split, args.explain, out
+            )
         accelerator.print(
-            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE} and "
-            f"confusion_{args.split}.csv/.png"
+            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE}, {RELIABILITY_FILE} "
+            f"and confusion_{args.split}.csv/.png"
         )
     return metrics, result
 
@@ -281,6 +308,10 @@ def report(accelerator, info, args, metrics, alone: EvalResult, result: EvalResu
         f"{info['arch']} epoch {info.get('epoch')} on {args.split} ({result.samples} images): "
         f"accuracy {100 * result.accuracy:.2f} %, kappa {result.kappa:.4f}, loss {result.loss:.4f}, "
         f"recall 0-4 {recall}"
+    )
+    accelerator.print(
+        f"calibration: ECE {metrics['ece_raw']:.4f} before, {metrics['ece']:.4f} after "
+        + (f"temperature {result.temperature:.3f}" if result.temperature else "(no temperature)")
     )
     if args.pair_eyes:
         accelerator.print(
@@ -315,7 +346,7 @@ def write_folder(
     out: Path, info, split: str, metrics, result, positive, score, threshold, shards: Path
 ) -> None:
     """metrics.json, the confusion matrix (CSV, PNG), predictions.csv (with the original paths
-    of ``shards``' samples.csv) and roc.png."""
+    of ``shards``' samples.csv), roc.png and reliability.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
@@ -333,6 +364,19 @@ def write_folder(
         "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
     }
     plot_roc(curves, threshold, out / ROC_FILE, title=f"{info['arch']} on {split}")
+    plot_reliability(
+        reliability_curves(result), out / RELIABILITY_FILE, title=f"{info['arch']} on {split}"
+    )
+
+
+def explain_wrong(model, info, accelerator, result: EvalResult, shards: Path, split, n, out):
+    """``out/cam/<key>.png`` for the ``n`` most confidently wrong photographs."""
+    table = result.predictions()
+    chosen = table.iloc[rank_wrong(table)[:n]]
+    explained = write_overlays(
+        bare(accelerator, model), info, shards, split, chosen, out / CAM_DIR, accelerator.device
+    )
+    accelerator.print(f"wrote {len(explained)} class-activation overlays into {out / CAM_DIR}")
 
 
 def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:

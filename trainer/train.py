@@ -14,15 +14,19 @@
 Each epoch trains on the train split, evaluates the val and test splits and writes into
 --out (default ``runs/ARCH-YYYYmmdd-HHMMSS``): a line of ``metrics.jsonl`` (train loss and
 accuracy; for val and test: loss, accuracy, kappa, kappa with both eyes blended, recall per
-grade, referable-DR AUC, sensitivity and specificity, any-DR AUC; what val chose: the
-referable threshold, the regress head's cut-points, the both-eyes weight; images_per_s,
-epoch_s, lr, first_batch_s: the wait for the epoch's first batch), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
+grade, referable-DR AUC, sensitivity and specificity, any-DR AUC, the calibration error before
+and after the temperature (``ece_raw``, ``ece``); what val chose: the referable threshold (on
+calibrated scores), the regress head's cut-points, the both-eyes weight, the temperature
+(``trainer/calibration.py``); images_per_s, epoch_s, lr, first_batch_s: the wait for the
+epoch's first batch), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
 ``checkpoints/last/`` (atomic, the one before kept as ``previous/``) and ``best.pt``
 (highest val kappa, or lowest val MSE for a regress head on a val split under 500 images:
 trainer/selection.py; test's when the shards have no val split, with a warning).
 ``--recipe huang2023`` sets another recipe's defaults at once (trainer/recipes.py).
-``config.json`` (config + environment) is written at the start and ``summary.json`` (with
-the test figures at the best-val epoch) at the end. Every rank computes; rank 0 writes.
+``config.json`` (config + environment) is written at the start, ``summary.json`` (with
+the test figures at the best-val epoch) and ``report.html`` (trainer/report.py: the run
+on one page) at the end; ``predictions/{val,test}_epoch_NNN.csv`` keeps the best epoch's
+per-image outputs for it. Every rank computes; rank 0 writes.
 ``images_per_s`` counts the training images of all ranks per second of the training
 loop; ``epoch_s`` is training plus evaluation.
 
@@ -54,7 +58,6 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from PIL import Image
 from torch.optim.lr_scheduler import LRScheduler
-from torch.optim.swa_utils import AveragedModel
 
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
@@ -64,6 +67,7 @@ from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.verify import verify_shards
 from trainer import smoke
+from trainer.calibration import calibrate_on, ece_figures
 from trainer.checkpoint import (
     BEST_FILE,
     last_dir,
@@ -76,6 +80,7 @@ from trainer.checkpoint import (
     state_checksum,
 )
 from trainer.config import TrainConfig, merge_for_resume, parse_args
+from trainer.ema import EMA
 from trainer.engine import (
     EvalResult,
     NonFiniteLossError,
@@ -84,7 +89,6 @@ from trainer.engine import (
     build_optimizer,
     build_scheduler,
     class_weights_for,
-    ema_multi_avg_fn,
     evaluate,
     resolve_precision,
     seek_schedule,
@@ -103,6 +107,7 @@ from trainer.metrics import (
 from trainer.model import build_model, imagenet_state_dict
 from trainer.normalize import normalization_for
 from trainer.pairing import choose_blend, choose_blend_and_cuts
+from trainer.report import save_predictions, write_report
 from trainer.runfiles import (
     CONFIG_FILE,
     CONFUSION_DIR,
@@ -112,6 +117,7 @@ from trainer.runfiles import (
     read_metrics,
     truncate_metrics,
 )
+from trainer.scaling import batch_line, process_group_kwargs
 from trainer.selection import SMALL_VAL, selection_for, squared_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(accelerator, train_loader.backend)
     accelerator.print(f"config: {json.dumps(cfg.to_dict())}\nenvironment: {json.dumps(env)}")
+    accelerator.print(
+        batch_line(cfg.batch_size, accelerator.num_processes, cfg.grad_accumulation, cfg.lr)
+    )
     if selection.key.endswith("_mse"):
         accelerator.print(
             f"{chooser} has fewer than {SMALL_VAL} images: the best epoch is the one with the "
@@ -242,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             is_best,
             preprocess=manifest.preprocess,
         )
+        if is_best and accelerator.is_main_process:  # for the report's per-image figures
+            save_predictions(out, epoch, results)
         trackers.log(row, out)
 
     checksums = gather_object([state_checksum(bare(accelerator, evaluated).state_dict())])
@@ -249,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"the ranks ended with different weights: {checksums}")
     if accelerator.is_main_process:
         write_summary(out, cfg, env, best, checksums, chooser)
+        report(out)
     accelerator.print(final_line(best, chooser, out))
     for loader in (train_loader, *eval_loaders.values()):
         loader.close()
@@ -324,6 +336,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         log_with=cfg.log_with,
         # trackers need a folder when named; the run folder, once chosen, replaces this one
         project_dir=cfg.out or "runs",
+        # rank 0's long work (--verify-shards, plots) must not trip NCCL's 10 minutes
+        kwargs_handlers=[process_group_kwargs()],
     )
 
 
@@ -336,10 +350,10 @@ def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
     return batches // accumulation
 
 
-def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+def build_ema(model: torch.nn.Module, decay: float) -> EMA:
     """An exponential moving average of the weights, BatchNorm statistics included, its decay
-    warmed up (engine.ema_decay)."""
-    return AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(decay), use_buffers=True)
+    warmed up, updated without a host synchronisation (``trainer.ema``)."""
+    return EMA(model, decay)
 
 
 def make_deterministic() -> None:
@@ -454,7 +468,7 @@ def restore(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
-    ema: AveragedModel | None,
+    ema: EMA | None,
     out: Path,
     steps_per_epoch: int,
 ) -> tuple[int, dict | None]:
@@ -559,6 +573,7 @@ def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, E
     base = results[chooser]
     cuts = tune_cuts(base.outputs[:, 0], base.labels) if base.head.name == "regress" else None
     results = {split: result.with_cuts(cuts) for split, result in results.items()}
+    results, temperature = calibrate_on(chooser, results)  # the threshold is chosen calibrated
     base = results[chooser]
     pair_cuts = None
     if cuts:  # the blend and the cut-points that go with it, chosen together
@@ -573,6 +588,7 @@ def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, E
         "pair_blend": blend,
         "pair_cut_points": list(pair_cuts) if pair_cuts else None,
         "referable_threshold": threshold,
+        "temperature": temperature,
     }
 
 
@@ -593,6 +609,7 @@ def metrics_row(
             ).kappa,
             f"{split}_recall": r.recall,
             **{f"{split}_{k}": v for k, v in screen.items()},
+            **ece_figures(r, f"{split}_"),
         }
         if r.head.name == "regress":
             row[f"{split}_mse"] = squared_error(r.outputs, r.labels)
@@ -648,7 +665,7 @@ def save_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
-    ema: AveragedModel | None,
+    ema: EMA | None,
     row: dict,
     confusions: dict[str, np.ndarray],
     best: dict,
@@ -755,6 +772,14 @@ def stopped_message(err: Exception, epoch: int, out: Path) -> str:
         f"{err} of epoch {epoch}; training stopped and {kept}. Lower --lr (or add "
         "--warmup-epochs) and start again, or continue with --resume --lr SMALLER"
     )
+
+
+def report(out: Path) -> None:
+    """report.html; a failure there costs the page, not the run (dr-report writes it again)."""
+    try:
+        write_report(out)
+    except Exception as err:  # the run's own files are all written by now
+        print(f"warning: report.html not written ({type(err).__name__}: {err}); dr-report {out}")
 
 
 def write_summary(

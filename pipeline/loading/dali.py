@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dali_math
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipeline.constants import IMAGE_EXT, IMAGENET_MEAN, IMAGENET_STD, LABEL_EXT, NUM_CLASSES
@@ -43,8 +44,11 @@ from pipeline.loading.samples import find_bad_sample
 
 READER = "shards"
 SHUFFLE_FILL = 1024  # DALI's shuffle buffer (undecoded samples); shards are pre-shuffled on disk
-# nvJPEG on the GPU: share of each batch sent to the hardware decoder (A100/H100 have one).
-HW_DECODER_LOAD = 0.65
+# nvJPEG on the GPU: share of each batch sent to the hardware JPEG decoder (A100/H100 have
+# one). 0: none, every image on the CUDA decoder, whose output (with fancy upsampling) is held
+# to the CPU decoders' by tests/test_loader.py; the hardware decoder's has never been compared
+# on a GPU (that test runs at 0 and 1), so training keeps what predict.py sees (docs/gpu.md).
+HW_DECODER_LOAD = 0.0
 
 
 def memory_padding(stored_size: int) -> int:
@@ -99,11 +103,23 @@ def decode(jpegs, *, gpu: bool, size_hint: int, crop_area: float = 0.0):
     return fn.decoders.image(jpegs, **opts)
 
 
-def grey_mean(images, gpu: bool):
-    """Per-image mean of the luma (torchvision's contrast centre), as a CPU argument input."""
+def grey_mean(images):
+    """Per-image mean of the luma (torchvision's contrast centre), where the images are."""
     mean = fn.reductions.mean(images, axes=[0, 1], dtype=types.FLOAT)
-    grey = mean[0] * GREY_WEIGHTS[0] + mean[1] * GREY_WEIGHTS[1] + mean[2] * GREY_WEIGHTS[2]
-    return grey.cpu() if gpu else grey
+    return mean[0] * GREY_WEIGHTS[0] + mean[1] * GREY_WEIGHTS[1] + mean[2] * GREY_WEIGHTS[2]
+
+
+def brightness_contrast(images, brightness, contrast, *, gpu: bool):
+    """``fn.brightness_contrast`` (brightness * (centre + contrast * (x - centre)), rounded and
+    saturated to uint8) about each image's grey mean, written as arithmetic so that the centre
+    stays on the GPU: the operator takes it only as a CPU argument, which on the GPU costs a
+    device-to-host copy and a wait per batch. Equal to the operator to the level (tested)."""
+    centre = grey_mean(images)
+    if gpu:  # the factors are drawn on the CPU; a host-to-device copy needs no wait
+        brightness, contrast = brightness.gpu(), contrast.gpu()
+    x = fn.cast(images, dtype=types.FLOAT)
+    out = dali_math.clamp(brightness * (centre + contrast * (x - centre)), 0, 255)
+    return fn.cast(out, dtype=types.UINT8)
 
 
 def translate(images, dx, dy):
@@ -149,11 +165,11 @@ def decode_and_augment(
         images = fn.flip(images, horizontal=0, vertical=fn.random.coin_flip(probability=0.5))
     if aug.color > 0:
         low, high = 1.0 - aug.color, 1.0 + aug.color
-        images = fn.brightness_contrast(
+        images = brightness_contrast(
             images,
-            brightness=fn.random.uniform(range=[low, high]),
-            contrast=fn.random.uniform(range=[low, high]),
-            contrast_center=grey_mean(images, gpu),
+            fn.random.uniform(range=[low, high]),
+            fn.random.uniform(range=[low, high]),
+            gpu=gpu,
         )
     return fn.crop_mirror_normalize(
         images,
@@ -218,7 +234,7 @@ def pipeline_kwargs(spec: LoaderSpec, seed: int) -> dict:
         "device_id": spec.device.index if gpu else None,
         "seed": seed,
         "prefetch_queue_depth": 2,
-        "exec_dynamic": True,  # needed for the GPU->CPU contrast centre
+        "exec_dynamic": True,  # run(cuda_stream): outputs ordered on torch's stream, no wait
     }
 
 
@@ -283,13 +299,14 @@ class DaliLoader(Loader):
         self.discard_prepared()
         if self.builder is None:
             self.builder = ThreadPoolExecutor(1, thread_name_prefix="dali-build")
-        self.prepared = (epoch, self.builder.submit(self.start_pipeline, epoch))
+        # torch's stream of the loop's thread: the background thread's current one is another
+        self.prepared = (epoch, self.builder.submit(self.start_pipeline, epoch, self.stream()))
 
-    def start_pipeline(self, epoch: int) -> tuple:
+    def start_pipeline(self, epoch: int, stream=None) -> tuple:
         """(the pipeline, its first batch's outputs or the error running it raised)."""
         pipe = self.build_pipeline(epoch)
         try:
-            return pipe, pipe.run()
+            return pipe, run_on(pipe, stream)
         except RuntimeError as err:  # raised in the loop, as a reading failure
             return pipe, err
 
@@ -325,7 +342,7 @@ class DaliLoader(Loader):
         try:
             for step in range(steps):
                 if first is None:
-                    outputs = self.reading(pipe.run, lo, hi)
+                    outputs = self.reading(lambda p=pipe: run_on(p, self.stream()), lo, hi)
                 else:  # run ahead by the background thread
                     outputs, first = self.reading(lambda ran=first: outcome(ran), lo, hi), None
                 if spec.train and step == steps - 1:
@@ -347,7 +364,7 @@ class DaliLoader(Loader):
                 meta = pipe.reader_meta(READER)
                 per_shard = meta["epoch_size_padded"] // meta["number_of_shards"]
                 for _ in range(math.ceil(per_shard / spec.batch_size) - steps):
-                    self.reading(pipe.run, lo, hi)
+                    self.reading(lambda p=pipe: run_on(p, self.stream()), lo, hi)
             finished = True
         finally:
             # a whole eval epoch leaves the reader at the start of its slice again
@@ -385,6 +402,11 @@ class DaliLoader(Loader):
                 "train with --backend torch meanwhile"
             ) from err
 
+    def stream(self):
+        """torch's current CUDA stream (None on the CPU): DALI hands its GPU outputs over
+        ordered on it, so that ``run`` does not wait for the batch on the host."""
+        return torch.cuda.current_stream(self.spec.device) if self.gpu else None
+
     def images(self, images) -> torch.Tensor:
         """DALI's images as a torch tensor (on the GPU copied on torch's stream, to order it with torch's work)."""
         images = images.as_tensor()
@@ -415,7 +437,14 @@ class DaliLoader(Loader):
                 or f"DALI read grades outside 0-{NUM_CLASSES - 1} from split "
                 f"'{self.spec.split}' of {self.spec.manifest.root}; rebuild the shards"
             )
-        return torch.from_numpy(grades)
+        grades = torch.from_numpy(grades)
+        # pinned, so that the copy to the GPU is asynchronous (normalize: non_blocking)
+        return grades.pin_memory() if self.gpu else grades
+
+
+def run_on(pipe, stream):
+    """One batch: with a CUDA stream, DALI's GPU outputs come ordered on it, not host-synced."""
+    return pipe.run() if stream is None else pipe.run(stream)
 
 
 def outcome(ran):

@@ -190,23 +190,33 @@ def crop_border(
     not count. Measured on a copy reduced to about 256 px; an image with almost nothing
     bright in it is returned as it is.
     """
+    box = border_box(img, threshold, min_fraction)
+    return img.crop(box) if box is not None else img
+
+
+def border_box(
+    img: Image.Image, threshold: int = BORDER_THRESHOLD, min_fraction: float = 0.01
+) -> tuple[int, int, int, int] | None:
+    """The box ``crop_border`` crops ``img`` to (left, top, right, bottom); None when it
+    keeps the image whole. Whatever must follow the photograph's geometry (a lesion mask)
+    is cropped with it."""
     factor = max(1, min(img.size) // 256)
     small = img.reduce(factor) if factor > 1 else img
     bright = np.asarray(small).max(axis=2) > threshold
     rows = np.flatnonzero(bright.mean(axis=1) > min_fraction)
     cols = np.flatnonzero(bright.mean(axis=0) > min_fraction)
     if len(rows) == 0 or len(cols) == 0:
-        return img
+        return None
     w, h = img.size
     box = (
-        cols[0] * factor,
-        rows[0] * factor,
-        min(w, (cols[-1] + 1) * factor),
-        min(h, (rows[-1] + 1) * factor),
+        int(cols[0] * factor),
+        int(rows[0] * factor),
+        int(min(w, (cols[-1] + 1) * factor)),
+        int(min(h, (rows[-1] + 1) * factor)),
     )
-    if (box[2] - box[0]) * (box[3] - box[1]) < 0.01 * w * h:
-        return img
-    return img.crop(box) if box != (0, 0, w, h) else img
+    if (box[2] - box[0]) * (box[3] - box[1]) < 0.01 * w * h or box == (0, 0, w, h):
+        return None
+    return box
 
 
 def pad_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:

@@ -1,0 +1,146 @@
+"""Does the model look at the lesions? Grad-CAM heat inside synthetic lesion masks.
+
+    python tools/make_synthetic.py --out data/ --masks ...      # photographs + masks/
+    python tools/lesion_heat.py --checkpoint runs/r18/best.pt --data data/ \
+        [--shards shards/ --split test] [--out heat/]
+
+For every photograph in ``--data`` whose picture shows referable disease (drawn grade >= 2,
+``masks/drawn_grades.csv``; with ``--shards``, only those in ``--split`` of that shard
+folder, so a model is judged on photographs it did not train on), it prepares the photo as
+``tools/predict.py`` does, computes the class-activation map of the checkpoint's head
+(trainer/explain.py), carries the lesion mask through the same crop, pad and resize, and
+measures over the fundus:
+
+- heat share: the share of the map's heat that falls inside the lesion mask;
+- area share: the share of the fundus the mask covers.
+
+A model that ignored the lesions would have a heat share near the area share; the ratio is
+how many times more heat the lesions get than their area. Prints the means over the
+photographs; ``--out`` also writes ``lesion_heat.csv`` (per photograph) and the overlays.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cli import arg, parse_config, run_cli
+from pipeline.errors import UserError
+from pipeline.manifest import read_manifest
+from pipeline.shardformat import read_index
+from tools.make_synthetic import DRAWN_GRADES, MASKS_DIR
+from tools.predict import load_for_model
+from trainer.checkpoint import load_best
+from trainer.explain import (
+    explain_images,
+    fundus_of,
+    lesion_heat,
+    mask_as_model_saw,
+    overlay,
+)
+from trainer.metrics import REFERABLE_GRADE
+
+
+@dataclass
+class HeatConfig:
+    checkpoint: Path = arg(help="best.pt written by trainer/train.py", metavar="FILE")
+    data: Path = arg(help="make_synthetic --masks output folder", metavar="DIR")
+    shards: Path | None = arg(None, "only the photographs in --split of this shard folder")
+    split: str = arg("test", "with --shards: the split whose photographs to measure")
+    out: Path | None = arg(None, "write lesion_heat.csv and the overlays here", metavar="DIR")
+
+
+@dataclass
+class Heat:
+    photos: int
+    heat_share: float  # mean over photographs
+    area_share: float
+
+    @property
+    def ratio(self) -> float:
+        return self.heat_share / self.area_share if self.area_share > 0 else float("nan")
+
+
+def referable_pictures(data: Path, keys: set[str] | None = None) -> list[tuple[Path, Path]]:
+    """(photo, mask) of every picture drawn with referable disease, in name order."""
+    table = data / MASKS_DIR / DRAWN_GRADES
+    if not table.is_file():
+        raise UserError(f"{data} has no {MASKS_DIR}/{DRAWN_GRADES}; make it with --masks")
+    photos = {p.stem: p for p in data.rglob("*.jpeg") if MASKS_DIR not in p.parts}
+    with open(table, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["drawn"]) >= REFERABLE_GRADE]
+    names = sorted(r["image"] for r in rows if keys is None or r["image"] in keys)
+    return [(photos[n], data / MASKS_DIR / f"{n}.png") for n in names if n in photos]
+
+
+def split_keys(shards: Path, split: str) -> set[str]:
+    manifest = read_manifest(shards)
+    return {
+        ref.key
+        for shard in manifest.split(split).shards
+        for ref in read_index(manifest.root / shard.index, shard.file)
+    }
+
+
+def measure(
+    model: torch.nn.Module, info: dict, pictures: list[tuple[Path, Path]], out: Path | None = None
+) -> tuple[Heat, list[dict]]:
+    """The mean heat and area shares over ``pictures``, and one row per photograph."""
+    if not pictures:
+        raise UserError("no photograph with referable lesions to measure")
+    size = int(info["image_size"])
+    prep = info.get("preprocess") or {}
+    shard_size, graham = int(prep.get("size", size)), bool(prep.get("graham", False))
+    images = [load_for_model(photo, shard_size, size, graham) for photo, _ in pictures]
+    rows = []
+    for (photo, mask), (pixels, cam) in zip(
+        pictures, explain_images(model, info, images), strict=True
+    ):
+        lesions = mask_as_model_saw(photo, mask, shard_size, size, graham)
+        heat, area = lesion_heat(cam, lesions, fundus_of(pixels))
+        rows.append({"image": photo.stem, "heat_share": heat, "area_share": area})
+        if out is not None:
+            caption = (
+                f"{photo.stem}: {100 * heat:.0f} % of the heat on {100 * area:.0f} % of the fundus"
+            )
+            overlay(pixels, cam, caption).save(out / f"{photo.stem}.png")
+    heat = Heat(
+        len(rows),
+        float(np.mean([r["heat_share"] for r in rows])),
+        float(np.mean([r["area_share"] for r in rows])),
+    )
+    return heat, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(HeatConfig, argv, prog="lesion_heat.py", description=__doc__.splitlines()[0])
+    model, info = load_best(cfg.checkpoint)
+    keys = split_keys(cfg.shards, cfg.split) if cfg.shards else None
+    if cfg.out:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    heat, rows = measure(model, info, referable_pictures(cfg.data, keys), cfg.out)
+    if cfg.out:
+        with open(cfg.out / "lesion_heat.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, ["image", "heat_share", "area_share"])
+            writer.writeheader()
+            writer.writerows(rows)
+    where = f" ({cfg.split} split of {cfg.shards})" if cfg.shards else ""
+    print(
+        f"{heat.photos} referable photograph(s){where}: {100 * heat.heat_share:.1f} % of the "
+        f"heat inside the lesion masks, which cover {100 * heat.area_share:.1f} % of the fundus "
+        f"({heat.ratio:.2f}x their area share)"
+    )
+    return 0
+
+
+def cli() -> None:
+    """The ``dr-lesion-heat`` console command."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
