@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.writing.preprocess import prepare
+from tools.lesion_heat import others_ratio
 from tools.make_synthetic import DRAWN_GRADES, MASKS_DIR, generate
 from trainer.explain import (
     fundus_of,
@@ -95,10 +97,52 @@ def test_the_map_points_at_the_evidence_a_trained_model_uses():
 
 def test_target_score_per_head():
     out = torch.tensor([[0.1, 2.0, -1.0, 0.0, 0.5], [3.0, 0.0, 0.0, 0.0, 0.0]])
-    assert target_score("classify", out).tolist() == [2.0, 3.0]
+    referable = torch.logsumexp(out[:, 2:], 1) - torch.logsumexp(out[:, :2], 1)
+    assert target_score("classify", out).tolist() == pytest.approx(referable.tolist())
+    p = out.softmax(1)  # the default is the log-odds of P(grade >= 2)
+    assert referable.tolist() == pytest.approx(
+        torch.log(p[:, 2:].sum(1) / p[:, :2].sum(1)).tolist()
+    )
+    assert target_score("classify", out, "predicted").tolist() == [2.0, 3.0]
+    expected = (p * torch.arange(5.0)).sum(1)
+    assert target_score("classify", out, "expected").tolist() == pytest.approx(expected.tolist())
     assert target_score("regress", out[:, :1]).tolist() == pytest.approx([0.1, 3.0])
+    assert target_score("regress", out[:, :1], "expected").tolist() == pytest.approx([0.1, 3.0])
     ordinal = torch.tensor([[1.0, -0.5, -2.0, -3.0], [-1.0, 2.0, 0.0, 0.0]])
     assert target_score("ordinal", ordinal).tolist() == [-0.5, -1.0]  # min(z0, z1)
+    above = torch.sigmoid(torch.tensor([[1.0, -0.5, -2.0, -3.0], [-1.0, -1.0, -1.0, -1.0]]))
+    assert target_score("ordinal", ordinal, "expected").tolist() == pytest.approx(
+        above.sum(1).tolist()  # sum of the non-increasing P(grade > k)
+    )
+    with pytest.raises(UserError, match="classify head"):
+        target_score("ordinal", ordinal, "predicted")
+    with pytest.raises(UserError, match="unknown map target"):
+        target_score("classify", out, "lesions")
+
+
+def test_grad_cam_names_a_missing_stage():
+    with pytest.raises(UserError, match="no stage 'layer4'"):
+        grad_cam(tiny_cnn(), torch.zeros(1, 3, SIZE, SIZE), "classify", layer="layer4")
+
+
+def test_others_masks_baseline_separates_following_from_favouring_a_place():
+    """Maps that sit on each photograph's own lesion beat the other photographs' masks; one
+    fixed map does not, however well its place suits lesions in general."""
+    fundus = np.ones((16, 16), bool)
+    masks, following = [], []
+    for i in range(4):
+        mask = np.zeros((16, 16), bool)
+        mask[4 * i : 4 * i + 2, 6:8] = True
+        masks.append(mask)
+        following.append(mask * 1.0 + 0.001)
+    fixed = [np.mean(masks, axis=0) + 0.01] * 4
+    fundi = [fundus] * 4
+    assert others_ratio(following, masks, fundi) < 0.1
+    assert others_ratio(fixed, masks, fundi) == pytest.approx(
+        np.mean([lesion_heat(c, m, fundus)[0] for c, m in zip(fixed, masks, strict=True)])
+        / (4 / 256)
+    )
+    assert np.isnan(others_ratio(following[:1], masks[:1], fundi[:1]))
 
 
 def test_lesion_heat_shares():
