@@ -56,7 +56,8 @@ def test_class_weights_weigh_each_sample_by_its_grade(name):
     if name == "classify":  # its mean is torch's weighted mean
         want = F.cross_entropy(out, labels, weight=weights, reduction="sum")
     elif name == "regress":
-        want = (F.smooth_l1_loss(out[:, 0], labels.float(), reduction="none") * per_sample).sum()
+        # MSE, the regress head's default loss
+        want = (F.mse_loss(out[:, 0], labels.float(), reduction="none") * per_sample).sum()
     else:
         above = (labels[:, None] > torch.arange(4)).float()  # grade > k, k = 0..3
         bce = F.binary_cross_entropy_with_logits(out, above, reduction="none").sum(dim=1)

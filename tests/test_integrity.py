@@ -258,15 +258,17 @@ def test_verify_lists_every_problem(packed, tmp_path):
     assert f"is in test ({test[1]['file']}) and also in train" in report
     assert "has images in train and in test" in report
     assert "images per grade but the manifest says" in report
+    assert "in train-000099.tar is listed in test in samples.csv" in report
 
     # one line per problem planted: 2 shards whose bytes changed, the grade, the index, the
-    # train class counts; per sample of the copied shard its key; and per test sample of a
+    # train class counts; per sample of the copied shard its key and its split in
+    # samples.csv (test, not train); and per test sample of a
     # patient it holds (both eyes, wherever the other is) the patient in two splits
     def keys(shard: dict) -> list[str]:
         return [ref.key for ref in read_index(packed / shard["index"], shard["file"])]
 
     copied = {patient_of(key) for key in keys(test[1])}
     in_test = sum(patient_of(key) in copied for shard in test for key in keys(shard))
-    expected = 5 + len(keys(test[1])) + in_test
+    expected = 5 + 2 * len(keys(test[1])) + in_test
     assert report.splitlines()[0] == f"{root}: {expected} problem(s):"
     assert len(report.splitlines()) == 1 + expected
