@@ -336,9 +336,9 @@ def test_run_folder_and_resume_errors(tiny_shards, tmp_path):
     (tmp_path / "old" / "metrics.jsonl").write_text("")
     with pytest.raises(UserError, match="already holds a run; add --resume"):
         main(["--out", str(tmp_path / "old"), "--shards", str(tiny_shards)])
-    no_test = build_shard_dir(tmp_path / "no_test", {"train": 10})
-    with pytest.raises(UserError, match="split 'test' is empty or missing"):
-        main(["--out", str(tmp_path / "r"), "--shards", str(no_test), "--image-size", "64"])
+    train_only = build_shard_dir(tmp_path / "train_only", {"train": 10})
+    with pytest.raises(UserError, match="has neither a val nor a test split"):
+        main(["--out", str(tmp_path / "r"), "--shards", str(train_only), "--image-size", "64"])
 
 
 def test_config_defaults_are_the_reference_recipe_and_resume_merging():
