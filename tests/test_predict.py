@@ -92,7 +92,10 @@ def test_no_images_is_one_clear_error(tmp_path, checkpoint):
         text=True,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: no .jpeg/.jpg/.png images found in {tmp_path}"
+    assert (
+        proc.stderr.strip()
+        == f"error: no .jpeg/.jpg/.png/.tif/.tiff/.bmp images found in {tmp_path}"
+    )
 
 
 def test_missing_checkpoint(tmp_path):

@@ -46,7 +46,8 @@ from trainer.pairing import blend_partners
 from trainer.preprocessing import check_preprocessing
 from trainer.tta import tta_outputs_and_features
 
-PHOTO_EXTENSIONS = (*IMAGE_EXTENSIONS, ".png")
+PHOTO_EXTENSIONS = IMAGE_EXTENSIONS  # what make_shards packs
+PHOTO_NAMES = "/".join(PHOTO_EXTENSIONS)
 PREDICTIONS_FILE = "predictions.csv"
 MIN_SIDE = 64  # px; a smaller photo holds too little of the retina to grade
 
@@ -54,7 +55,7 @@ MIN_SIDE = 64  # px; a smaller photo holds too little of the retina to grade
 @dataclass
 class PredictConfig:
     inputs: list[Path] = arg(
-        help="photos, or folders searched for .jpeg/.jpg/.png",
+        help=f"photos, or folders searched for {PHOTO_NAMES}",
         positional=True,
         metavar="IMAGE_OR_DIR",
     )
@@ -100,7 +101,7 @@ class Prediction:
 
 
 def find_images(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
-    """Files named directly, and every photo (.jpeg/.jpg/.png, any case) below named folders
+    """Files named directly, and every photo (PHOTO_EXTENSIONS, any case) below named folders
     (symbolic links followed); the second list reports the symlink loops met on the way."""
     found: list[Path] = []
     problems: list[Prediction] = []
@@ -126,7 +127,7 @@ def find_images(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
                 if path.suffix.lower() in PHOTO_EXTENSIONS:
                     found.append(path)
     if not found and not problems:
-        raise UserError(f"no .jpeg/.jpg/.png images found in {', '.join(map(str, inputs))}")
+        raise UserError(f"no {PHOTO_NAMES} images found in {', '.join(map(str, inputs))}")
     return found, problems
 
 
