@@ -124,6 +124,40 @@ def build_shard_dir(
     return root
 
 
+def gpu_train_graph(shards: Path, augment, **options) -> bytes:
+    """The serialised DALI train graph for the GPU (mixed decode, GPU augmentation) of a
+    shard folder's train split at 48 px: it defines and serialises without a GPU, only
+    building it needs one. ``options`` override the graph's other settings."""
+    from pipeline.loading.dali import shard_pipeline
+    from pipeline.loading.loader import build_loader
+
+    spec = build_loader(
+        shards, "train", batch_size=4, image_size=64, train=True, backend="dali"
+    ).spec
+    settings = dict(
+        shard_id=0,
+        num_shards=1,
+        train=True,
+        gpu=True,
+        size=48,
+        stored_size=64,
+        augment=augment,
+        channels_last=True,
+        with_keys=False,
+        batch_size=4,
+        num_threads=1,
+        device_id=None,
+        seed=1,
+        exec_dynamic=True,
+    )
+    pipe = shard_pipeline(
+        [str(p) for p in spec.manifest.tar_paths("train")],
+        [str(p) for p in spec.manifest.index_paths("train")],
+        **(settings | options),
+    )
+    return pipe.serialize()
+
+
 @contextmanager
 def tmpfs(mount: Path, size: str, *options: str):
     """A real filesystem of ``size`` (``400k``, ``180m``) at ``mount``, one that fills up

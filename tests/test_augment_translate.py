@@ -17,6 +17,7 @@ import torch
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
 from pipeline.loading.augment import AugmentConfig, augment_preset, translate
+from tests.conftest import gpu_train_graph
 from tests.test_loader import BACKENDS, HAVE_DALI, epoch, loader
 
 BLACK = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
@@ -118,31 +119,10 @@ def test_the_huang2023_set_runs_and_is_seeded(tiny_shards, backend):
 def test_the_gpu_graph_with_translation_is_well_formed(tiny_shards):
     """On the GPU the images are warped on the device with a matrix built on the CPU from
     the random shifts; the graph defines and serialises without a GPU (not run on one here)."""
-    from pipeline.loading.dali import shard_pipeline
-    from pipeline.loading.loader import build_loader
-
-    spec = build_loader(
-        tiny_shards, "train", batch_size=4, image_size=64, train=True, backend="dali"
-    ).spec
-    pipe = shard_pipeline(
-        [str(p) for p in spec.manifest.tar_paths("train")],
-        [str(p) for p in spec.manifest.index_paths("train")],
-        shard_id=0,
-        num_shards=1,
-        train=True,
-        gpu=True,
-        size=48,
-        stored_size=64,
-        augment=augment_preset("huang2023"),
-        channels_last=True,
-        with_keys=False,
+    graph = gpu_train_graph(
+        tiny_shards,
+        augment_preset("huang2023"),
         mean=(100.0, 90.0, 80.0),
         std=(50.0, 40.0, 30.0),
-        batch_size=4,
-        num_threads=1,
-        device_id=None,
-        seed=1,
-        exec_dynamic=True,
     )
-    graph = pipe.serialize()
     assert b"WarpAffine" in graph and b"transforms__Translation" in graph

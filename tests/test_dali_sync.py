@@ -10,6 +10,7 @@ import torch
 
 from pipeline.loading.augment import PRESETS
 from pipeline.loading.loader import build_loader
+from tests.conftest import gpu_train_graph
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -54,30 +55,7 @@ def test_brightness_contrast_arithmetic_equals_dalis_operator():
 def test_dali_gpu_graph_has_no_gpu_to_cpu_copy(tiny_shards):
     """The strong augmentation's GPU graph defines without a GPU, with the arithmetic in place
     of the operator that needed its contrast centre copied back to the CPU."""
-    from pipeline.loading.dali import shard_pipeline
-
-    spec = build_loader(
-        tiny_shards, "train", batch_size=4, image_size=64, train=True, backend="dali"
-    ).spec
-    pipe = shard_pipeline(
-        [str(p) for p in spec.manifest.tar_paths("train")],
-        [str(p) for p in spec.manifest.index_paths("train")],
-        shard_id=0,
-        num_shards=1,
-        train=True,
-        gpu=True,
-        size=48,
-        stored_size=64,
-        augment=PRESETS["strong"],
-        channels_last=True,
-        with_keys=False,
-        batch_size=4,
-        num_threads=1,
-        device_id=None,
-        seed=1,
-        exec_dynamic=True,
-    )
-    graph = pipe.serialize()
+    graph = gpu_train_graph(tiny_shards, PRESETS["strong"])
     assert b"ArithmeticGenericOp" in graph and b"BrightnessContrast" not in graph
 
 

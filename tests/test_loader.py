@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 from pipeline.loading.augment import NO_AUGMENT, AugmentConfig
 from pipeline.loading.contract import rank_range
 from pipeline.loading.loader import build_loader
-from tests.conftest import build_shard_dir
+from tests.conftest import build_shard_dir, gpu_train_graph
 
 try:
     import nvidia.dali  # noqa: F401
@@ -412,30 +412,9 @@ def test_dali_gpu_meets_the_contract(tiny_shards, test_ref):
 def test_dali_gpu_graph_is_well_formed(tiny_shards):
     """The GPU graph (mixed decode, GPU augment, contrast centre on the GPU) defines and serialises
     without a GPU; only building it needs one (test_dali_gpu_meets_the_contract)."""
-    from pipeline.loading.dali import shard_pipeline
-
-    spec = build_loader(
-        tiny_shards, "train", batch_size=4, image_size=64, train=True, backend="dali"
-    ).spec
-    pipe = shard_pipeline(
-        [str(p) for p in spec.manifest.tar_paths("train")],
-        [str(p) for p in spec.manifest.index_paths("train")],
-        shard_id=0,
-        num_shards=1,
-        train=True,
-        gpu=True,
-        size=48,
-        stored_size=64,
-        augment=AugmentConfig(rotate=10, scale=0.2, color=0.2),
-        channels_last=True,
-        with_keys=True,
-        batch_size=4,
-        num_threads=1,
-        device_id=None,
-        seed=1,
-        exec_dynamic=True,
+    graph = gpu_train_graph(
+        tiny_shards, AugmentConfig(rotate=10, scale=0.2, color=0.2), with_keys=True
     )
-    graph = pipe.serialize()
     assert b"mixed" in graph and b"hw_decoder_load" in graph
 
 
