@@ -243,8 +243,7 @@ def evaluate_folder(
         )
     blend = info.get("pair_blend") or 0.0
     blended = alone.paired(blend, info.get("pair_cut_points"))
-    # the fusion head's outputs are its own: the single eye's temperature does not apply
-    fused = fused_result(fusion, alone).with_temperature(None) if fusion else None
+    fused = fused_result(fusion, alone) if fusion else None
     result = (blended if fused is None else fused) if args.pair_eyes else alone
     positive, score = result.labels >= REFERABLE_GRADE, referable_score(result.probs)
     threshold, threshold_from = info.get("referable_threshold"), "the checkpoint (chosen on val)"

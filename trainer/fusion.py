@@ -84,12 +84,14 @@ def fused_outputs(fusion: dict, keys: Sequence[str], features: np.ndarray) -> np
 
 
 def fused_result(fusion: dict, alone: EvalResult) -> EvalResult:
-    """``alone`` (an evaluation with features) with the fusion head's outputs and cut-points."""
+    """``alone`` (an evaluation with features) with the fusion head's outputs and cut-points;
+    the single eye's temperature does not apply to them."""
     cuts = fusion.get("cut_points")
     return replace(
         alone,
         outputs=fused_outputs(fusion, alone.keys, alone.features),
         cuts=tuple(cuts) if cuts else None,
+        temperature=None,
     )
 
 
