@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
+import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from PIL import Image
 
 from pipeline.constants import NUM_CLASSES, SHARD_NAME
@@ -179,10 +183,32 @@ def tmpfs(mount: Path, size: str, *options: str):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def shared(tmp_path_factory, name: str, build: Callable[[Path], object]):
+    """What ``build(folder)`` returns, built once per test session even when pytest-xdist
+    runs the suite in several processes: the first process to ask builds into a folder of
+    the session's temp root, under a file lock, and stores the result (pickled); the others
+    wait for the lock and read it. A build that fails or skips stores nothing, so the next
+    asker tries again (and fails or skips the same way). Tests only read what it built."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the temp root every worker's own folder sits in
+    root = base / "shared"
+    root.mkdir(exist_ok=True)
+    folder, result = root / name, root / f"{name}.pickle"
+    with FileLock(str(root / f"{name}.lock")):
+        if result.exists():
+            return pickle.loads(result.read_bytes())
+        shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+        folder.mkdir()
+        value = build(folder)
+        result.write_bytes(pickle.dumps(value))
+        return value
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """40 train / 13 test samples at 64 px in shards of 7 (uneven on purpose)."""
-    return build_shard_dir(tmp_path_factory.mktemp("tiny_shards"))
+    return shared(tmp_path_factory, "tiny_shards", build_shard_dir)
 
 
 @pytest.fixture(scope="session")
@@ -190,10 +216,15 @@ def straight_run(tiny_shards, tmp_path_factory) -> Path:
     """Two epochs of STRAIGHT_RECIPE on ``tiny_shards`` through a one-process ``accelerate
     launch`` (its stdout in ``stdout.txt`` beside the run folder). Tests only read it (copy
     it to change it): test_train resumes against it, test_results evaluates it."""
-    tmp = tmp_path_factory.mktemp("straight")
-    proc = launch(TRAIN, "--shards", tiny_shards, "--out", tmp / "run", *STRAIGHT_RECIPE, tmp=tmp)
-    (tmp / "stdout.txt").write_text(proc.stdout)
-    return tmp / "run"
+
+    def build(tmp: Path) -> Path:
+        proc = launch(
+            TRAIN, "--shards", tiny_shards, "--out", tmp / "run", *STRAIGHT_RECIPE, tmp=tmp
+        )
+        (tmp / "stdout.txt").write_text(proc.stdout)
+        return tmp / "run"
+
+    return shared(tmp_path_factory, "straight", build)
 
 
 # ---------------------------------------------------------------- starting commands
@@ -240,12 +271,13 @@ def python(script: str | Path, *args, tmp: Path, check: bool = True, **env: str)
 def launch(
     script: str | Path, *args, tmp: Path, processes: int = 1, check: bool = True, **kw
 ) -> subprocess.CompletedProcess:
-    """``accelerate launch SCRIPT ARGS`` on ``processes`` CPU ranks (DDP from two), fp32."""
+    """``accelerate launch SCRIPT ARGS`` on ``processes`` CPU ranks (DDP from two, on a free
+    port: tests run in parallel), fp32."""
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        *(["--multi_gpu"] if processes > 1 else []),
+        *(["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else []),
         "--num_processes",
         str(processes),
         "--num_machines",
@@ -258,6 +290,13 @@ def launch(
         *args,
     ]
     return run(cmd, tmp, check=check, **kw)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS's choice), for a DDP rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -65,44 +65,71 @@ def test_imports_go_one_way():
     assert "trainer.train" not in project_imports()["trainer.evaluate"]
 
 
-COMMANDS = (
-    "dr-make-shards",
-    "dr-make-synthetic",
-    "dr-train",
-    "dr-evaluate",
-    "dr-predict",
-    "dr-compare",
-    "dr-bench-loader",
-    "dr-bench-shards",
-    "dr-export",
-    "dr-doctor",
-    "dr-make-fixture",
-)
+def console_commands() -> list[str]:
+    """Every command pyproject.toml installs."""
+    import tomllib
+
+    return sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+
+
+# In one process started outside the repository: load each installed entry point and call it
+# with --help, then with an unknown option (each command's own start-up is its import).
+ANSWERS = r"""
+import contextlib, io, json, sys
+from importlib.metadata import entry_points
+
+names = set(sys.argv[1:])
+answers = {}
+for entry in entry_points(group="console_scripts"):
+    if entry.name not in names:
+        continue
+    cli = entry.load()
+    for option in ("--help", "--no-such-option"):
+        out, err = io.StringIO(), io.StringIO()
+        sys.argv = [entry.name, option]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli()
+                code = 0
+            except SystemExit as end:
+                code = end.code if isinstance(end.code, int) else (end.code is not None)
+        answers[f"{entry.name} {option}"] = [code, out.getvalue(), err.getvalue()]
+print(json.dumps(answers))
+"""
 
 
 @pytest.mark.slow
 def test_console_commands_work_from_any_folder(tmp_path):
-    """After `pip install`, every dr-* command answers --help outside the repository."""
+    """After `pip install`, every dr-* command answers --help outside the repository, and an
+    unknown option is one line on stderr and exit 2."""
+    import json
     import subprocess
     import sys
     from importlib.metadata import entry_points
 
+    commands = console_commands()
     installed = {e.name for e in entry_points(group="console_scripts")}
-    assert set(COMMANDS) <= installed, "install the project first: pip install -e ."
+    assert set(commands) <= installed, "install the project first: pip install -e ."
     bin_dir = Path(sys.executable).parent
-    for command in COMMANDS:
-        proc = subprocess.run(
-            [str(bin_dir / command), "--help"], cwd=tmp_path, capture_output=True, text=True
+    for command in commands:  # pip wrote a launcher for each
+        assert (bin_dir / command).is_file(), command
+    proc = subprocess.run(
+        [sys.executable, "-c", ANSWERS, *commands], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = json.loads(proc.stdout)
+    assert len(answers) == 2 * len(commands)
+    for command in commands:
+        code, out, err = answers[f"{command} --help"]
+        assert code == 0 and "usage:" in out, (command, err[-500:])
+        code, out, err = answers[f"{command} --no-such-option"]
+        assert code == 2 and err.startswith("error: "), (command, err[-500:])
+        assert len(err.strip().splitlines()) == 1, (command, err)
+    # and one launcher for real, from the same folder: the wrapper pip wrote runs the entry point
+    for option, status in (("--help", 0), ("--no-such-option", 2)):
+        real = subprocess.run(
+            [str(bin_dir / "dr-doctor"), option], cwd=tmp_path, capture_output=True, text=True
         )
-        assert proc.returncode == 0 and "usage:" in proc.stdout, (command, proc.stderr[-500:])
-        bad = subprocess.run(
-            [str(bin_dir / command), "--no-such-option"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-        )
-        assert bad.returncode == 2 and bad.stderr.startswith("error: "), (
-            command,
-            bad.stderr[-500:],
-        )
-        assert len(bad.stderr.strip().splitlines()) == 1, (command, bad.stderr)
+        assert real.returncode == status, real.stderr[-500:]
+        expected = answers[f"dr-doctor {option}"]
+        assert (real.stdout, real.stderr) == (expected[1], expected[2])

@@ -28,8 +28,7 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import NUM_CLASSES
 from pipeline.errors import UserError
 from tools.compare_seeds import SEEDS_FILE, group_runs, seeds_table
-from trainer.report import REPORT_FILE
-from trainer.runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from trainer.runfiles import CONFIG_FILE, METRICS_FILE, REPORT_FILE, SUMMARY_FILE, read_metrics
 
 FIGURE_FILE = "compare.png"
 TABLE_FILE = "compare.md"

@@ -44,9 +44,15 @@ from trainer.checkpoint import BEST_FILE
 from trainer.engine import EvalResult
 from trainer.heads import build_head
 from trainer.metrics import REFERABLE_GRADE, any_dr_score, plot_roc, referable_score
-from trainer.runfiles import CONFIG_FILE, CONFUSION_DIR, METRICS_FILE, SUMMARY_FILE, read_metrics
+from trainer.runfiles import (
+    CONFIG_FILE,
+    CONFUSION_DIR,
+    METRICS_FILE,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    read_metrics,
+)
 
-REPORT_FILE = "report.html"
 PREDICTIONS_DIR = "predictions"
 GALLERY = 12  # photographs in the gallery
 CURVES = (("loss", "loss"), ("acc", "accuracy"), ("qwk", "quadratic kappa"))

@@ -21,6 +21,7 @@ from pipeline.fileio import atomic_write_text, reporting_disk_full
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"  # trainer/report.py writes it
 CONFUSION_DIR = "confusion"
 
 
