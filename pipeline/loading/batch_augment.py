@@ -108,5 +108,6 @@ def brightness_contrast(
     grey = r.mul(GREY_WEIGHTS[0]).add_(g, alpha=GREY_WEIGHTS[1]).add_(b, alpha=GREY_WEIGHTS[2])
     centre = grey.floor_().mean(dim=(-2, -1)).view(-1, 1, 1, 1)
     keep = contrast.float().view(-1, 1, 1, 1)
-    x = x.mul_(keep).add_(centre * (1 - contrast).float().view(-1, 1, 1, 1))
+    # x * c + centre * (1 - c) as torchvision's add(..., alpha=1 - c) rounds it: one fused step
+    x = torch.addcmul(x.mul_(keep), centre, (1 - contrast).float().view(-1, 1, 1, 1))
     return x.clamp_(0, 255).to(torch.uint8)
