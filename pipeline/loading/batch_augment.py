@@ -8,9 +8,10 @@ tensor of those draws, and ``augment_batch`` applies them there, before normalis
 - rotation: one sampling grid for every sample's angle and one ``grid_sample`` call,
   torchvision's geometry (about the image's centre, ``align_corners=False``) and black fill
   (the image sampled together with a plane of ones, and multiplied by it);
-- translation and both flips: one gather. The brightness/contrast step that the documented
-  order puts between the vertical and the horizontal flip commutes with a flip (it is per
-  pixel, and its centre is a mean over the image), so all the moving is done first;
+- translation and both flips: a gather along the rows and one along the columns. The
+  brightness/contrast step that the documented order puts between the vertical and the
+  horizontal flip commutes with a flip (it is per pixel, and its centre is a mean over the
+  image), so all the moving is done first;
 - brightness then contrast about the image's grey mean (ITU-R 601 weights).
 
 Each step keeps torchvision's uint8 arithmetic (the rotation rounded, brightness and contrast
@@ -86,16 +87,18 @@ def move(
     """Each image shifted ``dx`` whole pixels right and ``dy`` down (black where uncovered),
     then flipped vertically where ``vflip`` and horizontally where ``hflip`` (1.0 = yes)."""
     b, c, h, w = images.shape
-    rows = torch.arange(h, device=images.device)
-    cols = torch.arange(w, device=images.device)
+    ys = torch.arange(h, device=images.device)
+    xs = torch.arange(w, device=images.device)
     # output (y, x) is the shifted image at (y, x) with the flips undone, which is the
     # source at that point minus the shift
-    src_y = torch.where(vflip[:, None] > 0.5, h - 1 - rows, rows) - dy[:, None].long()
-    src_x = torch.where(hflip[:, None] > 0.5, w - 1 - cols, cols) - dx[:, None].long()
-    inside = ((src_y >= 0) & (src_y < h))[:, :, None] & ((src_x >= 0) & (src_x < w))[:, None, :]
-    index = src_y.clamp(0, h - 1)[:, :, None] * w + src_x.clamp(0, w - 1)[:, None, :]
-    moved = images.reshape(b, c, h * w).gather(2, index.view(b, 1, h * w).expand(b, c, h * w))
-    return torch.where(inside.view(b, 1, h * w), moved, 0).view(b, c, h, w)
+    src_y = torch.where(vflip[:, None] > 0.5, h - 1 - ys, ys) - dy[:, None].long()
+    src_x = torch.where(hflip[:, None] > 0.5, w - 1 - xs, xs) - dx[:, None].long()
+    inside_y = ((src_y >= 0) & (src_y < h)).view(b, 1, h, 1)
+    inside_x = ((src_x >= 0) & (src_x < w)).view(b, 1, 1, w)
+    # two gathers through broadcast (expanded) indexes: no per-pixel index is materialised
+    rows = images.gather(2, src_y.clamp(0, h - 1).view(b, 1, h, 1).expand(b, c, h, w))
+    moved = rows.gather(3, src_x.clamp(0, w - 1).view(b, 1, 1, w).expand(b, c, h, w))
+    return torch.where(inside_y & inside_x, moved, 0)
 
 
 def brightness_contrast(
