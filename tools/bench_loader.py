@@ -8,9 +8,9 @@ reading each with PIL, per-image torchvision transforms (flips, ToTensor, Normal
 a DataLoader with one worker per core -- the reference lab's recipe; (b) the torch backend;
 (c) DALI CPU; (d) DALI GPU when CUDA is available; (e) DALI reader + decode only, the decode
 limit of the machine (CPU, and GPU "mixed" when present); (f) the torch backend feeding the
-GPU (uint8 from the workers, normalised on the GPU); (g) the torch backend's own reading and
-libjpeg-turbo decoding alone in the same workers, its decode limit (what a machine without
-DALI can reach). Train mode with the default
+GPU (uint8 from the workers, flipped and normalised on the GPU); (g) the torch backend's own
+reading and libjpeg-turbo decoding alone in the same workers, its decode limit (what a
+machine without DALI can reach). Train mode with the default
 flips. Warm-up batches are excluded; when a split is shorter than warm-up + batches the
 paths run further epochs (epoch starts are then part of the figure). Writes
 ``OUT/bench_loader.json``; measured figures are in docs/benchmarks.md.

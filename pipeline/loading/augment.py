@@ -102,35 +102,85 @@ def translate(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class AugmentParams:
+    """One sample's draws for steps 2-6 (the identity where a knob is off)."""
+
+    angle: float = 0.0  # degrees, counter-clockwise
+    dx: int = 0  # whole pixels right
+    dy: int = 0  # whole pixels down
+    vflip: bool = False
+    brightness: float = 1.0
+    contrast: float = 1.0
+    hflip: bool = False
+
+    def row(self) -> tuple[float, ...]:
+        """The sample's row of the batch's parameter tensor (``PARAM_COLUMNS`` order)."""
+        return tuple(float(getattr(self, name)) for name in PARAM_COLUMNS)
+
+
+PARAM_COLUMNS = ("angle", "dx", "dy", "vflip", "brightness", "contrast", "hflip")
+
+
 class TorchTransform:
-    """Resize/augment one decoded uint8 CHW tensor; the torch backend's per-sample transform."""
+    """Resize/augment one decoded uint8 CHW tensor; the torch backend's per-sample transform.
+
+    ``__call__`` = ``resize`` (step 1), ``draw`` (the parameters of steps 2-6, from the same
+    generator, in the order of the steps) and ``apply`` (steps 2-6 with torchvision). A GPU
+    target stops after ``draw`` and applies the parameters to the whole batch on the device
+    (``pipeline.loading.batch_augment``).
+    """
 
     def __init__(self, size: int, augment: AugmentConfig | None):
         self.size = size
         self.augment = augment  # None: eval (resize only when needed)
 
     def __call__(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        img = self.resize(img, rng)
+        if self.augment is None:
+            return img
+        return self.apply(img, self.draw(rng))
+
+    def resize(self, img: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
+        """Step 1: the random resized crop, or a resize when the stored size differs."""
         aug = self.augment
         out = [self.size, self.size]
         if aug is not None and aug.scale > 0:
             top, left, side = crop_box(img.shape[-2], img.shape[-1], aug.scale, rng)
-            img = F.resized_crop(img, top, left, side, side, out, antialias=True)
-        elif tuple(img.shape[-2:]) != tuple(out):
-            img = F.resize(img, out, antialias=True)
-        if aug is None:
-            return img
+            return F.resized_crop(img, top, left, side, side, out, antialias=True)
+        if tuple(img.shape[-2:]) != tuple(out):
+            return F.resize(img, out, antialias=True)
+        return img
+
+    def draw(self, rng: np.random.Generator) -> AugmentParams:
+        """The parameters of steps 2-6, drawn in the order the steps run."""
+        aug = self.augment
+        angle, dx, dy, vflip, brightness, contrast = 0.0, 0, 0, False, 1.0, 1.0
         if aug.rotate > 0:
             angle = float(rng.uniform(-aug.rotate, aug.rotate))
-            img = F.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
         if aug.translate > 0 and aug.max_shift(self.size) > 0:
             most = aug.max_shift(self.size)
             dx, dy = (int(v) for v in rng.integers(-most, most + 1, size=2))
-            img = translate(img, dx, dy)
-        if aug.vflip and rng.random() < 0.5:
+        if aug.vflip:
+            vflip = bool(rng.random() < 0.5)
+        if aug.color > 0:
+            brightness, contrast = (
+                float(v) for v in rng.uniform(1 - aug.color, 1 + aug.color, size=2)
+            )
+        hflip = bool(aug.hflip and rng.random() < 0.5)
+        return AugmentParams(angle, dx, dy, vflip, brightness, contrast, hflip)
+
+    def apply(self, img: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+        """Steps 2-6 on one image, with torchvision (the reference the batched version meets)."""
+        aug = self.augment
+        if aug.rotate > 0:
+            img = F.rotate(img, p.angle, interpolation=InterpolationMode.BILINEAR, fill=0)
+        if aug.translate > 0 and aug.max_shift(self.size) > 0:
+            img = translate(img, p.dx, p.dy)
+        if p.vflip:
             img = F.vertical_flip(img)
         if aug.color > 0:
-            brightness, contrast = rng.uniform(1 - aug.color, 1 + aug.color, size=2)
-            img = F.adjust_contrast(F.adjust_brightness(img, float(brightness)), float(contrast))
-        if aug.hflip and rng.random() < 0.5:
+            img = F.adjust_contrast(F.adjust_brightness(img, p.brightness), p.contrast)
+        if p.hflip:
             img = F.horizontal_flip(img)
         return img

@@ -4,11 +4,20 @@ Runs wherever torch does (no DALI needed). The rank's exact slice of the split (
 ``pipeline.loading.contract``) is cut into chunks of consecutive samples of one shard; train
 shuffles the chunk order per (seed, epoch) and then samples inside a webdataset shuffle
 buffer. Chunks are dealt to workers round-robin (split by worker); a worker reads a
-chunk with one sequential read using the ``.idx`` offsets, decodes and augments each
-image as uint8 and writes it into its slot of a batch tensor allocated in shared memory:
-normalised float for a CPU target, uint8 for a GPU (normalised there). The main process
-tops up the workers' last, partial batches into full ones and moves them to the device.
-Its speed against the reference-style baseline: docs/benchmarks.md.
+chunk with one sequential read using the ``.idx`` offsets, decodes each image as uint8 and
+writes it into its slot of a batch tensor allocated in shared memory. Where each step runs:
+
+- CPU target: the workers also augment each image (``TorchTransform``, torchvision) and
+  normalise it, handing over float batches;
+- GPU target: the workers decode, crop/resize (a per-sample size change) and only draw each
+  train sample's augmentation parameters from their generator, the same calls in the same
+  order as the CPU path; the uint8 batch and its parameter rows travel pinned to the GPU,
+  where ``pipeline.loading.batch_augment`` applies rotation, translation, flips and colour
+  to the whole batch and the loader normalises it.
+
+The main process tops up the workers' last, partial batches into full ones (parameter rows
+with their images) and moves them to the device. Its speed against the reference-style
+baseline: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import UserError
 from pipeline.loading.augment import TorchTransform
+from pipeline.loading.batch_augment import augment_batch
 from pipeline.loading.contract import Loader, LoaderSpec, normalization
 from pipeline.loading.samples import chunked, decode_sample, read_chunk
 from pipeline.shardformat import SampleRef
@@ -35,10 +45,20 @@ PREFETCH_FLOAT = 2  # the same when workers normalise: 100 MB each
 
 
 class ShardSlice(IterableDataset):
-    """One epoch of one rank's chunks; each DataLoader worker takes every n-th chunk."""
+    """One epoch of one rank's chunks; each DataLoader worker takes every n-th chunk.
+
+    Yields ``(images, labels, keys)``; with ``defer_augment`` (train only) the images are
+    only cropped/resized and ``(images, labels, keys, params)`` carries each sample's drawn
+    parameters (``pipeline.loading.augment.PARAM_COLUMNS``) for ``augment_batch``.
+    """
 
     def __init__(
-        self, spec: LoaderSpec, chunks: list[list[SampleRef]], epoch: int, normalize: bool
+        self,
+        spec: LoaderSpec,
+        chunks: list[list[SampleRef]],
+        epoch: int,
+        normalize: bool,
+        defer_augment: bool = False,
     ):
         self.root = spec.manifest.root
         self.chunks = chunks
@@ -49,6 +69,7 @@ class ShardSlice(IterableDataset):
         self.shape = (3, spec.image_size, spec.image_size)
         self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
         self.normalize = normalize
+        self.defer_augment = defer_augment and spec.train
         self.shift, self.scale = normalization("cpu", spec.mean, spec.std)
 
     def __iter__(self):
@@ -74,19 +95,29 @@ class ShardSlice(IterableDataset):
             yield {"error": str(err)}
 
     def batch(self, samples, size: int, rng: np.random.Generator, shared: bool):
-        """Decode and augment ``size`` samples straight into their slots of one batch tensor."""
+        """Decode and augment (or, deferring, resize and draw for) ``size`` samples straight
+        into their slots of one batch tensor."""
         dtype = torch.float32 if self.normalize else torch.uint8
         images = empty_batch((size, *self.shape), dtype, self.memory_format, shared)
-        labels, keys = [], []
+        labels, keys, params = [], [], []
         for slot, (ref, data, grade) in zip(images, samples, strict=True):
-            image = self.transform(decode_sample(ref, data), rng)
+            image = decode_sample(ref, data)
+            if self.defer_augment:
+                image = self.transform.resize(image, rng)
+                params.append(self.transform.draw(rng).row())
+            else:
+                image = self.transform(image, rng)
             if self.normalize:
                 torch.addcmul(self.shift, image, self.scale, out=slot)
             else:
                 slot.copy_(image)
             labels.append(grade)
             keys.append(ref.key)
-        return images, torch.tensor(labels, dtype=torch.int64), keys
+        batch = images, torch.tensor(labels, dtype=torch.int64), keys
+        if not self.defer_augment:
+            return batch
+        params = torch.tensor(params, dtype=torch.float64).view(size, -1)
+        return *batch, params.share_memory_() if shared else params
 
 
 def empty_batch(shape: tuple, dtype: torch.dtype, memory_format, shared: bool) -> torch.Tensor:
@@ -98,6 +129,12 @@ def empty_batch(shape: tuple, dtype: torch.dtype, memory_format, shared: bool) -
 
 class TorchLoader(Loader):
     backend = "torch"
+
+    def __init__(self, spec: LoaderSpec, with_keys: bool = False):
+        super().__init__(spec, with_keys)
+        # Where a train batch is augmented: on the GPU for a GPU target (the workers only draw
+        # the parameters), in the workers for the CPU. Tests force True on the CPU.
+        self.augment_on_device = spec.train and spec.device.type == "cuda"
 
     def _run_epoch(self, epoch: int) -> Iterator:
         spec = self.spec
@@ -120,21 +157,38 @@ class TorchLoader(Loader):
         # batch taken from the training step, in the workers it runs in parallel, straight into
         # the shared-memory batch the main process receives without a copy.
         on_cpu = spec.device.type == "cpu"
+        in_workers = on_cpu and not self.augment_on_device  # augmentation precedes normalising
         batches = DataLoader(
-            ShardSlice(spec, chunks, epoch, normalize=on_cpu),
+            ShardSlice(
+                spec, chunks, epoch, normalize=in_workers, defer_augment=self.augment_on_device
+            ),
             batch_size=None,
             num_workers=workers,
             pin_memory=not on_cpu,
-            prefetch_factor=(PREFETCH_FLOAT if on_cpu else PREFETCH_UINT8) if workers else None,
+            prefetch_factor=(PREFETCH_FLOAT if in_workers else PREFETCH_UINT8) if workers else None,
         )
         steps = spec.steps if spec.train else -(-(hi - lo) // spec.batch_size)
-        for images, labels, keys in self._full_batches(batches, steps):
+        for images, labels, keys, *params in self._full_batches(batches, steps):
+            if params:
+                images = self._augment_on_device(images, params[0])
             images, labels = self.normalize(images, labels)
             yield (images, labels, keys) if self.with_keys else (images, labels)
 
+    def _augment_on_device(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """The uint8 batch and its parameter rows copied (from pinned memory, without a
+        wait) to the device and augmented there."""
+        device = self.spec.device
+        images = images.to(device, non_blocking=True)
+        params = params.to(device, non_blocking=True)
+        return augment_batch(images, params, self.spec.augment)
+
     def _full_batches(self, batches, steps: int) -> Iterator:
-        """Pass full worker batches through, join the workers' partial ones; stop at ``steps``."""
+        """Pass full worker batches through, join the workers' partial ones; stop at ``steps``.
+
+        A batch is a tuple of fields (images, labels, keys[, params]), row ``i`` of each
+        field belonging to sample ``i``; joining and cutting keep the rows together."""
         size = self.spec.batch_size
+        pin = self.spec.device.type == "cuda"  # as the DataLoader pinned the whole batches
         pending: list[tuple] = []
         done = 0
         for item in batches:
@@ -146,22 +200,25 @@ class TorchLoader(Loader):
             else:
                 pending.append(item)
                 if sum(len(p[1]) for p in pending) >= size:
-                    images, labels, keys = _join(pending)
-                    pending = [(images[size:], labels[size:], keys[size:])]
+                    joined = _join(pending, pin)
+                    pending = [tuple(field[size:] for field in joined)]
                     done += 1
-                    yield images[:size], labels[:size], keys[:size]
+                    yield tuple(field[:size] for field in joined)
             if done == steps:
                 return
         if pending and sum(len(p[1]) for p in pending):
-            yield _join(pending)
+            yield _join(pending, pin)
             done += 1
         if done != steps:
             raise RuntimeError(f"torch loader yielded {done} batches, expected {steps}")
 
 
-def _join(parts: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    return (
-        torch.cat([p[0] for p in parts]),
-        torch.cat([p[1] for p in parts]),
-        [k for p in parts for k in p[2]],
+def _join(parts: list[tuple], pin: bool = False) -> tuple:
+    """The batches ``parts`` as one, field by field: tensors concatenated (into pinned memory
+    with ``pin``), key lists chained."""
+    return tuple(
+        (torch.cat(field).pin_memory() if pin else torch.cat(field))
+        if isinstance(field[0], torch.Tensor)
+        else [key for keys in field for key in keys]
+        for field in zip(*parts, strict=True)
     )
