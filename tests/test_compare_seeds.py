@@ -79,3 +79,34 @@ def test_bad_groupings_are_one_sentence(tmp_path):
     c = fake_run(tmp_path, "c", 1, 0.6, 0.8)
     with pytest.raises(UserError, match="--baseline nothing is neither"):
         main([str(a), str(c), "--seeds", "--baseline", "nothing", "--out", str(tmp_path / "o")])
+
+
+def fusion_report(run: Path, blend: float, fused: float) -> None:
+    """What ``dr-fuse --out RUN`` writes (tools/fuse.py), val and test."""
+    kappa = {"eye_alone": 0.0, "blend": blend, "fused": fused}
+    report = {"epoch": 3, "kappa": {"val": dict(kappa, blend=0.99), "test": kappa}}
+    (run / "fusion.json").write_text(json.dumps(report))
+
+
+def test_both_eyes_rows_from_the_fusion_reports(tmp_path):
+    cls = [fake_run(tmp_path, f"cls{s}", s, 0.5 + 0.1 * s, 0.8) for s in range(3)]
+    reg = [fake_run(tmp_path, f"reg{s}", s, 0.6, 0.8, head="regress") for s in range(3)]
+    for seed, run in enumerate(reg):
+        fusion_report(run, blend=0.7 + 0.1 * seed, fused=0.9)
+    fusion_report(cls[0], blend=0.4, fused=0.45)  # one classify run only: one seed
+    args = [*map(str, cls + reg), "--seeds", "--out", str(tmp_path / "cmp")]
+    assert main(args) == 0
+    lines = (tmp_path / "cmp" / "seeds.md").read_text().splitlines()
+    # the rows sit under their configuration; test kappa only (the report has no AUC)
+    at = lines.index("| head=regress | 3 (0, 1, 2) | 0.600 ± 0.000 | 0.800 ± 0.000 |")
+    assert lines[at + 1] == "| head=regress + both eyes blended | 3 (0, 1, 2) | 0.800 ± 0.100 | - |"
+    assert lines[at + 2] == "| head=regress + both eyes fused | 3 (0, 1, 2) | 0.900 ± 0.000 | - |"
+    assert "| head=classify + both eyes fused | 1 (0) | 0.450 | - |" in lines
+    # paired by seed against the baseline (classify: 0.5, 0.6, 0.7): fused 0.9 -> +0.4, +0.3, +0.2
+    assert (
+        "| head=regress + both eyes fused | test kappa | 3 | +0.300 | [+0.200, +0.400] |" in lines
+    )
+    assert "| head=regress + both eyes fused | test referable AUC | 0 | - | - |" in lines
+    (reg[1] / "fusion.json").write_text('{"kappa": {"val": {}}}')
+    with pytest.raises(UserError, match=r"reg1/fusion.json holds no test kappa 'blend'"):
+        main(args)

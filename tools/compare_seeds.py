@@ -13,6 +13,12 @@ paired by seed (only seeds both ran count), and a paired bootstrap 95 % interval
 mean: the seeds are resampled with replacement ``--bootstrap`` times (generator seeded, so
 the interval is reproducible) and the 2.5th and 97.5th percentiles of the resampled means
 are reported. Fewer than two paired seeds give no interval.
+
+Both eyes: a run folder that holds ``fusion.json`` (``dr-fuse --checkpoint RUN/best.pt
+--shards DIR --out RUN``) adds two rows under its configuration, "+ both eyes blended" (the
+trainer's blend weight and cut-points, chosen jointly on val) and "+ both eyes fused" (the
+second-stage head), each with the test kappa of that report; they are compared with the
+baseline like any configuration, paired by seed.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import UserError
-from trainer.runfiles import CONFIG_FILE
+from trainer.runfiles import CONFIG_FILE, FUSION_FILE
 
 NOT_CONFIGURATION = ("seed", "out", "resume", "quiet")  # what may differ within a group
 FIGURES = (("test_qwk", "test kappa"), ("test_referable_auc", "test referable AUC"))
 SEEDS_FILE = "seeds.md"
+BOTH_EYES = (("blend", "both eyes blended"), ("fused", "both eyes fused"))  # fusion.json's keys
 
 
 @dataclass
@@ -79,7 +86,31 @@ def group_runs(runs: list) -> list[Group]:
                 value = None if best is None else best.get(name)
                 if value is not None and not pd.isna(value):
                     group.figures[name][seed] = float(value)
-    return groups
+    return [row for group in groups for row in (group, *both_eyes_groups(group))]
+
+
+def both_eyes_groups(group: Group) -> list[Group]:
+    """The rows "+ both eyes blended" and "+ both eyes fused" of a configuration, from the
+    test kappas in the fusion.json of those of its runs that have one."""
+    rows = []
+    for key, words in BOTH_EYES:
+        kappas = {}
+        for seed, run in group.runs.items():
+            path = Path(run.path) / FUSION_FILE
+            if not path.is_file():
+                continue
+            try:
+                kappas[seed] = float(json.loads(path.read_text())["kappa"]["test"][key])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise UserError(
+                    f"{path} holds no test kappa '{key}'; write it again with "
+                    f"dr-fuse --checkpoint {Path(run.path) / 'best.pt'} --out {run.path}"
+                ) from None
+        if kappas:
+            figures = {name: {} for name, _ in FIGURES} | {"test_qwk": kappas}
+            runs = {seed: group.runs[seed] for seed in kappas}
+            rows.append(Group(f"{group.label} + {words}", group.config, runs, figures))
+    return rows
 
 
 def label_groups(groups: list[Group]) -> None:

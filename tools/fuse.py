@@ -34,8 +34,7 @@ from trainer.fusion import (
     has_pairs,
     train_fusion,
 )
-
-REPORT_FILE = "fusion.json"
+from trainer.runfiles import FUSION_FILE
 
 
 @dataclass
@@ -53,7 +52,7 @@ class FuseConfig:
     )
     backend: str | None = arg(None, "loader backend (default: the checkpoint's)", choices=BACKENDS)
     workers: int | None = arg(None, "loader workers per process")
-    out: Path | None = arg(None, f"also write {REPORT_FILE} into this folder", metavar="DIR")
+    out: Path | None = arg(None, f"also write {FUSION_FILE} into this folder", metavar="DIR")
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "hidden"):
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             report = {k: v for k, v in fusion.items() if k != "state"}
-            atomic_write_json(args.out / REPORT_FILE, report | {"checkpoint": str(args.checkpoint)})
+            atomic_write_json(args.out / FUSION_FILE, report | {"checkpoint": str(args.checkpoint)})
     accelerator.end_training()
     return 0
 

@@ -22,6 +22,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"  # trainer/report.py writes it
+FUSION_FILE = "fusion.json"  # tools/fuse.py --out RUN writes it: kappa of both eyes
 CONFUSION_DIR = "confusion"
 
 
