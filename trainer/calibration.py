@@ -25,7 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 from trainer.heads import Head
 
@@ -53,6 +52,8 @@ def fit_temperature(head: Head, outputs: np.ndarray, labels: np.ndarray) -> floa
 
     def loss(log_t: float) -> float:
         return nll(head.probs(scaled(outputs, float(np.exp(log_t)))), labels)
+
+    from scipy.optimize import minimize_scalar  # on first use: a second of start-up
 
     found = minimize_scalar(loss, bounds=LOG_T_RANGE, method="bounded", options={"xatol": 1e-4})
     # the bounded search never tries T = 1 exactly; keep it when it is as good

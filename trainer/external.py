@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from pipeline.fileio import atomic_write
 from trainer.engine import EvalResult
-from trainer.metrics import REFERABLE_GRADE, referable_score
+from trainer.metrics import REFERABLE_GRADE, referable_score, sklearn_metrics
 
 TABLE_CSV, TABLE_MD, ROC_FIGURE = "external.csv", "external.md", "external_roc.png"
 
@@ -145,8 +144,8 @@ def plot_external_roc(
         if positive.all() or not positive.any():
             continue  # one class only: no curve (its row says '-')
         colour = colours[i % len(colours)]
-        fpr, tpr, _ = roc_curve(positive, score)
-        auc = roc_auc_score(positive, score)
+        fpr, tpr, _ = sklearn_metrics().roc_curve(positive, score)
+        auc = sklearn_metrics().roc_auc_score(positive, score)
         ax.plot(fpr, tpr, color=colour, label=f"{name}, n={result.samples} (AUC {auc:.3f})")
         if threshold is not None:
             flagged = score >= threshold

@@ -12,9 +12,16 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import cohen_kappa_score, roc_auc_score, roc_curve
 
 from pipeline.constants import CLASS_NAMES, NUM_CLASSES
+
+
+def sklearn_metrics():
+    """``sklearn.metrics``, imported on first use: over a second of start-up that a command
+    ending on bad input never needs."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def accuracy(cm: np.ndarray) -> float:
@@ -40,7 +47,9 @@ def quadratic_kappa(cm: np.ndarray) -> float:
         return 0.0
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns where kappa is undefined; 0.0 below
-        kappa = cohen_kappa_score(true, pred, labels=list(range(n)), weights="quadratic")
+        kappa = sklearn_metrics().cohen_kappa_score(
+            true, pred, labels=list(range(n)), weights="quadratic"
+        )
     return float(kappa) if np.isfinite(kappa) else 0.0
 
 
@@ -148,7 +157,7 @@ def _auc(positive: np.ndarray, score: np.ndarray) -> float | None:
     """ROC-AUC; None where it is undefined (a split without positives or without negatives)."""
     if positive.all() or not positive.any():
         return None
-    return float(roc_auc_score(positive, score))
+    return float(sklearn_metrics().roc_auc_score(positive, score))
 
 
 def operating_threshold(
@@ -160,7 +169,7 @@ def operating_threshold(
         return None
     # every threshold, not sklearn's thinned curve: a dropped point can be the highest
     # threshold that reaches the target, and the next one kept is then less specific
-    _, tpr, thresholds = roc_curve(positive, score, drop_intermediate=False)
+    _, tpr, thresholds = sklearn_metrics().roc_curve(positive, score, drop_intermediate=False)
     return float(thresholds[np.argmax(tpr >= sensitivity)])
 
 
@@ -200,8 +209,10 @@ def plot_roc(
     for name, (positive, score) in curves.items():
         if positive.all() or not positive.any():
             continue
-        fpr, tpr, _ = roc_curve(positive, score)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, score):.3f})")
+        fpr, tpr, _ = sklearn_metrics().roc_curve(positive, score)
+        ax.plot(
+            fpr, tpr, label=f"{name} (AUC {sklearn_metrics().roc_auc_score(positive, score):.3f})"
+        )
         if name.startswith("referable") and threshold is not None:
             flagged = score >= threshold
             sens, spec = flagged[positive].mean(), (~flagged[~positive]).mean()
