@@ -13,6 +13,7 @@ import torch
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
+from tests.conftest import shared
 from trainer.checkpoint import load_best, save_best
 from trainer.model import build_model
 
@@ -35,8 +36,11 @@ def export(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny best.pt that also carries the thresholds later trainers may write."""
+    return shared(tmp_path_factory, "export_checkpoint", lambda tmp: _checkpoint(tmp / "best.pt"))
+
+
+def _checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     save_best(
         path,
         build_model("resnet18").state_dict(),
@@ -55,7 +59,10 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export")
+    return shared(tmp_path_factory, "exported", lambda out: _exported(checkpoint, out))
+
+
+def _exported(checkpoint: Path, out: Path) -> Path:
     run = export("--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out))
     assert run.returncode == 0, run.stderr
     assert f"wrote {out / 'model.onnx'}" in run.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -24,7 +25,7 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score
 from pipeline.errors import UserError
 from pipeline.manifest import read_manifest
 from pipeline.shardformat import read_index
-from tests.conftest import build_shard_dir
+from tests.conftest import build_shard_dir, shared
 from trainer.metrics import read_confusion_csv
 from trainer.preprocessing import check_preprocessing, differences
 from trainer.smoke import check_run
@@ -66,7 +67,10 @@ def with_preprocess(folder: Path, **settings) -> Path:
 @pytest.fixture(scope="session")
 def no_test_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """(shard folder with train and val only, its run folder, the training process)."""
-    tmp = tmp_path_factory.mktemp("no_test")
+    return shared(tmp_path_factory, "no_test_run", _no_test_run)
+
+
+def _no_test_run(tmp: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
     shards = build_shard_dir(tmp / "trainval", {"train": 40, "val": 12}, seed=5)
     run = tmp / "run"
     proc = ok(
@@ -80,7 +84,10 @@ def no_test_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProce
 @pytest.fixture(scope="session")
 def external_sets(tmp_path_factory) -> dict[str, Path]:
     """Two folders packed for evaluation: test only, and test + val (the second Graham-prepared)."""
-    tmp = tmp_path_factory.mktemp("external")
+    return shared(tmp_path_factory, "external_sets", _external_sets)
+
+
+def _external_sets(tmp: Path) -> dict[str, Path]:
     return {
         "set_a": build_shard_dir(tmp / "set_a", {"test": 13}, seed=6),
         "set_b": with_preprocess(
@@ -93,7 +100,9 @@ def external_sets(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_a_folder_without_a_test_split_trains_and_says_so(no_test_run, tmp_path):
-    shards, run, proc = no_test_run
+    shards, shared_run, proc = no_test_run
+    run = tmp_path / "run"  # a copy: this test writes an evaluation into it
+    shutil.copytree(shared_run, run)
     assert "has no test split: val chooses best.pt" in proc.stdout
     assert "no test split to report" in proc.stdout.strip().splitlines()[-1]
     summary = json.loads((run / "summary.json").read_text())
@@ -108,8 +117,8 @@ def test_a_folder_without_a_test_split_trains_and_says_so(no_test_run, tmp_path)
     # compare_runs reads it: the row says there was no test split
     from tools.compare_runs import main as compare
 
-    assert compare([str(run), "--out", str(tmp_path)]) == 0
-    table = (tmp_path / "compare.md").read_text().splitlines()
+    assert compare([str(run), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
     assert table[2].split("|")[3:6] == [" val ", " 1 ", " no test split "]
     # the smoke test's check of a run folder reads val when there is no test: given what
     # evaluate.py writes when it reproduces the logged val figures, it finds nothing wrong
@@ -163,8 +172,15 @@ def test_train_alone_has_nothing_to_choose_on(tmp_path):
 def external_eval(
     no_test_run, external_sets, tmp_path_factory
 ) -> tuple[Path, subprocess.CompletedProcess]:
+    return shared(
+        tmp_path_factory,
+        "external_eval",
+        lambda tmp: _external_eval(no_test_run, external_sets, tmp / "out"),
+    )
+
+
+def _external_eval(no_test_run, external_sets, out: Path):
     shards, run, _ = no_test_run
-    out = tmp_path_factory.mktemp("external_eval") / "out"
     proc = ok(
         python(
             [

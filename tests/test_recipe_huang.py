@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from tests.conftest import build_shard_dir
+from tests.conftest import build_shard_dir, shared
 from trainer.config import RECIPE_NAMES, TrainConfig, parse_args
 from trainer.ema import warmed_decay
 from trainer.engine import (
@@ -276,7 +276,10 @@ def _run(args: list, tmp: Path, launcher: list | None = None) -> subprocess.Comp
 def huang_run(tmp_path_factory) -> dict:
     """``accelerate launch trainer/train.py --arch resnet50 --recipe huang2023`` on paired
     shards (a random resnet50 as --weights: no download), 1 epoch at 32 px, then dr-fuse."""
-    tmp = tmp_path_factory.mktemp("huang")
+    return shared(tmp_path_factory, "huang_run", _huang_run)
+
+
+def _huang_run(tmp: Path) -> dict:
     shards = build_shard_dir(
         tmp / "shards", {"train": 32, "val": 16, "test": 16}, pairs=True, seed=5
     )
@@ -318,13 +321,17 @@ def huang_run(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def huang_eval(huang_run) -> tuple[subprocess.CompletedProcess, Path]:
+def huang_eval(huang_run, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """evaluate.py --pair-eyes of the recipe run's best.pt on test (the fused one)."""
-    out = huang_run["tmp"] / "eval"
+    return shared(tmp_path_factory, "huang_eval", lambda tmp: _huang_eval(huang_run, tmp))
+
+
+def _huang_eval(huang_run: dict, tmp: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp / "eval"
     args = ["--checkpoint", huang_run["run"] / "best.pt", "--shards", huang_run["shards"]]
     proc = _run(
         ["trainer/evaluate.py", *args, "--out", out, "--pair-eyes", "--backend", "torch"],
-        huang_run["tmp"],
+        tmp,
     )
     return proc, out
 

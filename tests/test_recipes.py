@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from tests.conftest import TRAIN, build_shard_dir, python
+from tests.conftest import TRAIN, build_shard_dir, python, shared
 from trainer.checkpoint import load_best, load_last, state_checksum
 from trainer.config import TrainConfig
 from trainer.heads import tune_cuts
@@ -38,24 +38,26 @@ def rows(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def paired_shards(tmp_path_factory) -> Path:
     """Both eyes of every patient, in train, val and test."""
-    return build_shard_dir(
-        tmp_path_factory.mktemp("paired") / "shards",
-        {"train": 40, "val": 16, "test": 16},
-        pairs=True,
-        seed=4,
-    )
+
+    def build(tmp: Path) -> Path:
+        counts = {"train": 40, "val": 16, "test": 16}
+        return build_shard_dir(tmp / "shards", counts, pairs=True, seed=4)
+
+    return shared(tmp_path_factory, "paired_shards", build)
 
 
 @pytest.fixture(scope="module")
 def regress_run(paired_shards, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("regress")
-    python(
-        TRAIN,
-        *("--shards", paired_shards, "--out", tmp / "run", "--head", "regress", "--epochs", "2"),
-        *("--schedule", "cosine", *BASE),
-        tmp=tmp,
-    )
-    return tmp / "run"
+    def build(tmp: Path) -> Path:
+        python(
+            TRAIN,
+            *("--shards", paired_shards, "--out", tmp / "run", "--head", "regress"),
+            *("--epochs", "2", "--schedule", "cosine", *BASE),
+            tmp=tmp,
+        )
+        return tmp / "run"
+
+    return shared(tmp_path_factory, "regress_run", build)
 
 
 def outputs_of(checkpoint: Path, shards: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import shared
 from tools import compare_runs, lesion_heat, predict
 from tools import report as report_tool
 from tools.make_synthetic import generate
@@ -36,7 +37,10 @@ SECTIONS = ("run", "figures", "curves", "confusion", "roc", "reliability", "reca
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """Photos (with --masks), shards and a 2-epoch classify run at 64 px."""
-    tmp = tmp_path_factory.mktemp("report")
+    return shared(tmp_path_factory, "report_run", _report_run)
+
+
+def _report_run(tmp: Path) -> Path:
     generate(tmp / "data", n=60, size=64, layout="kaggle", seed=0, masks=True,
              class_mix=(2, 1, 1, 1, 1))  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf"))

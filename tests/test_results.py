@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.conftest import TRAIN, launch, python
+from tests.conftest import TRAIN, launch, python, shared
 from trainer.metrics import read_confusion_csv
 
 RECIPE = [
@@ -31,38 +31,32 @@ RECIPE = [
 def two_runs(straight_run, tiny_shards, tmp_path_factory) -> tuple[Path, Path]:
     """A constant-lr run of its own (2 epochs) and conftest's straight run (cosine, class
     weights, 2 epochs)."""
-    constant = tmp_path_factory.mktemp("runs") / "constant"
-    python(
-        TRAIN,
-        "--shards",
-        tiny_shards,
-        "--out",
-        constant,
-        "--epochs",
-        "2",
-        *RECIPE,
-        tmp=constant.parent,
-    )
-    return constant, straight_run
+
+    def build(tmp: Path) -> Path:
+        python(TRAIN, "--shards", tiny_shards, "--out", tmp / "constant", "--epochs", "2",
+               *RECIPE, tmp=tmp)  # fmt: skip
+        return tmp / "constant"
+
+    return shared(tmp_path_factory, "constant_run", build), straight_run
 
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_shards, tmp_path_factory):
     """``evaluated(run_dir, processes)``: evaluate.py on the run's best.pt on test through
-    ``accelerate launch`` on that many ranks, once per module; its output folder and stdout."""
-    done = {}
+    ``accelerate launch`` on that many ranks, once per test session; its output folder and
+    stdout."""
 
     def evaluate(run_dir: Path, processes: int) -> tuple[Path, str]:
-        if (run_dir, processes) not in done:
-            out = tmp_path_factory.mktemp(f"eval-{run_dir.name}-{processes}")
+        def build(out: Path) -> tuple[Path, str]:
             proc = launch(
                 "trainer/evaluate.py",
                 *("--checkpoint", run_dir / "best.pt", "--shards", tiny_shards, "--out", out),
                 tmp=out,
                 processes=processes,
             )
-            done[run_dir, processes] = out, proc.stdout
-        return done[run_dir, processes]
+            return out, proc.stdout
+
+        return shared(tmp_path_factory, f"eval-{run_dir.name}-{processes}", build)
 
     return evaluate
 

@@ -15,7 +15,7 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.loading.loader import dali_available
 from pipeline.manifest import read_manifest, verify_split
-from tests.conftest import launch, run, run_env
+from tests.conftest import launch, run, run_env, shared
 from trainer.config import TrainConfig, parse_args
 from trainer.metrics import read_confusion_csv
 from trainer.smoke import EVAL_FOLDER, check_run, smoke_config
@@ -27,7 +27,10 @@ SOURCES = ("pyproject.toml", "README.md", "pipeline", "trainer", "tools")
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """A regular (not editable) install of the project's wheel in a folder of its own."""
-    tmp = tmp_path_factory.mktemp("wheel")
+    return shared(tmp_path_factory, "installed_wheel", _installed)
+
+
+def _installed(tmp: Path) -> Path:
     src = tmp / "src"  # a copy, so the build leaves nothing in the checkout
     src.mkdir()
     for name in SOURCES:
@@ -68,7 +71,10 @@ def test_the_installed_package_carries_the_fixture(installed, tmp_path):
 @pytest.fixture(scope="module")
 def smoke_run(installed, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """``accelerate launch --multi_gpu --num_processes 2 trainer/train.py --smoke``."""
-    tmp = tmp_path_factory.mktemp("smoke")
+    return shared(tmp_path_factory, "smoke_run", lambda tmp: _smoke_run(installed, tmp))
+
+
+def _smoke_run(installed: Path, tmp: Path) -> tuple[subprocess.CompletedProcess, Path]:
     (tmp / "cwd").mkdir()
     proc = launch(
         installed / "trainer" / "train.py",

@@ -31,6 +31,7 @@ from tests.conftest import (
     launch,
     python,
     run_env,
+    shared,
     tmpfs,
 )
 from trainer.checkpoint import load_best, load_last, state_checksum
@@ -611,7 +612,10 @@ def val_run(tmp_path_factory) -> Path:
     reversed: an image drawn as grade g is recorded in val as 4 - g. The better the model
     learns the images, the lower its val kappa and the higher its test kappa, so the epoch
     val chooses is not the one test would choose."""
-    tmp = tmp_path_factory.mktemp("val_run")
+    return shared(tmp_path_factory, "val_run", _val_run)
+
+
+def _val_run(tmp: Path) -> Path:
     shards = build_shard_dir(
         tmp / "shards",
         {"train": 100, "val": 20, "test": 40},
