@@ -106,7 +106,9 @@ def test_both_eyes_rows_from_the_fusion_reports(tmp_path):
     assert (
         "| head=regress + both eyes fused | test kappa | 3 | +0.300 | [+0.200, +0.400] |" in lines
     )
-    assert "| head=regress + both eyes fused | test referable AUC | 0 | - | - |" in lines
+    assert not any(
+        line.startswith("| head=regress + both eyes fused | test referable AUC") for line in lines
+    )
     (reg[1] / "fusion.json").write_text('{"kappa": {"val": {}}}')
     with pytest.raises(UserError, match=r"reg1/fusion.json holds no test kappa 'blend'"):
         main(args)

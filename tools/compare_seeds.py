@@ -183,6 +183,8 @@ def seeds_table(groups: list[Group], baseline: str | None, resamples: int) -> st
         ]
         for g in others:
             for name, title in FIGURES:
+                if not g.figures[name]:
+                    continue  # a figure this row does not have (both eyes: kappa only)
                 common = sorted(set(g.figures[name]) & set(base.figures[name]))
                 diffs = [g.figures[name][s] - base.figures[name][s] for s in common]
                 mean = f"{np.mean(diffs):+.3f}" if diffs else "-"
