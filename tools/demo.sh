@@ -7,7 +7,7 @@
 # label noise, correlated eyes) and trains on those at a small size, so the whole demo
 # takes several minutes on 2 CPU cores. It compares what matters beyond the reference
 # recipe: the 5-way classify head against the regress head with cut-points tuned on val,
-# and both eyes blended, all reported on test at the best-val epoch.
+# and both eyes blended and fused (dr-fuse), all reported on test at the best-val epoch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,7 +45,11 @@ for head in classify regress; do
         --schedule cosine --class-weights "$weights" --augment strong --quiet
 done
 
-step "evaluating the regress head's best checkpoint on test, each eye alone and both eyes blended"
+step "both eyes by feature fusion: a second-stage head on the regress head's features (dr-fuse)"
+python tools/fuse.py --checkpoint "$DEMO/runs/resnet18-regress/best.pt" --shards "$DEMO/shards" \
+    --out "$DEMO/runs/resnet18-regress"
+
+step "evaluating the regress head's best checkpoint on test: each eye alone, both eyes blended and fused"
 python trainer/evaluate.py --checkpoint "$DEMO/runs/resnet18-regress/best.pt" \
     --shards "$DEMO/shards" --out "$DEMO/eval" --pair-eyes --explain 8
 
@@ -101,6 +105,7 @@ cat <<MSG
   $DEMO/runs/*/confusion/*_epoch_*.png       a confusion matrix per epoch, val and test
   $DEMO/runs/*/metrics.jsonl                 one JSON line per epoch
   $DEMO/eval/                                the regress head's best.pt on test: metrics.json, roc.png, predictions.csv
+  $DEMO/runs/resnet18-regress/fusion.json    kappa each eye alone, both eyes blended and fused (val and test)
   $DEMO/predictions.csv                      predicted grade and probabilities per photograph
   $DEMO/heat/                                the classify head's maps on referable test photographs
 
