@@ -53,6 +53,13 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
+def ctrl_c_as_usual() -> None:
+    """In the child before it starts Python: SIGINT back to its default. A command started in
+    the background by a shell inherits SIGINT ignored, and Python then installs no handler of
+    its own, so Ctrl-C would not reach make_shards as it does at a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(data: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO / "tools" / "make_shards.py"), str(data), str(out)]
@@ -62,6 +69,7 @@ def start(data: Path, out: Path) -> subprocess.Popen:
         text=True,
         cwd=REPO,
         start_new_session=True,  # its own process group: the workers are found by it
+        preexec_fn=ctrl_c_as_usual,
     )
 
 
