@@ -163,6 +163,34 @@ def gpu_train_graph(shards: Path, augment, **options) -> bytes:
 
 
 @contextmanager
+def no_host_waits():
+    """CUDA's sync debug mode at "error" inside the block (anything that makes the host wait
+    for the GPU raises), after a synchronize so that earlier work does not count."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def epoch_without_host_waits(loader) -> tuple[int, object, object]:
+    """One epoch of a GPU ``loader``, every batch after the first (pipeline build, worker
+    start-up) under ``no_host_waits``, each checked to be on the GPU: (batches, last images,
+    last labels)."""
+    batches = iter(loader)
+    images, labels = next(batches)
+    seen = 1
+    with no_host_waits():
+        for images, labels in batches:
+            assert images.is_cuda and labels.is_cuda
+            seen += 1
+    return seen, images, labels
+
+
+@contextmanager
 def tmpfs(mount: Path, size: str, *options: str):
     """A real filesystem of ``size`` (``400k``, ``180m``) at ``mount``, one that fills up
     (``options``: more mount options, e.g. ``ro``); the test is skipped, with the reason,

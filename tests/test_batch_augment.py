@@ -35,6 +35,7 @@ from pipeline.loading.batch_augment import augment_batch
 from pipeline.loading.loader import build_loader
 from pipeline.loading.samples import chunked
 from pipeline.loading.torch_backend import ShardSlice, TorchLoader
+from tests.conftest import epoch_without_host_waits
 
 MAX_LEVELS = 3  # on the 0-255 scale
 MEAN_LEVELS = 0.01
@@ -346,17 +347,7 @@ def test_torch_backend_gpu_batches_never_wait_for_the_host(tiny_shards, augment)
     GPU, the partial batches joined into pinned memory; nothing waits. The first batch (the
     workers' start) is taken before the mode is on."""
     ld = gpu_loader(tiny_shards, augment, "cuda", channels_last=True)
-    batches = iter(ld)
-    images, labels = next(batches)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        seen = 1
-        for images, labels in batches:
-            assert images.is_cuda and labels.is_cuda
-            seen += 1
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    seen, images, labels = epoch_without_host_waits(ld)
     assert seen == len(ld) == 10
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(images).all() and int(labels.max()) < 5

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.loading.augment import PRESETS
 from pipeline.loading.loader import build_loader
-from tests.conftest import gpu_train_graph
+from tests.conftest import epoch_without_host_waits, gpu_train_graph
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -81,16 +81,6 @@ def test_dali_gpu_strong_augment_batches_never_wait_for_the_host(tiny_shards):
         channels_last=True,
     )
     assert ld.backend == "dali-gpu"
-    batches = iter(ld)
-    images, labels = next(batches)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        seen = 1
-        for images, labels in batches:
-            assert images.is_cuda and labels.is_cuda
-            seen += 1
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    seen, images, labels = epoch_without_host_waits(ld)
     assert seen == len(ld)
     assert torch.isfinite(images).all() and int(labels.max()) < 5

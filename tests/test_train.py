@@ -29,6 +29,7 @@ from tests.conftest import (
     TRAIN,
     build_shard_dir,
     launch,
+    no_host_waits,
     python,
     run_env,
     shared,
@@ -583,9 +584,7 @@ def test_train_and_eval_steps_never_wait_for_the_host():
         train_step(
             model, images, labels, optimizer, scheduler, accelerator, head, ema=ema
         )  # lazy inits may sync
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_waits():
             for class_weights in (None, weights):
                 out, _, _ = train_step(
                     model,
@@ -602,8 +601,6 @@ def test_train_and_eval_steps_never_wait_for_the_host():
                 head.train_grades(out)
                 with torch.inference_mode(), accelerator.autocast():
                     head.loss_sums(model(images), labels, class_weights)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
 
 
 @pytest.fixture(scope="module")

@@ -144,8 +144,9 @@ def plot_external_roc(
         if positive.all() or not positive.any():
             continue  # one class only: no curve (its row says '-')
         colour = colours[i % len(colours)]
-        fpr, tpr, _ = sklearn_metrics().roc_curve(positive, score)
-        auc = sklearn_metrics().roc_auc_score(positive, score)
+        sk = sklearn_metrics()
+        fpr, tpr, _ = sk.roc_curve(positive, score)
+        auc = sk.roc_auc_score(positive, score)
         ax.plot(fpr, tpr, color=colour, label=f"{name}, n={result.samples} (AUC {auc:.3f})")
         if threshold is not None:
             flagged = score >= threshold

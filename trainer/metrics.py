@@ -205,14 +205,13 @@ def plot_roc(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sk = sklearn_metrics()
     fig, ax = plt.subplots(figsize=(5.5, 5.2))
     for name, (positive, score) in curves.items():
         if positive.all() or not positive.any():
             continue
-        fpr, tpr, _ = sklearn_metrics().roc_curve(positive, score)
-        ax.plot(
-            fpr, tpr, label=f"{name} (AUC {sklearn_metrics().roc_auc_score(positive, score):.3f})"
-        )
+        fpr, tpr, _ = sk.roc_curve(positive, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {sk.roc_auc_score(positive, score):.3f})")
         if name.startswith("referable") and threshold is not None:
             flagged = score >= threshold
             sens, spec = flagged[positive].mean(), (~flagged[~positive]).mean()
