@@ -1,4 +1,4 @@
-"""tools/bench_loader.py end to end on the tiny fixture: every path timed, the JSON written."""
+"""tools/bench/bench_loader.py end to end on the tiny fixture: every path timed, the JSON written."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.errors import UserError
-from tools import bench_loader
+from tools.bench import bench_loader
 
 
 def test_bench_writes_every_path(tiny_shards, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Temperature scaling and ECE (trainer/calibration.py): what it fits, what it must not change."""
+"""Temperature scaling and ECE (trainer/judging/calibration.py): what it fits, what it must not change."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from tools.export import metadata
-from trainer.calibration import calibrate_on, ece, ece_figures, fit_temperature, reliability
-from trainer.engine import EvalResult
-from trainer.heads import build_head
-from trainer.metrics import referable_score
+from trainer.base.heads import build_head
+from trainer.base.metrics import referable_score
+from trainer.judging.calibration import calibrate_on, ece, ece_figures, fit_temperature, reliability
+from trainer.judging.evaluation import EvalResult
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""trainer/checkpoint.py: atomic last/, RNG round trip, best.pt on its own, metrics truncation."""
+"""trainer/fitting/checkpoint.py: atomic last/, RNG round trip, best.pt on its own, metrics truncation."""
 
 import json
 import random
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from trainer.checkpoint import (
-    BEST_FILE,
-    load_best,
+from trainer.base.bestfile import BEST_FILE, load_best
+from trainer.base.model import build_model
+from trainer.base.runfiles import truncate_metrics
+from trainer.fitting.checkpoint import (
     load_last,
     repair_best,
     rng_state,
@@ -20,8 +21,6 @@ from trainer.checkpoint import (
     set_rng_state,
     state_checksum,
 )
-from trainer.model import build_model
-from trainer.runfiles import truncate_metrics
 
 
 def draws():

@@ -1,5 +1,5 @@
 """dr-compare --seeds on run folders written by hand in the trainer's format
-(trainer/runfiles.py: config.json, metrics.jsonl, summary.json)."""
+(trainer/base/runfiles.py: config.json, metrics.jsonl, summary.json)."""
 
 from __future__ import annotations
 

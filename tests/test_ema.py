@@ -1,4 +1,4 @@
-"""trainer.ema: the sync-free EMA equals AveragedModel under the same warmed-up decay."""
+"""trainer.fitting.ema: the sync-free EMA equals AveragedModel under the same warmed-up decay."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from trainer.ema import EMA, warmed_decay
+from trainer.fitting.ema import EMA, warmed_decay
 
 DECAY = 0.9
 

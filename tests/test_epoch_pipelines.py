@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.loading.loader import dali_available
-from trainer.checkpoint import load_last, state_checksum
+from trainer.fitting.checkpoint import load_last, state_checksum
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("images_per_s", "epoch_s", "first_batch_s")

@@ -1,4 +1,4 @@
-"""Where the model looks (trainer/explain.py): Grad-CAM finds the evidence a model was trained
+"""Where the model looks (trainer/judging/explain.py): Grad-CAM finds the evidence a model was trained
 on, lesion masks follow the photograph's preparation, make_synthetic --masks."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pipeline.errors import UserError
 from pipeline.writing.preprocess import prepare
 from tools.lesion_heat import others_ratio
 from tools.make_synthetic import DRAWN_GRADES, MASKS_DIR, generate
-from trainer.explain import (
+from trainer.judging.explain import (
     fundus_of,
     grad_cam,
     lesion_heat,

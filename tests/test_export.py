@@ -14,8 +14,9 @@ import torch
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
 from tests.conftest import shared
-from trainer.checkpoint import load_best, save_best
-from trainer.model import build_model
+from trainer.base.bestfile import load_best
+from trainer.base.model import build_model
+from trainer.fitting.checkpoint import save_best
 
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
 onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra is not installed")

@@ -26,8 +26,8 @@ from pipeline.errors import UserError
 from pipeline.manifest import read_manifest
 from pipeline.shardformat import read_index
 from tests.conftest import build_shard_dir, shared
-from trainer.metrics import read_confusion_csv
-from trainer.preprocessing import check_preprocessing, differences
+from trainer.base.metrics import read_confusion_csv
+from trainer.base.preprocessing import check_preprocessing, differences
 from trainer.smoke import check_run
 from trainer.train import choosing_split
 

@@ -200,17 +200,17 @@ def test_without_a_gpu_the_doctor_still_runs_and_nothing_after(tmp_path):
 
 def parsed(cmd: list[str]):
     """The command's options through its own tool's parser (what it would run with)."""
-    from tools import bench_loader, gpu_train_bench
+    from tools.bench import bench_loader, gpu_train_bench
     from trainer import evaluate
-    from trainer.config import parse_args
+    from trainer.fitting.config import parse_args
 
     if "trainer/train.py" in cmd:
         return parse_args(cmd[cmd.index("trainer/train.py") + 1 :])[0]
     from pipeline.cli import parse_config
 
     tools = {
-        "tools/bench_loader.py": bench_loader.BenchConfig,
-        "tools/gpu_train_bench.py": gpu_train_bench.GpuBenchConfig,
+        "tools/bench/bench_loader.py": bench_loader.BenchConfig,
+        "tools/bench/gpu_train_bench.py": gpu_train_bench.GpuBenchConfig,
         "trainer/evaluate.py": evaluate.EvalConfig,
     }
     for script, config in tools.items():
@@ -263,7 +263,7 @@ def test_torch_workers_fit_the_shared_memory():
 
 def test_the_shared_data_folder(tmp_path):
     from pipeline.manifest import read_manifest
-    from tools.gpu_train_bench import make_shards
+    from tools.bench.gpu_train_bench import make_shards
 
     root = make_shards(tmp_path / "data", 12, 64, distinct=6, eval_images=7)
     manifest = read_manifest(root)
@@ -286,7 +286,7 @@ def test_evaluation_agrees_within_one_image():
     acc = np.trace(cm) / n
 
     def figures(m):
-        from trainer.metrics import quadratic_kappa
+        from trainer.base.metrics import quadratic_kappa
 
         return np.trace(m) / n, quadratic_kappa(m)
 

@@ -1,4 +1,4 @@
-"""trainer/heads.py and trainer/pairing.py: what each head's outputs mean, cut-point tuning, both eyes."""
+"""trainer/base/heads.py and trainer/judging/pairing.py: what each head's outputs mean, cut-point tuning, both eyes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from pipeline.errors import UserError
-from trainer.config import HEADS as HEAD_CHOICES
-from trainer.heads import DEFAULT_CUTS, HEADS, build_head, tune_cuts
-from trainer.metrics import kappa_of, referable_score
-from trainer.pairing import blend_partners, choose_blend, partner_index
+from trainer.base.heads import DEFAULT_CUTS, HEADS, build_head, tune_cuts
+from trainer.base.metrics import kappa_of, referable_score
+from trainer.fitting.config import HEADS as HEAD_CHOICES
+from trainer.judging.pairing import blend_partners, choose_blend, partner_index
 
 
 def test_the_cli_offers_every_head():

@@ -65,6 +65,43 @@ def test_imports_go_one_way():
     assert "trainer.train" not in project_imports()["trainer.evaluate"]
 
 
+ENTRY_POINTS = {"trainer.train", "trainer.evaluate", "trainer.smoke"}
+
+
+def test_trainer_halves_meet_only_in_base():
+    """trainer/fitting (a model fitted) and trainer/judging (a model judged) never import
+    each other; trainer/base imports neither; only the entry points at trainer/ and tools/
+    see both halves, and nothing inside trainer/ imports an entry point but another one."""
+    for module, deps in project_imports().items():
+        for dep in deps:
+            if module.startswith("trainer.fitting"):
+                assert not dep.startswith("trainer.judging"), f"{module} imports {dep}"
+            if module.startswith("trainer.judging"):
+                assert not dep.startswith("trainer.fitting"), f"{module} imports {dep}"
+            if module.startswith("trainer.base"):
+                assert not dep.startswith(("trainer.fitting", "trainer.judging")), (
+                    f"{module} imports {dep}"
+                )
+            if module.startswith("trainer.") and module not in ENTRY_POINTS:
+                assert dep not in ENTRY_POINTS, f"{module} imports the entry point {dep}"
+
+
+def test_one_name_per_module_and_small_folders():
+    """No two product modules share a file name (a traceback names one thing), and no folder
+    holds more than 15 modules."""
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p.name != "__init__.py"]
+    names: dict[str, list[str]] = {}
+    for path in files:
+        names.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert not {n: ps for n, ps in names.items() if len(ps) > 1}
+    folders: dict[Path, int] = {}
+    for path in files:
+        folders[path.parent] = folders.get(path.parent, 0) + 1
+    assert max(folders.values()) <= 15, {
+        str(f.relative_to(ROOT)): n for f, n in folders.items() if n > 15
+    }
+
+
 def console_commands() -> list[str]:
     """Every command pyproject.toml installs."""
     import tomllib

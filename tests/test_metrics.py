@@ -1,4 +1,4 @@
-"""trainer/metrics.py against sklearn on random labels, and the CSV/PNG writers."""
+"""trainer/base/metrics.py against sklearn on random labels, and the CSV/PNG writers."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from sklearn.metrics import cohen_kappa_score
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 from pipeline.constants import CLASS_NAMES
-from trainer.metrics import (
+from trainer.base.metrics import (
     accuracy,
     confusion_of,
     kappa_of,

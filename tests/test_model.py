@@ -1,12 +1,12 @@
-"""trainer/model.py: the registry, --weights files of every kind, --pretrained from the cache."""
+"""trainer/base/model.py: the registry, --weights files of every kind, --pretrained from the cache."""
 
 import pytest
 import torch
 from torchvision import models
 
 from pipeline.errors import UserError
-from trainer.config import ARCHS
-from trainer.model import MODELS, build_model, hub_checkpoint_path, load_weights
+from trainer.base.model import MODELS, build_model, hub_checkpoint_path, load_weights
+from trainer.fitting.config import ARCHS
 
 
 def same_state(a: dict, b: dict, skip=()) -> bool:

@@ -17,8 +17,8 @@ from pipeline.manifest import read_manifest
 from pipeline.writing import channelstats
 from tests.test_loader import BACKENDS, epoch, loader
 from tests.test_make_shards import lab_folder, read_webdataset, run_pack
-from trainer.config import parse_args
-from trainer.normalize import normalization_for
+from trainer.base.normalize import normalization_for
+from trainer.fitting.config import parse_args
 
 
 def png(pixels: list[list[tuple[int, int, int]]]) -> bytes:
@@ -106,8 +106,9 @@ def test_the_recipe_and_the_option(monkeypatch):
 
 
 def test_best_pt_rebuilt_after_a_kill_keeps_the_dataset_statistics(tiny_shards, tmp_path):
-    from trainer.checkpoint import BEST_FILE, load_best, repair_best
-    from trainer.model import build_model
+    from trainer.base.bestfile import BEST_FILE, load_best
+    from trainer.base.model import build_model
+    from trainer.fitting.checkpoint import repair_best
 
     config = {"arch": "resnet18", "image_size": 64, "normalize": "dataset"}
     config["shards"] = str(tiny_shards)

@@ -14,8 +14,9 @@ from PIL import Image
 from pipeline.loading.contract import normalization
 from tools.make_synthetic import render_fundus
 from tools.predict import load_for_model, predict_batch
-from trainer.checkpoint import load_best, save_best
-from trainer.model import build_model
+from trainer.base.bestfile import load_best
+from trainer.base.model import build_model
+from trainer.fitting.checkpoint import save_best
 
 ROOT = Path(__file__).resolve().parents[1]
 

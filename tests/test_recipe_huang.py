@@ -20,20 +20,16 @@ import torch
 
 from pipeline.errors import UserError
 from tests.conftest import build_shard_dir, shared
-from trainer.config import RECIPE_NAMES, TrainConfig, parse_args
-from trainer.ema import warmed_decay
-from trainer.engine import (
-    EvalResult,
-    build_optimizer,
-    build_scheduler,
-    train_step,
-)
-from trainer.heads import build_head
-from trainer.metrics import kappa_of, operating_threshold
-from trainer.model import backbone_features, build_model
-from trainer.pairing import blend_partners, choose_blend, choose_blend_and_cuts
-from trainer.recipes import HUANG2023, RECIPES, REGRESS_MSE_CLIP, resolve
-from trainer.selection import SMALL_VAL, selection_for
+from trainer.base.heads import build_head
+from trainer.base.metrics import kappa_of, operating_threshold
+from trainer.base.model import backbone_features, build_model
+from trainer.fitting.config import RECIPE_NAMES, TrainConfig, parse_args
+from trainer.fitting.ema import warmed_decay
+from trainer.fitting.engine import build_optimizer, build_scheduler, train_step
+from trainer.fitting.recipes import HUANG2023, RECIPES, REGRESS_MSE_CLIP, resolve
+from trainer.judging.evaluation import EvalResult
+from trainer.judging.pairing import blend_partners, choose_blend, choose_blend_and_cuts
+from trainer.judging.selection import SMALL_VAL, selection_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +120,7 @@ def _paired_val(seed: int, n: int = 300, noise: float = 0.8):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_joint_blend_and_cuts_never_score_below_a_blend_with_fixed_cuts(seed):
-    from trainer.heads import tune_cuts
+    from trainer.base.heads import tune_cuts
 
     keys, labels, scores = _paired_val(seed)
     head = build_head("regress")
@@ -143,7 +139,7 @@ def test_joint_blend_and_cuts_never_score_below_a_blend_with_fixed_cuts(seed):
 
 def test_fusion_head_learns_from_the_partner_and_is_applied_as_stored(tmp_path):
     """Each eye's own features are noise; its partner's carry the grade: only fusion sees it."""
-    from trainer.fusion import FusionSettings, fused_outputs, pair_features, train_fusion
+    from trainer.judging.fusion import FusionSettings, fused_outputs, pair_features, train_fusion
 
     rng = np.random.default_rng(0)
 
@@ -353,7 +349,7 @@ def test_the_recipe_run_records_every_resolved_value(huang_run):
 
 @pytest.mark.slow
 def test_fusion_is_stored_and_evaluate_applies_it(huang_run, huang_eval):
-    from trainer.checkpoint import load_best
+    from trainer.base.bestfile import load_best
 
     info = load_best(huang_run["run"] / "best.pt")[1]
     fusion = info["fusion"]
@@ -399,7 +395,7 @@ def test_predict_pair_eyes_gives_the_fused_outputs_evaluate_gives(huang_run, hua
 @pytest.mark.slow
 def test_export_metadata_names_the_fusion_head(huang_run):
     from tools.export import metadata
-    from trainer.checkpoint import load_best
+    from trainer.base.bestfile import load_best
 
     info = load_best(huang_run["run"] / "best.pt")[1]
     meta = {k: json.loads(v) for k, v in metadata(info).items()}

@@ -14,9 +14,10 @@ import torch
 
 from pipeline.errors import UserError
 from tests.conftest import TRAIN, build_shard_dir, python, shared
-from trainer.checkpoint import load_best, load_last, state_checksum
-from trainer.config import TrainConfig
-from trainer.heads import tune_cuts
+from trainer.base.bestfile import load_best
+from trainer.base.heads import tune_cuts
+from trainer.fitting.checkpoint import load_last, state_checksum
+from trainer.fitting.config import TrainConfig
 
 BASE = [
     "--image-size",
@@ -66,8 +67,8 @@ def outputs_of(checkpoint: Path, shards: Path, split: str) -> tuple[np.ndarray, 
     from accelerate import Accelerator
 
     from pipeline.loading.loader import build_loader
-    from trainer.checkpoint import head_of
-    from trainer.engine import evaluate
+    from trainer.base.bestfile import head_of
+    from trainer.judging.evaluation import evaluate
 
     model, info = load_best(checkpoint)
     loader = build_loader(
@@ -99,7 +100,7 @@ def test_regress_head_tunes_cut_points_on_val_and_evaluate_applies_them(
         cuts = row["cut_points"]
         assert len(cuts) == 4 and cuts == sorted(cuts)
         assert 0 <= row["pair_blend"] <= 0.5 and {"val_qwk_paired", "test_qwk_paired"} <= set(row)
-    # 16 val images: the trainer keeps the epoch of lowest val MSE (trainer/selection.py)
+    # 16 val images: the trainer keeps the epoch of lowest val MSE (trainer/judging/selection.py)
     best = min(lines, key=lambda r: r["val_mse"])
     model, info = load_best(regress_run / "best.pt")
     assert (info["head"], info["outputs"]) == ("regress", 1) and info["cut_points"] == best[
@@ -263,7 +264,7 @@ def test_option_checks_are_one_sentence():
 
 
 def test_label_smoothing_softens_the_classify_loss():
-    from trainer.heads import build_head
+    from trainer.base.heads import build_head
 
     out = torch.tensor([[8.0, 0, 0, 0, 0], [0, 0, 9.0, 0, 0]])
     labels = torch.tensor([0, 2])
@@ -277,8 +278,8 @@ def test_clip_grad_bounds_the_update():
     1e-3, the step is 1e-3 long, where the unclipped gradient moves them far more."""
     from accelerate import Accelerator
 
-    from trainer.engine import build_optimizer, build_scheduler, train_step
-    from trainer.heads import build_head
+    from trainer.base.heads import build_head
+    from trainer.fitting.engine import build_optimizer, build_scheduler, train_step
 
     accelerator = Accelerator(cpu=True)
     images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -300,7 +301,7 @@ def test_clip_grad_bounds_the_update():
 
 
 def test_imagenet_v2_weights_offline_is_one_sentence(tmp_path, monkeypatch):
-    from trainer.model import build_model, hub_checkpoint_path
+    from trainer.base.model import build_model, hub_checkpoint_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     v1, v2 = hub_checkpoint_path("resnet50", "V1"), hub_checkpoint_path("resnet50", "V2")

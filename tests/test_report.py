@@ -26,9 +26,9 @@ from tools import compare_runs, lesion_heat, predict
 from tools import report as report_tool
 from tools.make_synthetic import generate
 from trainer import evaluate as evaluate_tool
-from trainer.calibration import scaled
-from trainer.checkpoint import head_of, load_best
-from trainer.report import GALLERY, PREDICTIONS_DIR, REPORT_FILE
+from trainer.base.bestfile import head_of, load_best
+from trainer.judging.calibration import scaled
+from trainer.judging.run_page import GALLERY, PREDICTIONS_DIR, REPORT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("run", "figures", "curves", "confusion", "roc", "reliability", "recall", "gallery")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TRAIN, launch, python, shared
-from trainer.metrics import read_confusion_csv
+from trainer.base.metrics import read_confusion_csv
 
 RECIPE = [
     "--image-size",
@@ -119,8 +119,8 @@ def test_per_image_scores_are_the_same_set_on_1_2_and_3_ranks(two_runs, evaluate
 
 
 def test_evaluate_bad_split_is_one_sentence(tiny_shards, tmp_path):
-    from trainer.checkpoint import save_best
-    from trainer.model import build_model
+    from trainer.base.model import build_model
+    from trainer.fitting.checkpoint import save_best
 
     checkpoint = tmp_path / "best.pt"  # an untrained model: the split is checked first
     save_best(

@@ -1,4 +1,4 @@
-"""trainer.scaling: the GPU run's batch and learning rate advice, the config line's batch
+"""trainer.fitting.scaling: the GPU run's batch and learning rate advice, the config line's batch
 summary, and the process group's timeout the trainer's Accelerator gets."""
 
 from __future__ import annotations
@@ -7,13 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from trainer.config import TrainConfig
-from trainer.scaling import (
-    PROCESS_GROUP_TIMEOUT,
-    batch_line,
-    gpu_advice,
-    scaled_lr,
-)
+from trainer.fitting.config import TrainConfig
+from trainer.fitting.scaling import PROCESS_GROUP_TIMEOUT, batch_line, gpu_advice, scaled_lr
 
 
 def test_lr_scales_linearly_from_the_reference():

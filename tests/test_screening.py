@@ -1,4 +1,4 @@
-"""trainer/metrics.py's screening figures on hand-built cases: the operating threshold (the
+"""trainer/base/metrics.py's screening figures on hand-built cases: the operating threshold (the
 highest one whose sensitivity reaches the target) and sensitivity, specificity and AUCs at a
 threshold, with ties, splits without positives and splits without negatives."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.metrics import operating_threshold, screening
+from trainer.base.metrics import operating_threshold, screening
 
 
 def probs_with(score) -> np.ndarray:

@@ -16,8 +16,8 @@ from pipeline.errors import UserError
 from pipeline.loading.loader import dali_available
 from pipeline.manifest import read_manifest, verify_split
 from tests.conftest import launch, run, run_env, shared
-from trainer.config import TrainConfig, parse_args
-from trainer.metrics import read_confusion_csv
+from trainer.base.metrics import read_confusion_csv
+from trainer.fitting.config import TrainConfig, parse_args
 from trainer.smoke import EVAL_FOLDER, check_run, smoke_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,11 +35,12 @@ from tests.conftest import (
     shared,
     tmpfs,
 )
-from trainer.checkpoint import load_best, load_last, state_checksum
-from trainer.config import TrainConfig, merge_for_resume, parse_args
-from trainer.engine import NonFiniteLossError, build_scheduler, class_weights_for
-from trainer.metrics import read_confusion_csv
-from trainer.model import build_model
+from trainer.base.bestfile import load_best
+from trainer.base.metrics import read_confusion_csv
+from trainer.base.model import build_model
+from trainer.fitting.checkpoint import load_last, state_checksum
+from trainer.fitting.config import TrainConfig, merge_for_resume, parse_args
+from trainer.fitting.engine import NonFiniteLossError, build_scheduler, class_weights_for
 from trainer.train import main
 
 KEYS = {
@@ -67,7 +68,7 @@ KEYS = {
     "cut_points",
     "pair_blend",
     "pair_cut_points",  # regress: the cut-points chosen with the blend (None otherwise)
-    "selected_by",  # the statistic that chooses best.pt (trainer/selection.py)
+    "selected_by",  # the statistic that chooses best.pt (trainer/judging/selection.py)
     "images_per_s",
     "epoch_s",
     "lr",
@@ -401,7 +402,7 @@ def test_schedule_and_class_weights():
 def test_gpu_train_bench_runs_on_the_cpu(tmp_path):
     out = tmp_path / "bench"
     proc = python(
-        "tools/gpu_train_bench.py",
+        "tools/bench/gpu_train_bench.py",
         *("--device", "cpu", "--arch", "resnet18", "--steps", "2", "--warmup", "1"),
         *("--image-size", "64", "--batch-size", "4", "--backend", "torch", "--workers", "0"),
         *("--work", tmp_path / "work", "--out", out),
@@ -521,7 +522,7 @@ def test_verify_shards_stops_before_training(tiny_shards, tmp_path):
 
 
 def test_auto_precision_wants_native_bf16(monkeypatch):
-    from trainer.engine import resolve_precision
+    from trainer.base.distributed import resolve_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     # a GPU that only emulates bf16 (torch counts emulation unless told not to)
@@ -562,9 +563,9 @@ def test_train_and_eval_steps_never_wait_for_the_host():
     mode raises if one does (the evaluation loop's step is the forward pass and the loss)."""
     from accelerate import Accelerator
 
-    from trainer.ema import EMA
-    from trainer.engine import build_optimizer, build_scheduler, train_step
-    from trainer.heads import build_head
+    from trainer.base.heads import build_head
+    from trainer.fitting.ema import EMA
+    from trainer.fitting.engine import build_optimizer, build_scheduler, train_step
 
     accelerator = Accelerator(mixed_precision="bf16")
     images = torch.randn(8, 3, 64, 64, device=accelerator.device).contiguous(

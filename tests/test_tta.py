@@ -7,9 +7,9 @@ import torch
 from accelerate import Accelerator
 
 from tools.predict import predict_batch
-from trainer.engine import evaluate
-from trainer.model import build_model
-from trainer.tta import tta_outputs_and_features, views
+from trainer.base.model import build_model
+from trainer.judging.evaluation import evaluate
+from trainer.judging.tta import tta_outputs_and_features, views
 
 
 def test_the_eight_views_are_the_symmetries_of_the_square():
@@ -60,8 +60,8 @@ def test_evaluate_cli_tta_matches_the_shared_function(tiny_shards, tmp_path):
     import json
 
     from pipeline.loading.loader import build_loader
-    from trainer.checkpoint import save_best
     from trainer.evaluate import main
+    from trainer.fitting.checkpoint import save_best
 
     torch.manual_seed(0)
     model = build_model("resnet18", 5).eval()

@@ -28,7 +28,7 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import NUM_CLASSES
 from pipeline.errors import UserError
 from tools.compare_seeds import SEEDS_FILE, group_runs, seeds_table
-from trainer.runfiles import CONFIG_FILE, METRICS_FILE, REPORT_FILE, SUMMARY_FILE, read_metrics
+from trainer.base.runfiles import CONFIG_FILE, METRICS_FILE, REPORT_FILE, SUMMARY_FILE, read_metrics
 
 FIGURE_FILE = "compare.png"
 TABLE_FILE = "compare.md"
@@ -66,7 +66,7 @@ class Run:
         """The epoch the trainer kept as best.pt (the first of equals, as the trainer does)."""
         if self.metrics.empty:
             return None
-        # the trainer's statistic (trainer/selection.py): val MSE for a regress head on a
+        # the trainer's statistic (trainer/judging/selection.py): val MSE for a regress head on a
         # small val split, else kappa; runs of older versions chose by kappa
         key = f"{self.chosen_on}_qwk"
         if "selected_by" in self.metrics and self.metrics["selected_by"].notna().all():
@@ -145,7 +145,7 @@ def results_table(runs: list[Run]) -> str:
 
 
 def report_links(runs: list[Run], out: Path) -> str:
-    """Links to each run's report.html (trainer/report.py), relative to ``out``."""
+    """Links to each run's report.html (trainer/judging/run_page.py), relative to ``out``."""
     links = [
         f"- {run.name}: [{REPORT_FILE}]({os.path.relpath(run.path / REPORT_FILE, out)})"
         for run in runs

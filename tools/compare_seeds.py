@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import UserError
-from trainer.runfiles import CONFIG_FILE, FUSION_FILE
+from trainer.base.runfiles import CONFIG_FILE, FUSION_FILE
 
 NOT_CONFIGURATION = ("seed", "out", "resume", "quiet")  # what may differ within a group
 FIGURES = (("test_qwk", "test kappa"), ("test_referable_auc", "test referable AUC"))

@@ -230,8 +230,8 @@ def check_gpus() -> Result:
 
 
 def check_gpu_run() -> Result:
-    """The batch and learning rate a GPU run should start from (trainer.scaling)."""
-    from trainer.scaling import gpu_advice
+    """The batch and learning rate a GPU run should start from (trainer.fitting.scaling)."""
+    from trainer.fitting.scaling import gpu_advice
 
     if not torch_gpus():
         return Result(SKIP, "no GPU: the defaults (--batch-size 8 --lr 0.01) suit the CPU")

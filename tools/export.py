@@ -45,7 +45,7 @@ import torch
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import RunError, UserError
 from pipeline.fileio import atomic_write, make_writable_dir
-from trainer.checkpoint import load_best
+from trainer.base.bestfile import load_best
 
 FORMATS = ("onnx",)
 MODEL_FILE = "model.onnx"

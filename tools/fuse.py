@@ -5,7 +5,7 @@
 
 Extracts the backbone features of every train, val and test image once (the trainer's
 evaluation path: no augmentation, every image exactly once over all processes), trains the
-fusion head of trainer/fusion.py on [own eye, partner eye] features of the train split,
+fusion head of trainer/judging/fusion.py on [own eye, partner eye] features of the train split,
 chooses its epoch (and, for the regress head, its cut-points) on val, and stores it in the
 checkpoint under "fusion", so that ``evaluate.py --pair-eyes`` and ``predict.py
 --pair-eyes`` use it. Prints, for val and test, kappa each eye alone, both eyes blended
@@ -22,11 +22,12 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
 from pipeline.manifest import read_manifest
-from trainer.checkpoint import add_to_best, head_of, load_best
-from trainer.config import BACKENDS
-from trainer.engine import EvalResult, evaluate
+from trainer.base.bestfile import add_to_best, head_of, load_best
+from trainer.base.runfiles import FUSION_FILE
 from trainer.evaluate import checkpoint_accelerator, checkpoint_loader
-from trainer.fusion import (
+from trainer.fitting.config import BACKENDS
+from trainer.judging.evaluation import EvalResult, evaluate
+from trainer.judging.fusion import (
     FUSION_KEY,
     HIDDEN,
     FusionSettings,
@@ -34,7 +35,6 @@ from trainer.fusion import (
     has_pairs,
     train_fusion,
 )
-from trainer.runfiles import FUSION_FILE
 
 
 @dataclass

@@ -81,7 +81,7 @@ def probe() -> dict:
     facts |= {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
     facts["gpu"] = torch.cuda.is_available()
     if facts["gpu"]:
-        from trainer.engine import native_bf16
+        from trainer.base.distributed import native_bf16
 
         props = torch.cuda.get_device_properties(0)
         facts |= {
@@ -290,7 +290,7 @@ def compare_evaluation(logged: dict, logged_cm, evaluated: dict, evaluated_cm) -
     """
     import numpy as np
 
-    from trainer.metrics import quadratic_kappa
+    from trainer.base.metrics import quadratic_kappa
 
     logged_cm, evaluated_cm = np.asarray(logged_cm), np.asarray(evaluated_cm)
     same_images = (
@@ -321,8 +321,8 @@ def compare_evaluation(logged: dict, logged_cm, evaluated: dict, evaluated_cm) -
 
 def trainer_figures(run: Path, evaluation: Path) -> dict:
     """The trainer's epochs as logged, evaluate.py's test figures, and whether they agree."""
-    from trainer.checkpoint import load_best
-    from trainer.metrics import read_confusion_csv
+    from trainer.base.bestfile import load_best
+    from trainer.base.metrics import read_confusion_csv
 
     rows_path = run / "metrics.jsonl"
     rows = (
@@ -408,7 +408,7 @@ def gpu_steps(facts: dict, work: Path, out: Path) -> list[tuple[Step, Callable[[
             Step(
                 "loader",
                 python(
-                    "tools/bench_loader.py",
+                    "tools/bench/bench_loader.py",
                     "--shards",
                     str(shards),
                     "--batch-size",
@@ -432,7 +432,7 @@ def gpu_steps(facts: dict, work: Path, out: Path) -> list[tuple[Step, Callable[[
             Step(
                 "train_bench",
                 python(
-                    "tools/gpu_train_bench.py",
+                    "tools/bench/gpu_train_bench.py",
                     "--shards",
                     str(shards),
                     "--arch",
@@ -515,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(probe()))
         return 0
     if cfg.make_data:
-        from tools.gpu_train_bench import make_shards
+        from tools.bench.gpu_train_bench import make_shards
 
         make_shards(cfg.make_data, TRAIN_IMAGES, IMAGE_SIZE, eval_images=EVAL_IMAGES)
         print(

@@ -8,7 +8,7 @@ For every photograph in ``--data`` whose picture shows referable disease (drawn 
 ``masks/drawn_grades.csv``; with ``--shards``, only those in ``--split`` of that shard
 folder, so a model is judged on photographs it did not train on), it prepares the photo as
 ``tools/predict.py`` does, computes the class-activation map of the checkpoint's head
-(trainer/explain.py), carries the lesion mask through the same crop, pad and resize, and
+(trainer/judging/explain.py), carries the lesion mask through the same crop, pad and resize, and
 measures over the fundus:
 
 - heat share: the share of the map's heat that falls inside the lesion mask;
@@ -39,8 +39,9 @@ from pipeline.manifest import read_manifest
 from pipeline.shardformat import read_index
 from tools.make_synthetic import DRAWN_GRADES, MASKS_DIR
 from tools.predict import load_for_model
-from trainer.checkpoint import load_best
-from trainer.explain import (
+from trainer.base.bestfile import load_best
+from trainer.base.metrics import REFERABLE_GRADE
+from trainer.judging.explain import (
     CAM_LAYER,
     CAM_TARGET,
     CAM_TARGETS,
@@ -50,7 +51,6 @@ from trainer.explain import (
     mask_as_model_saw,
     overlay,
 )
-from trainer.metrics import REFERABLE_GRADE
 
 
 @dataclass

@@ -15,7 +15,7 @@ when any was, 0 when all were graded. ``--preprocess plain|graham`` says how to 
 photos for a checkpoint that does not record it; one that contradicts what the checkpoint
 records stops (``--allow-preprocessing-mismatch`` goes on, with a warning). ``--explain``
 also writes ``OUT/cam/<name>.png`` per graded photo: where the model looked (Grad-CAM,
-trainer/explain.py) beside the photo as the model saw it.
+trainer/judging/explain.py) beside the photo as the model saw it.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ from pipeline.errors import UserError
 from pipeline.loading.contract import normalization
 from pipeline.loading.samples import eval_image
 from pipeline.writing.preprocess import BadImage, prepare
-from trainer.calibration import scaled
-from trainer.checkpoint import head_of, load_best
-from trainer.explain import CAM_DIR, caption_of, explain_images, overlay
-from trainer.fusion import FUSION_KEY, fused_outputs
-from trainer.model import backbone_features
-from trainer.pairing import blend_partners
-from trainer.preprocessing import check_preprocessing
-from trainer.tta import tta_outputs_and_features
+from trainer.base.bestfile import head_of, load_best
+from trainer.base.model import backbone_features
+from trainer.base.preprocessing import check_preprocessing
+from trainer.judging.calibration import scaled
+from trainer.judging.explain import CAM_DIR, caption_of, explain_images, overlay
+from trainer.judging.fusion import FUSION_KEY, fused_outputs
+from trainer.judging.pairing import blend_partners
+from trainer.judging.tta import tta_outputs_and_features
 
 PHOTO_EXTENSIONS = IMAGE_EXTENSIONS  # what make_shards packs
 PHOTO_NAMES = "/".join(PHOTO_EXTENSIONS)
@@ -174,7 +174,7 @@ def predict_batch(
     model, images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tta: bool
 ) -> torch.Tensor:
     """The head's raw outputs (N, k); with ``tta`` averaged over the eight flips and
-    rotations (trainer/tta.py)."""
+    rotations (trainer/judging/tta.py)."""
     return outputs_and_features(model, images, shift, scale, tta)[0]
 
 
@@ -184,7 +184,7 @@ def outputs_and_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's raw outputs (N, k) and the backbone features (N, D) (``model(x)`` is
     ``model.fc(features)``); with ``tta`` both averaged over the eight flips and rotations
-    (trainer/tta.py, as evaluate.py --tta)."""
+    (trainer/judging/tta.py, as evaluate.py --tta)."""
     x = torch.addcmul(shift, images, scale)  # the loaders' normalisation, to the bit
     if tta:
         return tta_outputs_and_features(model, x)

@@ -6,7 +6,7 @@
 The trainer writes it at the end of every run; this rewrites it for any run folder, also
 one that was killed or is still going (it shows the epochs that finished). The gallery and
 a run without saved per-image predictions need the run's shards: those named in its
-config.json, or ``--shards``. What the page holds: trainer/report.py.
+config.json, or ``--shards``. What the page holds: trainer/judging/run_page.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
-from trainer.report import GALLERY, write_report
+from trainer.judging.run_page import GALLERY, write_report
 
 
 @dataclass

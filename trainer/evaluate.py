@@ -17,13 +17,13 @@ val by the trainer, or by dr-fuse for the fused scores), and any-DR (grade >= 1)
 Probabilities are calibrated with the checkpoint's temperature (classify and ordinal heads);
 ``ece_raw`` and ``ece`` are the expected calibration error before and after it,
 ``reliability.png`` draws both. With ``--explain N``, ``cam/<key>.png`` shows where the model
-looked (trainer/explain.py) in the N most confidently wrong photographs (largest grade
+looked (trainer/judging/explain.py) in the N most confidently wrong photographs (largest grade
 distance first). It evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the
 numbers logged for that epoch. ``--split all`` evaluates every image of the folder (its
 splits together). Several folders (``--shards A B C``) are evaluated in turn, each into its
 own subfolder of --out, and summed up in one table, a row per dataset (``external.csv``,
-``external.md``) with one ROC figure (``trainer/external.py``). A folder whose images were
+``external.md``) with one ROC figure (``trainer/judging/external.py``). A folder whose images were
 prepared otherwise than the checkpoint's training images (Graham, border crop, stored
 size: manifest.json against best.pt) stops the run, unless --allow-preprocessing-mismatch.
 """
@@ -45,12 +45,25 @@ from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.samplelist import read_sample_table
-from trainer.calibration import ece_figures, plot_reliability, reliability_curves
-from trainer.checkpoint import head_of, load_best
-from trainer.config import BACKENDS
-from trainer.engine import EvalResult, bare, class_weights_for, evaluate, resolve_precision
-from trainer.explain import CAM_DIR, rank_wrong, write_overlays
-from trainer.external import (
+from trainer.base.bestfile import head_of, load_best
+from trainer.base.distributed import bare, resolve_precision
+from trainer.base.metrics import (
+    REFERABLE_GRADE,
+    any_dr_score,
+    operating_threshold,
+    plot_confusion,
+    plot_roc,
+    referable_score,
+    screening,
+    write_confusion_csv,
+)
+from trainer.base.preprocessing import check_preprocessing
+from trainer.fitting.config import BACKENDS
+from trainer.fitting.engine import class_weights_for
+from trainer.judging.calibration import ece_figures, plot_reliability, reliability_curves
+from trainer.judging.evaluation import EvalResult, evaluate
+from trainer.judging.explain import CAM_DIR, rank_wrong, write_overlays
+from trainer.judging.external import (
     ROC_FIGURE,
     TABLE_CSV,
     TABLE_MD,
@@ -61,18 +74,7 @@ from trainer.external import (
     plot_external_roc,
     write_tables,
 )
-from trainer.fusion import FUSION_KEY, fused_result
-from trainer.metrics import (
-    REFERABLE_GRADE,
-    any_dr_score,
-    operating_threshold,
-    plot_confusion,
-    plot_roc,
-    referable_score,
-    screening,
-    write_confusion_csv,
-)
-from trainer.preprocessing import check_preprocessing
+from trainer.judging.fusion import FUSION_KEY, fused_result
 
 PREDICTIONS_FILE = "predictions.csv"
 ROC_FILE = "roc.png"

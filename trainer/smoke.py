@@ -30,10 +30,11 @@ from accelerate import Accelerator
 
 from pipeline.errors import RunError, UserError
 from pipeline.manifest import read_manifest
-from trainer.checkpoint import BEST_FILE, last_dir
-from trainer.config import TrainConfig
-from trainer.metrics import read_confusion_csv
-from trainer.runfiles import CONFIG_FILE, CONFUSION_DIR, SUMMARY_FILE, read_metrics
+from trainer.base.bestfile import BEST_FILE
+from trainer.base.metrics import read_confusion_csv
+from trainer.base.runfiles import CONFIG_FILE, CONFUSION_DIR, SUMMARY_FILE, read_metrics
+from trainer.fitting.checkpoint import last_dir
+from trainer.fitting.config import TrainConfig
 
 FIXTURE_PACKAGE, FIXTURE_FOLDER = "trainer", "fixture"
 FIXTURE_IMAGES, FIXTURE_SIZE = 40, 64
@@ -112,7 +113,7 @@ def check_run(out: Path, cfg: TrainConfig) -> list[str]:
             problems.append(f"epoch {row['epoch']} logged a non-finite loss or kappa")
     count = manifest.split(split).samples
     chooser = "val" if manifest.has("val") else "test"
-    key = rows[-1].get("selected_by", f"{chooser}_qwk")  # trainer/selection.py's statistic
+    key = rows[-1].get("selected_by", f"{chooser}_qwk")  # trainer/judging/selection.py's statistic
     sign = -1 if key.endswith("_mse") else 1
     best = max(rows, key=lambda r: sign * r[key])  # the first of equals, as the trainer keeps
     logged = read_confusion_csv(out / CONFUSION_DIR / f"{split}_epoch_{best['epoch']:03d}.csv")

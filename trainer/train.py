@@ -17,14 +17,14 @@ accuracy; for val and test: loss, accuracy, kappa, kappa with both eyes blended,
 grade, referable-DR AUC, sensitivity and specificity, any-DR AUC, the calibration error before
 and after the temperature (``ece_raw``, ``ece``); what val chose: the referable threshold (on
 calibrated scores), the regress head's cut-points, the both-eyes weight, the temperature
-(``trainer/calibration.py``); images_per_s, epoch_s, lr, first_batch_s: the wait for the
+(``trainer/judging/calibration.py``); images_per_s, epoch_s, lr, first_batch_s: the wait for the
 epoch's first batch), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summed over ranks),
 ``checkpoints/last/`` (atomic, the one before kept as ``previous/``) and ``best.pt``
 (highest val kappa, or lowest val MSE for a regress head on a val split under 500 images:
-trainer/selection.py; test's when the shards have no val split, with a warning).
-``--recipe huang2023`` sets another recipe's defaults at once (trainer/recipes.py).
+trainer/judging/selection.py; test's when the shards have no val split, with a warning).
+``--recipe huang2023`` sets another recipe's defaults at once (trainer/fitting/recipes.py).
 ``config.json`` (config + environment) is written at the start, ``summary.json`` (with
-the test figures at the best-val epoch) and ``report.html`` (trainer/report.py: the run
+the test figures at the best-val epoch) and ``report.html`` (trainer/judging/run_page.py: the run
 on one page) at the end; ``predictions/{val,test}_epoch_NNN.csv`` keeps the best epoch's
 per-image outputs for it. Every rank computes; rank 0 writes.
 ``images_per_s`` counts the training images of all ranks per second of the training
@@ -67,9 +67,30 @@ from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.verify import verify_shards
 from trainer import smoke
-from trainer.calibration import calibrate_on, ece_figures
-from trainer.checkpoint import (
-    BEST_FILE,
+from trainer.base.bestfile import BEST_FILE
+from trainer.base.distributed import bare, resolve_precision
+from trainer.base.heads import build_head, tune_cuts
+from trainer.base.metrics import (
+    REFERABLE_GRADE,
+    kappa_of,
+    operating_threshold,
+    plot_confusion,
+    referable_score,
+    screening,
+    write_confusion_csv,
+)
+from trainer.base.model import build_model, imagenet_state_dict
+from trainer.base.normalize import normalization_for
+from trainer.base.runfiles import (
+    CONFIG_FILE,
+    CONFUSION_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    append_metrics,
+    read_metrics,
+    truncate_metrics,
+)
+from trainer.fitting.checkpoint import (
     last_dir,
     load_last,
     repair_best,
@@ -79,46 +100,23 @@ from trainer.checkpoint import (
     set_rng_state,
     state_checksum,
 )
-from trainer.config import TrainConfig, merge_for_resume, parse_args
-from trainer.ema import EMA
-from trainer.engine import (
-    EvalResult,
+from trainer.fitting.config import TrainConfig, merge_for_resume, parse_args
+from trainer.fitting.ema import EMA
+from trainer.fitting.engine import (
     NonFiniteLossError,
     TrainResult,
-    bare,
     build_optimizer,
     build_scheduler,
     class_weights_for,
-    evaluate,
-    resolve_precision,
     seek_schedule,
     train_one_epoch,
 )
-from trainer.heads import build_head, tune_cuts
-from trainer.metrics import (
-    REFERABLE_GRADE,
-    kappa_of,
-    operating_threshold,
-    plot_confusion,
-    referable_score,
-    screening,
-    write_confusion_csv,
-)
-from trainer.model import build_model, imagenet_state_dict
-from trainer.normalize import normalization_for
-from trainer.pairing import choose_blend, choose_blend_and_cuts
-from trainer.report import save_predictions, write_report
-from trainer.runfiles import (
-    CONFIG_FILE,
-    CONFUSION_DIR,
-    METRICS_FILE,
-    SUMMARY_FILE,
-    append_metrics,
-    read_metrics,
-    truncate_metrics,
-)
-from trainer.scaling import batch_line, process_group_kwargs
-from trainer.selection import SMALL_VAL, selection_for, squared_error
+from trainer.fitting.scaling import batch_line, process_group_kwargs
+from trainer.judging.calibration import calibrate_on, ece_figures
+from trainer.judging.evaluation import EvalResult, evaluate
+from trainer.judging.pairing import choose_blend, choose_blend_and_cuts
+from trainer.judging.run_page import save_predictions, write_report
+from trainer.judging.selection import SMALL_VAL, selection_for, squared_error
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -352,7 +350,7 @@ def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
 
 def build_ema(model: torch.nn.Module, decay: float) -> EMA:
     """An exponential moving average of the weights, BatchNorm statistics included, its decay
-    warmed up, updated without a host synchronisation (``trainer.ema``)."""
+    warmed up, updated without a host synchronisation (``trainer.fitting.ema``)."""
     return EMA(model, decay)
 
 

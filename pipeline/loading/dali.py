@@ -220,7 +220,7 @@ def shard_pipeline(
 
 @pipeline_def
 def decode_only_pipeline(files, indexes, *, gpu, size_hint):
-    """Reader + decode, nothing else: the decode limit that ``tools/bench_loader.py`` reports."""
+    """Reader + decode, nothing else: the decode limit that ``tools/bench/bench_loader.py`` reports."""
     jpegs, cls = read_shards(files, indexes, shard_id=0, num_shards=1, shuffle=False)
     return decode(jpegs, gpu=gpu, size_hint=size_hint), cls
 

@@ -77,8 +77,8 @@ from pipeline.manifest import Manifest, SplitInfo
 from pipeline.shardformat import ShardInfo, fsync_files, write_shard
 from pipeline.writing import channelstats
 from pipeline.writing.layouts import LAYOUT_NAMES, Options
+from pipeline.writing.pack_summary import Expected, loud_warnings, reason_kind, write_samples
 from pipeline.writing.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
-from pipeline.writing.report import Expected, loud_warnings, reason_kind, write_samples
 from pipeline.writing.sources import Sample, Source, assign_splits, patients_in_both, read_source
 
 PROGRESS_NAME = ".progress.json"

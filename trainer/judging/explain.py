@@ -48,7 +48,7 @@ from pipeline.loading.samples import chunked, eval_image, read_chunk
 from pipeline.manifest import read_manifest
 from pipeline.shardformat import read_index
 from pipeline.writing.preprocess import border_box, open_image, passthrough_bytes
-from trainer.metrics import REFERABLE_GRADE
+from trainer.base.metrics import REFERABLE_GRADE
 
 CAM_LAYER = "layer3"
 CAM_TARGETS = ("referable", "predicted", "expected")

@@ -1,4 +1,5 @@
-"""Checkpoints: ``checkpoints/last/`` to resume, ``best.pt`` to evaluate and predict.
+"""Checkpoints: ``checkpoints/last/`` to resume, and writing ``best.pt``
+(its format: trainer/base/bestfile.py).
 
 ``OUT/checkpoints/last/state.pt`` (rewritten atomically after every epoch; the one before
 it is kept as ``checkpoints/previous/``)::
@@ -8,26 +9,12 @@ it is kept as ``checkpoints/previous/``)::
      "rng": [per rank: python, numpy, torch, cuda],
      "world_size", "config"}
 
-``OUT/best.pt`` (the epoch with the highest val kappa, or lowest val MSE for a regress head
-on a small val split: trainer/selection.py; test's when the shards have no val split) holds everything evaluation and prediction need, with nothing else::
-
-    {"model": state dict, "arch", "num_classes", "class_names", "image_size",
-     "mean", "std" (--normalize's, on the 0-255 pixel scale), "preprocess" (the shard
-     manifest's: size, graham, ... -- how new photographs must be prepared),
-     "augment" (the training augmentation), "head" and "outputs" (classify 5, regress 1,
-     ordinal 4), "cut_points" (regress), "pair_blend" (both eyes), "pair_cut_points"
-     (regress, both eyes blended), "referable_threshold" (the screening operating point),
-     "temperature" (classify/ordinal: outputs / T before the softmax or sigmoid;
-     trainer.calibration): the last five chosen on val; "fusion" (written by tools/fuse.py:
-     trainer/fusion.py); "epoch", "metrics", "config"}
-
-Both load with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
+Both load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -40,16 +27,14 @@ import torch
 from pipeline.constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_bytes, reporting_disk_full
-from trainer.heads import Head, build_head
-from trainer.model import build_model
-from trainer.normalize import normalization_for
+from trainer.base.bestfile import BEST_FILE, serialized
+from trainer.base.normalize import normalization_for
 
 CHECKPOINTS = "checkpoints"
 LAST = "last"
 PREVIOUS = "previous"  # the checkpoint before last/, kept in case last/ is damaged
 STATE_FILE = "state.pt"
 INFO_FILE = "info.json"
-BEST_FILE = "best.pt"
 
 
 # ---------------------------------------------------------------- RNG
@@ -86,14 +71,6 @@ def _tuples(x):
 
 def last_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS / LAST
-
-
-def serialized(obj) -> bytes:
-    """``torch.save`` into memory: writing the bytes ourselves turns a full disk into an
-    OSError naming the file (torch's own writer reports it as "unexpected pos")."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def save_last(run_dir: str | Path, state: dict) -> Path:
@@ -219,14 +196,6 @@ def save_best(
     atomic_write_bytes(path, serialized(payload))
 
 
-def add_to_best(path: str | Path, key: str, value) -> None:
-    """Store ``value`` under ``key`` in an existing best.pt (atomically: a crash leaves the
-    old file whole). tools/fuse.py keeps the fusion head beside the weights it reads."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload[key] = value
-    atomic_write_bytes(path, serialized(payload))
-
-
 def repair_best(run_dir: str | Path, state: dict) -> None:
     """Rewrite best.pt from last/ when a kill fell between the two (the best epoch is last/'s).
 
@@ -247,7 +216,7 @@ def repair_best(run_dir: str | Path, state: dict) -> None:
     weights = state["model"]
     if (
         "ema" in state
-    ):  # trainer.ema.EMA (AveragedModel's layout): "module."-prefixed weights, n_averaged
+    ):  # trainer.fitting.ema.EMA (AveragedModel's layout): "module."-prefixed weights, n_averaged
         weights = {
             k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")
         }
@@ -265,32 +234,6 @@ def repair_best(run_dir: str | Path, state: dict) -> None:
         # --normalize dataset: the shard folder's statistics, as the run's own saves took them
         normalize=normalization_for(config.get("normalize", "imagenet"), config.get("shards")),
     )
-
-
-def load_best(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The model of ``best.pt`` in eval mode on ``device``, and the rest of the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        info = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(info["arch"], info.get("outputs", info["num_classes"]))
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{path} is not a best.pt written by trainer/train.py (no {err})") from None
-    except Exception as err:
-        raise UserError(f"cannot read the checkpoint {path} ({type(err).__name__})") from None
-    model.load_state_dict(info.pop("model"))
-    return model.to(device).eval(), info
-
-
-def head_of(info: dict) -> tuple[Head, tuple[float, ...] | None]:
-    """The head of a loaded best.pt and its cut-points (regress; None otherwise)."""
-    cuts = info.get("cut_points")
-    # a checkpoint written before MSE became the default trained with smooth L1
-    loss = (info.get("config") or {}).get("regress_loss", "smoothl1")
-    return build_head(info.get("head", "classify"), regress_loss=loss), tuple(
-        cuts
-    ) if cuts else None
 
 
 def state_checksum(state: dict[str, torch.Tensor]) -> str:

@@ -12,11 +12,15 @@ from dataclasses import asdict, dataclass, fields
 from pipeline.cli import arg, parse_config_given
 from pipeline.errors import UserError
 from pipeline.loading.augment import PRESETS, AugmentConfig, augment_preset
-from trainer.normalize import NORMALIZE
-from trainer.recipes import RECIPES, resolve
+from trainer.base.normalize import NORMALIZE
+from trainer.fitting.recipes import RECIPES, resolve
 
-ARCHS = ("resnet18", "resnet50")  # the keys of trainer.model.MODELS (checked by a test)
-HEADS = ("classify", "regress", "ordinal")  # the keys of trainer.heads.HEADS (checked by a test)
+ARCHS = ("resnet18", "resnet50")  # the keys of trainer.base.model.MODELS (checked by a test)
+HEADS = (
+    "classify",
+    "regress",
+    "ordinal",
+)  # the keys of trainer.base.heads.HEADS (checked by a test)
 OPTIMIZERS = ("sgd", "adamw")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive")
 BACKENDS = ("auto", "dali", "torch")
@@ -238,7 +242,7 @@ class TrainConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
-    """The config with its recipe resolved (trainer/recipes.py), and the names of the options
+    """The config with its recipe resolved (trainer/fitting/recipes.py), and the names of the options
     given on the command line (for --resume)."""
     cfg, given = parse_config_given(
         TrainConfig,

@@ -1,6 +1,6 @@
 """Shard-builder benchmark: pass-through packing vs ``tar cf``, draft vs full JPEG decoding.
 
-    python tools/bench_shards.py --out bench/
+    python tools/bench/bench_shards.py --out bench/
 
 1. ``--n`` synthetic 512x512 JPEGs (copies of ``--unique`` rendered ones) in the kaggle
    layout, packed by ``pipeline.writing.packing.pack`` (already the target size: pass-through,

@@ -172,7 +172,7 @@ def tune_cuts(
     of ``candidates`` values between its neighbours, for a few passes. Only a strictly better
     kappa moves a cut, so the result never scores below ``start``. Deterministic.
     """
-    from trainer.metrics import kappa_of
+    from trainer.base.metrics import kappa_of
 
     scores = np.asarray(scores, dtype=np.float64).ravel()
     cuts = [float(c) for c in start]

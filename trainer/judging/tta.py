@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainer.model import backbone_features
+from trainer.base.model import backbone_features
 
 
 def views(x: Tensor) -> list[Tensor]:

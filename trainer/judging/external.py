@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.fileio import atomic_write
-from trainer.engine import EvalResult
-from trainer.metrics import REFERABLE_GRADE, referable_score, sklearn_metrics
+from trainer.base.metrics import REFERABLE_GRADE, referable_score, sklearn_metrics
+from trainer.judging.evaluation import EvalResult
 
 TABLE_CSV, TABLE_MD, ROC_FIGURE = "external.csv", "external.md", "external_roc.png"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.heads import Head
+from trainer.base.heads import Head
 
 ECE_BINS = 15
 SCALED_HEADS = ("classify", "ordinal")

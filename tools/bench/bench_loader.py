@@ -1,6 +1,6 @@
 """Loader throughput against the reference-style baseline, on the same shards and images.
 
-    python tools/bench_loader.py --shards shards/ --split train --batch-size 32 --out bench/
+    python tools/bench/bench_loader.py --shards shards/ --split train --batch-size 32 --out bench/
 
 Paths, each yielding normalised float NCHW batches of the same shape (decode-only excepted):
 (a) baseline: the split's JPEGs extracted once to a temp folder as loose files, a Dataset

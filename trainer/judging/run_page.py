@@ -39,12 +39,10 @@ import pandas as pd
 from pipeline.constants import NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_text
-from trainer.calibration import plot_reliability, reliability_curves
-from trainer.checkpoint import BEST_FILE
-from trainer.engine import EvalResult
-from trainer.heads import build_head
-from trainer.metrics import REFERABLE_GRADE, any_dr_score, plot_roc, referable_score
-from trainer.runfiles import (
+from trainer.base.bestfile import BEST_FILE
+from trainer.base.heads import build_head
+from trainer.base.metrics import REFERABLE_GRADE, any_dr_score, plot_roc, referable_score
+from trainer.base.runfiles import (
     CONFIG_FILE,
     CONFUSION_DIR,
     METRICS_FILE,
@@ -52,6 +50,8 @@ from trainer.runfiles import (
     SUMMARY_FILE,
     read_metrics,
 )
+from trainer.judging.calibration import plot_reliability, reliability_curves
+from trainer.judging.evaluation import EvalResult
 
 PREDICTIONS_DIR = "predictions"
 GALLERY = 12  # photographs in the gallery
@@ -134,8 +134,8 @@ def evaluate_again(checkpoint: Path, shards: Path) -> dict:
 
     from pipeline.loading.loader import build_loader
     from pipeline.manifest import read_manifest
-    from trainer.checkpoint import head_of, load_best
-    from trainer.engine import evaluate
+    from trainer.base.bestfile import head_of, load_best
+    from trainer.judging.evaluation import evaluate
 
     model, info = load_best(checkpoint)
     head, cuts = head_of(info)
@@ -210,8 +210,8 @@ def roc_png(result: EvalResult, threshold: float | None) -> bytes | None:
 
 def gallery(run_dir: Path, result: EvalResult, shards: Path | None, count: int) -> list:
     """(PNG bytes, caption) of the most confidently wrong test photographs, with their maps."""
-    from trainer.checkpoint import load_best
-    from trainer.explain import rank_wrong, write_overlays
+    from trainer.base.bestfile import load_best
+    from trainer.judging.explain import rank_wrong, write_overlays
 
     table = result.predictions()
     wrong = [i for i in rank_wrong(table) if table["true"].iloc[i] != table["pred"].iloc[i]]

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 
-TrainConfig = Any  # trainer.config.TrainConfig, which imports this module (not the reverse)
+TrainConfig = Any  # trainer.fitting.config.TrainConfig, which imports this module (not the reverse)
 
 # Huang, Lin, Cheng, Lyu, Tam, Tang: "Identifying the key components in ResNet-50 for
 # diabetic retinopathy grading from fundus images: a systematic investigation",

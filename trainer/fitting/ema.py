@@ -12,7 +12,7 @@ weights for thousands of steps.
 
 The state dict has AveragedModel's layout: the average's weights under ``module.`` and the
 update count as ``n_averaged``, so checkpoints written before and after read the same way
-(``trainer.checkpoint.repair_best``, evaluate and predict take ``best.pt``'s plain weights).
+(``trainer.fitting.checkpoint.repair_best``, evaluate and predict take ``best.pt``'s plain weights).
 """
 
 from __future__ import annotations

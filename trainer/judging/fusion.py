@@ -6,7 +6,7 @@ features are extracted once, without augmentation; a two-layer head reads each i
 features beside its partner's (an eye whose partner is not in the set is paired with
 itself) and gives the outputs the network's own head gives (5 logits, one score or 4
 cumulative logits), trained with that head's loss on the train split. Its epoch is chosen
-on val by the rule of trainer/selection.py; for the regress head its cut-points, and for
+on val by the rule of trainer/judging/selection.py; for the regress head its cut-points, and for
 every head its referable operating point, are then tuned on val at that epoch.
 
 Stored in best.pt under ``"fusion"`` (``checkpoint.add_to_best``)::
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.engine import EvalResult
-from trainer.heads import Head, tune_cuts
-from trainer.metrics import REFERABLE_GRADE, operating_threshold, referable_score
-from trainer.pairing import partner_index
-from trainer.selection import selection_for, squared_error
+from trainer.base.heads import Head, tune_cuts
+from trainer.base.metrics import REFERABLE_GRADE, operating_threshold, referable_score
+from trainer.judging.evaluation import EvalResult
+from trainer.judging.pairing import partner_index
+from trainer.judging.selection import selection_for, squared_error
 
 FUSION_KEY = "fusion"  # best.pt's entry
 HIDDEN = 256

@@ -1,10 +1,10 @@
 """Training throughput on one GPU, and what the loader costs of it.
 
-    python tools/gpu_train_bench.py --out bench/                        # on a GPU machine
-    python tools/gpu_train_bench.py --device cpu --steps 3 --warmup 1 \\
+    python tools/bench/gpu_train_bench.py --out bench/                        # on a GPU machine
+    python tools/bench/gpu_train_bench.py --device cpu --steps 3 --warmup 1 \\
         --image-size 64 --batch-size 4 --images 32 --out /tmp/bench        # CPU smoke test
 
-For each --batch-size and --arch, the trainer's own step (``trainer.engine.train_step``:
+For each --batch-size and --arch, the trainer's own step (``trainer.fitting.engine.train_step``:
 bf16 autocast, channels_last, cudnn.benchmark, SGD) runs twice after --warmup steps: fed
 by ``build_loader`` (--backend: DALI decoding on the GPU, or the torch backend) from a
 synthetic fundus-like shard folder at --image-size, and fed one GPU-resident random batch
@@ -36,8 +36,8 @@ from pipeline.fileio import atomic_write_json
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, SplitInfo
 from pipeline.shardformat import write_shard
-from trainer.engine import build_optimizer, build_scheduler, train_step
-from trainer.model import build_model
+from trainer.base.model import build_model
+from trainer.fitting.engine import build_optimizer, build_scheduler, train_step
 
 SHARD_SIZE = 1000
 

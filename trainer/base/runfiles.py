@@ -4,8 +4,8 @@ runs/<name>/
   config.json            resolved options + environment
   metrics.jsonl          one JSON line per finished epoch
   confusion/             epoch_NNN.csv / .png
-  checkpoints/last/      to resume (trainer.checkpoint)
-  best.pt                to evaluate and predict (trainer.checkpoint)
+  checkpoints/last/      to resume (trainer.fitting.checkpoint)
+  best.pt                to evaluate and predict (trainer.fitting.checkpoint)
   summary.json           written at the end
 """
 
@@ -21,7 +21,7 @@ from pipeline.fileio import atomic_write_text, reporting_disk_full
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-REPORT_FILE = "report.html"  # trainer/report.py writes it
+REPORT_FILE = "report.html"  # trainer/judging/run_page.py writes it
 FUSION_FILE = "fusion.json"  # tools/fuse.py --out RUN writes it: kappa of both eyes
 CONFUSION_DIR = "confusion"
 

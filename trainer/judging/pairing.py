@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pipeline.shardformat import eye_of, patient_of
-from trainer.heads import tune_cuts
-from trainer.metrics import kappa_of
+from trainer.base.heads import tune_cuts
+from trainer.base.metrics import kappa_of
 
 BLENDS = tuple(round(0.05 * i, 2) for i in range(11))  # 0 (eye alone) .. 0.5 (the two averaged)
 OTHER_EYE = {"left": "right", "right": "left"}

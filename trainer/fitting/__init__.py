@@ -1,0 +1,1 @@
+"""Fitting a model: the options, the training step and epoch, the optimiser and schedule, checkpoints to resume."""
