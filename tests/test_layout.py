@@ -170,3 +170,67 @@ def test_console_commands_work_from_any_folder(tmp_path):
         assert real.returncode == status, real.stderr[-500:]
         expected = answers[f"dr-doctor {option}"]
         assert (real.stdout, real.stderr) == (expected[1], expected[2])
+
+
+# torch alone takes seconds to import: a command answers --help and a wrong option first
+HEAVY = ("torch", "torchvision", "accelerate", "sklearn", "nvidia.dali", "matplotlib")
+# In a fresh interpreter: a command's console entry point (if it has one) and its file run as
+# a script, each with --help and an unknown option; then the heavy modules that got loaded.
+BEFORE_TORCH = r"""
+import contextlib, io, json, runpy, sys
+from importlib.metadata import entry_points
+
+path, command, heavy = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+runs = []
+if command:
+    (entry,) = [e for e in entry_points(group="console_scripts") if e.name == command]
+    runs.append(entry.load())
+runs.append(lambda: runpy.run_path(path, run_name="__main__"))
+codes = []
+for run in runs:
+    for option in ("--help", "--no-such-option"):
+        sys.argv = [path, option]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                run()
+            except SystemExit as end:
+                codes.append(end.code)
+print(json.dumps({"codes": codes, "loaded": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def command_files() -> dict[Path, str]:
+    """Every file a user or developer runs as a command -> its console command ("" if none)."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    by_module = {target.split(":")[0]: name for name, target in scripts.items()}
+    files = [*ROOT.glob("tools/*.py"), *ROOT.glob("tools/bench/*.py"), *ROOT.glob("trainer/*.py")]
+    return {
+        path: by_module.get(module_name(path), "")
+        for path in sorted(files)
+        if 'if __name__ == "__main__":' in path.read_text()
+    }
+
+
+def test_commands_answer_before_torch_is_imported():
+    """--help and option errors of every dr-* command, of `python tools/X.py` and of
+    `python trainer/X.py` are answered before torch, torchvision, Accelerate, scikit-learn,
+    DALI or matplotlib is imported (docs/benchmarks.md: the time it saves)."""
+    import json
+    import subprocess
+    import sys
+
+    files = command_files()
+    assert set(console_commands()) <= set(files.values())  # every console command is checked
+    for path, command in files.items():
+        proc = subprocess.run(
+            [sys.executable, "-c", BEFORE_TORCH, str(path), command, ",".join(HEAVY)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, (path, proc.stderr[-2000:])
+        answer = json.loads(proc.stdout)
+        assert answer["codes"] == [0, 2] * (2 if command else 1), (path, answer)
+        assert answer["loaded"] == [], f"{path.relative_to(ROOT)} imports {answer['loaded']}"

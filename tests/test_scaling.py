@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from trainer.fitting.config import TrainConfig
+from trainer.fitting.config import TrainConfig, parse_args
 from trainer.fitting.scaling import PROCESS_GROUP_TIMEOUT, batch_line, gpu_advice, scaled_lr
 
 
@@ -24,13 +24,22 @@ def test_gpu_advice_names_the_flags():
 
 
 def test_batch_line_counts_processes_and_accumulation():
-    line = batch_line(16, 2, 4, 0.05)
+    line = batch_line(16, 2, 4, 0.01)
     assert "--batch-size 16 per process x 2 process(es) x 4 accumulated = 128 images" in line
-    assert "--lr 0.05" in line and "would give 0.16" in line
+    assert "--lr 0.01" in line and "would give 0.16" in line
+
+
+def test_batch_line_hints_linear_scaling_only_where_it_applies():
+    chosen = batch_line(16, 2, 4, 0.05)  # an lr given (--lr, or a recipe's): left alone
+    assert "--lr 0.05" in chosen and "linear scaling" not in chosen
+    huang, _ = parse_args(["--shards", "unused", "--recipe", "huang2023"])
+    line = batch_line(huang.batch_size, 1, huang.grad_accumulation, huang.lr)
+    assert f"--lr {huang.lr:g}" in line and "linear scaling" not in line
+    assert "linear scaling" not in batch_line(8, 1, 1, 0.01)  # the reference batch itself
 
 
 def test_the_trainers_accelerator_waits_longer_than_nccls_default():
-    from trainer.train import build_accelerator
+    from trainer.fitting.building import build_accelerator
 
     accelerator = build_accelerator(TrainConfig(shards="unused"))
     assert PROCESS_GROUP_TIMEOUT > timedelta(minutes=10)

@@ -38,14 +38,17 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import RunError, UserError
 from pipeline.fileio import atomic_write, make_writable_dir
-from trainer.base.bestfile import load_best
+
+# torch loads where used, after the command line is parsed
+if TYPE_CHECKING:
+    import torch
 
 FORMATS = ("onnx",)
 MODEL_FILE = "model.onnx"
@@ -106,6 +109,8 @@ def metadata(info: dict) -> dict[str, str]:
 
 def to_onnx(model: torch.nn.Module, image_size: int):
     """The ONNX ModelProto of ``model`` for (N, 3, image_size, image_size) float32 input."""
+    import torch
+
     example = torch.randn(2, 3, image_size, image_size)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter reports its steps
         program = torch.onnx.export(
@@ -122,6 +127,8 @@ def to_onnx(model: torch.nn.Module, image_size: int):
 
 def max_difference(proto, model: torch.nn.Module, images: torch.Tensor, onnxruntime) -> float:
     """The largest |onnxruntime - torch| over the outputs for ``images``, relative to their scale."""
+    import torch
+
     session = onnxruntime.InferenceSession(
         proto.SerializeToString(), providers=["CPUExecutionProvider"]
     )
@@ -134,6 +141,10 @@ def max_difference(proto, model: torch.nn.Module, images: torch.Tensor, onnxrunt
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(ExportConfig, argv, prog="export.py", description=__doc__.splitlines()[0])
     onnx, onnxruntime = _require_onnx()
+    import torch
+
+    from trainer.base.bestfile import load_best
+
     model, info = load_best(args.checkpoint)
     try:
         make_writable_dir(args.out)

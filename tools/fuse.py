@@ -17,24 +17,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
 from pipeline.manifest import read_manifest
-from trainer.base.bestfile import add_to_best, head_of, load_best
 from trainer.base.runfiles import FUSION_FILE
-from trainer.evaluate import checkpoint_accelerator, checkpoint_loader
 from trainer.fitting.config import BACKENDS
-from trainer.judging.evaluation import EvalResult, evaluate
-from trainer.judging.fusion import (
-    FUSION_KEY,
-    HIDDEN,
-    FusionSettings,
-    fused_result,
-    has_pairs,
-    train_fusion,
-)
+from trainer.judging.options import FUSION_KEY, HIDDEN
+
+# torch and the modules that import it load in main, after the command line is parsed
+if TYPE_CHECKING:
+    from trainer.judging.evaluation import EvalResult
 
 
 @dataclass
@@ -64,6 +59,11 @@ class FuseConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(FuseConfig, argv, prog="fuse.py", description=__doc__.splitlines()[0])
+    from trainer.base.bestfile import add_to_best, head_of, load_best
+    from trainer.evaluate import checkpoint_accelerator, checkpoint_loader
+    from trainer.judging.evaluation import evaluate
+    from trainer.judging.fusion import FusionSettings, has_pairs, train_fusion
+
     model, info = load_best(args.checkpoint)
     accelerator = checkpoint_accelerator(info)
     manifest = read_manifest(args.shards)
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def kappas(info: dict, fusion: dict, alone: EvalResult) -> dict[str, float]:
     """A split's kappa each eye alone, blended (the trainer's weight and cut-points) and fused."""
+    from trainer.judging.fusion import fused_result
+
     blended = alone.paired(info.get("pair_blend") or 0.0, info.get("pair_cut_points"))
     return {
         "eye_alone": alone.kappa,

@@ -29,9 +29,9 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
@@ -39,18 +39,12 @@ from pipeline.manifest import read_manifest
 from pipeline.shardformat import read_index
 from tools.make_synthetic import DRAWN_GRADES, MASKS_DIR
 from tools.predict import load_for_model
-from trainer.base.bestfile import load_best
 from trainer.base.metrics import REFERABLE_GRADE
-from trainer.judging.explain import (
-    CAM_LAYER,
-    CAM_TARGET,
-    CAM_TARGETS,
-    explain_images,
-    fundus_of,
-    lesion_heat,
-    mask_as_model_saw,
-    overlay,
-)
+from trainer.judging.options import CAM_LAYER, CAM_TARGET, CAM_TARGETS
+
+# torch and the modules that import it load where used, after the command line is parsed
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -83,6 +77,8 @@ def others_ratio(cams: list, masks: list, fundi: list) -> float:
     """The heat-to-area ratio of each map scored against the lesion masks of other
     photographs (photograph i against i + j, for up to ``OTHER_SHIFTS`` shifts j), averaged
     over the shifts; nan for fewer than two photographs."""
+    from trainer.judging.explain import lesion_heat
+
     n = len(cams)
     ratios = []
     for j in np.unique(np.linspace(1, n - 1, min(OTHER_SHIFTS, n - 1)).round().astype(int)):
@@ -124,6 +120,14 @@ def measure(
     target: str = CAM_TARGET,
 ) -> tuple[Heat, list[dict]]:
     """The mean heat and area shares over ``pictures``, and one row per photograph."""
+    from trainer.judging.explain import (
+        explain_images,
+        fundus_of,
+        lesion_heat,
+        mask_as_model_saw,
+        overlay,
+    )
+
     if not pictures:
         raise UserError("no photograph with referable lesions to measure")
     size = int(info["image_size"])
@@ -156,6 +160,8 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(HeatConfig, argv, prog="lesion_heat.py", description=__doc__.splitlines()[0])
+    from trainer.base.bestfile import load_best
+
     model, info = load_best(cfg.checkpoint)
     keys = split_keys(cfg.shards, cfg.split) if cfg.shards else None
     if cfg.out:

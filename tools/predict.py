@@ -26,25 +26,22 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES
 from pipeline.errors import UserError
-from pipeline.loading.contract import normalization
-from pipeline.loading.samples import eval_image
 from pipeline.writing.preprocess import BadImage, prepare
-from trainer.base.bestfile import head_of, load_best
-from trainer.base.model import backbone_features
 from trainer.base.preprocessing import check_preprocessing
-from trainer.judging.calibration import scaled
-from trainer.judging.explain import CAM_DIR, caption_of, explain_images, overlay
-from trainer.judging.fusion import FUSION_KEY, fused_outputs
-from trainer.judging.pairing import blend_partners
-from trainer.judging.tta import tta_outputs_and_features
+from trainer.judging.options import CAM_DIR, FUSION_KEY
+
+# torch and the modules that import it load inside the functions that use them: --help and
+# option errors are answered before they load
+if TYPE_CHECKING:
+    import torch
 
 PHOTO_EXTENSIONS = IMAGE_EXTENSIONS  # what make_shards packs
 PHOTO_NAMES = "/".join(PHOTO_EXTENSIONS)
@@ -76,7 +73,7 @@ class PredictConfig:
         "also write OUT/cam/<name>.png per photograph: the class-activation map of its "
         "prediction beside the photograph as the model saw it",
     )
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    device: str = arg("auto", "torch device (auto: cuda when there is a GPU, else cpu)")
     preprocess: str = arg(
         "checkpoint",
         "how to prepare the photos: as the checkpoint's training images were, or plain / "
@@ -133,6 +130,8 @@ def find_images(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
 
 def load_for_model(path: Path, shard_size: int, image_size: int, graham: bool) -> torch.Tensor:
     """uint8 CHW tensor of one photo, exactly as training saw it (see the module docstring)."""
+    from pipeline.loading.samples import eval_image
+
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -178,23 +177,36 @@ def predict_batch(
     return outputs_and_features(model, images, shift, scale, tta)[0]
 
 
-@torch.no_grad()
 def outputs_and_features(
     model, images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tta: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's raw outputs (N, k) and the backbone features (N, D) (``model(x)`` is
     ``model.fc(features)``); with ``tta`` both averaged over the eight flips and rotations
     (trainer/judging/tta.py, as evaluate.py --tta)."""
-    x = torch.addcmul(shift, images, scale)  # the loaders' normalisation, to the bit
-    if tta:
-        return tta_outputs_and_features(model, x)
-    features = backbone_features(model, x).float()
-    return model.fc(features).float(), features
+    import torch
+
+    from trainer.base.model import backbone_features
+    from trainer.judging.tta import tta_outputs_and_features
+
+    with torch.no_grad():
+        x = torch.addcmul(shift, images, scale)  # the loaders' normalisation, to the bit
+        if tta:
+            return tta_outputs_and_features(model, x)
+        features = backbone_features(model, x).float()
+        return model.fc(features).float(), features
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(PredictConfig, argv, prog="predict.py", description=__doc__.splitlines()[0])
+    import torch
 
+    from pipeline.loading.contract import normalization
+    from trainer.base.bestfile import head_of, load_best
+    from trainer.judging.calibration import scaled
+    from trainer.judging.explain import explain_images
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     model, info = load_best(args.checkpoint, device=args.device)
     image_size = int(info["image_size"])
     prep = info.get("preprocess") or {}
@@ -272,6 +284,9 @@ def paired_outputs(
 ) -> tuple[np.ndarray, tuple[float, ...] | None]:
     """Both eyes graded together, as evaluate.py --pair-eyes does: the checkpoint's fusion head
     (dr-fuse) if it has one, else the blend; the outputs and the cut-points that go with them."""
+    from trainer.judging.fusion import fused_outputs
+    from trainer.judging.pairing import blend_partners
+
     fusion = info.get(FUSION_KEY)
     if fusion:
         cuts = fusion.get("cut_points")
@@ -285,6 +300,8 @@ def write_explained(
     folder: Path, graded: list[Prediction], maps: list[tuple[np.ndarray, np.ndarray]]
 ) -> None:
     """``folder/<photo name>.png``: each photo as the model saw it, beside its map."""
+    from trainer.judging.explain import caption_of, overlay
+
     folder.mkdir(parents=True, exist_ok=True)
     names = Counter(p.path.stem for p in graded)
     for pred, (pixels, cam) in zip(graded, maps, strict=True):

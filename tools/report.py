@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
-from trainer.judging.run_page import GALLERY, write_report
+from trainer.judging.options import GALLERY
 
 
 @dataclass
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{cfg.run} is not a folder")
     if cfg.shards is not None and not (cfg.shards / "manifest.json").is_file():
         raise UserError(f"{cfg.shards} has no manifest.json; is it a shard folder?")
+    from trainer.judging.run_page import write_report  # torch loads after the options are read
+
     path = write_report(cfg.run, cfg.shards, cfg.gallery)
     print(f"wrote {path}")
     return 0

@@ -32,21 +32,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
-import torch
-from accelerate import Accelerator
+from typing import TYPE_CHECKING
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, atomic_write_json
-from pipeline.loading.contract import Loader
-from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.samplelist import read_sample_table
-from trainer.base.bestfile import head_of, load_best
-from trainer.base.distributed import bare, resolve_precision
 from trainer.base.metrics import (
     REFERABLE_GRADE,
     any_dr_score,
@@ -59,22 +52,16 @@ from trainer.base.metrics import (
 )
 from trainer.base.preprocessing import check_preprocessing
 from trainer.fitting.config import BACKENDS
-from trainer.fitting.engine import class_weights_for
-from trainer.judging.calibration import ece_figures, plot_reliability, reliability_curves
-from trainer.judging.evaluation import EvalResult, evaluate
-from trainer.judging.explain import CAM_DIR, rank_wrong, write_overlays
-from trainer.judging.external import (
-    ROC_FIGURE,
-    TABLE_CSV,
-    TABLE_MD,
-    combined,
-    dataset_names,
-    external_row,
-    markdown,
-    plot_external_roc,
-    write_tables,
-)
-from trainer.judging.fusion import FUSION_KEY, fused_result
+from trainer.judging.options import CAM_DIR, FUSION_KEY
+
+# torch, Accelerate, pandas and the modules that import them load inside the functions that
+# use them, after the command line is parsed: --help and option errors are answered at once
+if TYPE_CHECKING:
+    import pandas as pd
+    from accelerate import Accelerator
+
+    from pipeline.loading.contract import Loader
+    from trainer.judging.evaluation import EvalResult
 
 PREDICTIONS_FILE = "predictions.csv"
 ROC_FILE = "roc.png"
@@ -125,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_config(
         EvalConfig, argv, prog="trainer/evaluate.py", description=__doc__.splitlines()[0]
     )
+    import torch
+
+    from trainer.base.bestfile import load_best
+    from trainer.judging.external import (
+        ROC_FIGURE,
+        TABLE_CSV,
+        TABLE_MD,
+        dataset_names,
+        external_row,
+        markdown,
+        plot_external_roc,
+        write_tables,
+    )
+
     model, info = load_best(args.checkpoint)
     cfg = info.get("config", {})
     batch_size = args.batch_size or cfg.get("batch_size", 8)
@@ -205,6 +206,13 @@ def evaluate_folder(
     out: Path | None,
 ) -> tuple[dict, EvalResult]:
     """One folder's split (or all of its splits): printed, and written into ``out``."""
+    from trainer.base.bestfile import head_of
+    from trainer.fitting.engine import class_weights_for
+    from trainer.judging.calibration import ece_figures
+    from trainer.judging.evaluation import evaluate
+    from trainer.judging.external import combined
+    from trainer.judging.fusion import fused_result
+
     cfg = info.get("config", {})
     # the trainer's test loss is weighted as its training loss was, by the train split's counts
     weights_mode = cfg.get("class_weights", "none")
@@ -348,6 +356,8 @@ def write_folder(
 ) -> None:
     """metrics.json, the confusion matrix (CSV, PNG), predictions.csv (with the original paths
     of ``shards``' samples.csv), roc.png and reliability.png."""
+    from trainer.judging.calibration import plot_reliability, reliability_curves
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
@@ -372,6 +382,9 @@ def write_folder(
 
 def explain_wrong(model, info, accelerator, result: EvalResult, shards: Path, split, n, out):
     """``out/cam/<key>.png`` for the ``n`` most confidently wrong photographs."""
+    from trainer.base.distributed import bare
+    from trainer.judging.explain import rank_wrong, write_overlays
+
     table = result.predictions()
     chosen = table.iloc[rank_wrong(table)[:n]]
     explained = write_overlays(
@@ -394,6 +407,11 @@ def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:
 
 def checkpoint_accelerator(info: dict) -> Accelerator:
     """An Accelerator with the checkpoint's precision (the trainer's), every GPU or the CPU."""
+    import torch
+    from accelerate import Accelerator
+
+    from trainer.base.distributed import resolve_precision
+
     cuda = torch.cuda.is_available()
     precision = (info.get("config") or {}).get("precision", "auto")
     return Accelerator(cpu=not cuda, mixed_precision=resolve_precision(precision, cuda))
@@ -410,6 +428,8 @@ def checkpoint_loader(
 ) -> Loader:
     """This rank's evaluation loader (with keys) of ``split``, as the trainer built it: the
     checkpoint's batch size, image size, seed and backend unless given."""
+    from pipeline.loading.loader import build_loader
+
     cfg = info.get("config") or {}
     batch_size = batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:

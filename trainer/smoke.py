@@ -25,16 +25,18 @@ import tempfile
 from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
-
-from accelerate import Accelerator
+from typing import TYPE_CHECKING
 
 from pipeline.errors import RunError, UserError
 from pipeline.manifest import read_manifest
-from trainer.base.bestfile import BEST_FILE
 from trainer.base.metrics import read_confusion_csv
 from trainer.base.runfiles import CONFIG_FILE, CONFUSION_DIR, SUMMARY_FILE, read_metrics
-from trainer.fitting.checkpoint import last_dir
 from trainer.fitting.config import TrainConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+# best.pt's and last/'s modules import torch: loaded where used, so that the commands that
+# import this module (dr-train, dr-make-fixture) answer --help before torch is loaded
 
 FIXTURE_PACKAGE, FIXTURE_FOLDER = "trainer", "fixture"
 FIXTURE_IMAGES, FIXTURE_SIZE = 40, 64
@@ -80,6 +82,7 @@ def finish(accelerator: Accelerator, cfg: TrainConfig, out: Path, env: dict) -> 
 
     Called after training, before ``end_training``: evaluate.py joins the ranks' results.
     """
+    from trainer.base.bestfile import BEST_FILE
     from trainer.evaluate import main as evaluate  # its own Accelerator shares this one's state
 
     args = ["--checkpoint", str(out / BEST_FILE), "--shards", cfg.shards]
@@ -99,6 +102,9 @@ def reported_split(shards: str | Path) -> str:
 
 def check_run(out: Path, cfg: TrainConfig) -> list[str]:
     """What is wrong with a finished smoke run folder (nothing, if it passed)."""
+    from trainer.base.bestfile import BEST_FILE
+    from trainer.fitting.checkpoint import last_dir
+
     problems = []
     for path in (out / CONFIG_FILE, out / SUMMARY_FILE, out / BEST_FILE, last_dir(out)):
         if not path.exists():

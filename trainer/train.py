@@ -41,93 +41,83 @@ process ``accelerate launch --quiet`` keeps it to the line).
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TypeVar
-
-import numpy as np
-import torch
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
-from PIL import Image
-from torch.optim.lr_scheduler import LRScheduler
+from typing import TYPE_CHECKING
 
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write_json, reporting_disk_full
-from pipeline.loading.contract import Loader
-from pipeline.loading.loader import build_loader
+from pipeline.fileio import atomic_write_json
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.verify import verify_shards
 from trainer import smoke
-from trainer.base.bestfile import BEST_FILE
-from trainer.base.distributed import bare, resolve_precision
-from trainer.base.heads import build_head, tune_cuts
 from trainer.base.metrics import (
     REFERABLE_GRADE,
     kappa_of,
     operating_threshold,
-    plot_confusion,
     referable_score,
     screening,
-    write_confusion_csv,
 )
-from trainer.base.model import build_model, imagenet_state_dict
 from trainer.base.normalize import normalization_for
-from trainer.base.runfiles import (
-    CONFIG_FILE,
-    CONFUSION_DIR,
-    METRICS_FILE,
-    SUMMARY_FILE,
-    append_metrics,
-    read_metrics,
-    truncate_metrics,
-)
-from trainer.fitting.checkpoint import (
-    last_dir,
-    load_last,
-    repair_best,
-    rng_state,
-    save_best,
-    save_last,
-    set_rng_state,
-    state_checksum,
-)
+from trainer.base.runfiles import CONFIG_FILE, METRICS_FILE
 from trainer.fitting.config import TrainConfig, merge_for_resume, parse_args
-from trainer.fitting.ema import EMA
-from trainer.fitting.engine import (
-    NonFiniteLossError,
-    TrainResult,
-    build_optimizer,
-    build_scheduler,
-    class_weights_for,
-    seek_schedule,
-    train_one_epoch,
-)
-from trainer.fitting.scaling import batch_line, process_group_kwargs
-from trainer.judging.calibration import calibrate_on, ece_figures
-from trainer.judging.evaluation import EvalResult, evaluate
-from trainer.judging.pairing import choose_blend, choose_blend_and_cuts
-from trainer.judging.run_page import save_predictions, write_report
+from trainer.fitting.scaling import batch_line
 from trainer.judging.selection import SMALL_VAL, selection_for, squared_error
 
-REPO = Path(__file__).resolve().parents[1]
-T = TypeVar("T")
-HEADER = (
-    f"{'epoch':>7} {'train loss':>10} {'train acc':>9} {'val kappa':>9} {'test loss':>9} "
-    f"{'test acc':>8} {'kappa':>6} {'ref AUC':>7} {'img/s':>8} {'time':>7} {'lr':>9}  test recall 0-4"
-)
+# torch, Accelerate and the modules that import them load inside the functions that use them,
+# after the command line is parsed: --help and option errors are answered at once.
+if TYPE_CHECKING:
+    import numpy as np
+    from accelerate import Accelerator
+
+    from pipeline.loading.contract import Loader
+    from trainer.fitting.engine import TrainResult
+    from trainer.judging.evaluation import EvalResult
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, given = parse_args(argv)
+    cfg, given = parse_args(argv)  # --help and option errors are answered before torch loads
+    return fit(cfg, given)
+
+
+def fit(cfg: TrainConfig, given: set[str]) -> int:
+    """Build, prepare, then per epoch: train, evaluate val and test, choose on val, save."""
+    import torch
+    from accelerate.utils import gather_object, set_seed
+
+    from trainer.base.distributed import bare, on_leader
+    from trainer.base.heads import build_head
+    from trainer.fitting.building import (
+        build_accelerator,
+        build_ema,
+        build_model_on_every_rank,
+        optimizer_steps_per_epoch,
+    )
+    from trainer.fitting.checkpoint import state_checksum
+    from trainer.fitting.console import (
+        HEADER,
+        EpochProgress,
+        final_line,
+        format_row,
+        setup_block,
+        stopped_message,
+    )
+    from trainer.fitting.engine import (
+        NonFiniteLossError,
+        build_optimizer,
+        build_scheduler,
+        class_weights_for,
+        train_one_epoch,
+    )
+    from trainer.fitting.environment import environment
+    from trainer.fitting.resume import resumed, saved_config
+    from trainer.fitting.saver import CheckpointSaver, write_summary
+    from trainer.fitting.trackers import Trackers
+    from trainer.judging.evaluation import evaluate
+    from trainer.judging.run_page import save_predictions
+
     if cfg.smoke:
         cfg = smoke.smoke_config(cfg, given)
     state, note = resumed(cfg, given) if cfg.resume else (None, None)
@@ -170,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     model, optimizer = accelerator.prepare(model, optimizer)  # never the loaders
     ema = build_ema(bare(accelerator, model), cfg.ema) if cfg.ema else None
+    saver = CheckpointSaver(
+        accelerator, cfg, out, model, optimizer, scheduler, ema, manifest.preprocess
+    )
 
     env = environment(accelerator, train_loader.backend)
-    accelerator.print(f"config: {json.dumps(cfg.to_dict())}\nenvironment: {json.dumps(env)}")
+    accelerator.print(setup_block(cfg.to_dict(), env, out))
     accelerator.print(
         batch_line(cfg.batch_size, accelerator.num_processes, cfg.grad_accumulation, cfg.lr)
     )
@@ -183,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     start, best = 0, None
     if state:
-        start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, ema, out, steps)
+        start, best = saver.restore(state, steps)
     if accelerator.is_main_process:
         atomic_write_json(
             out / CONFIG_FILE,
@@ -234,21 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         row["selected_by"] = selection.key
         is_best = selection.better(row, best)
         best = row if is_best else best
-        save_epoch(
-            accelerator,
-            out,
-            cfg,
-            evaluated,
-            model,
-            optimizer,
-            scheduler,
-            ema,
-            row,
-            {split: result.confusion for split, result in results.items()},
-            best,
-            is_best,
-            preprocess=manifest.preprocess,
-        )
+        confusions = {split: result.confusion for split, result in results.items()}
+        saver.save(row, confusions, evaluated, best, is_best)
         if is_best and accelerator.is_main_process:  # for the report's per-image figures
             save_predictions(out, epoch, results)
         trackers.log(row, out)
@@ -271,26 +251,11 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- set-up
 
 
-def on_leader(accelerator: Accelerator, fn: Callable[[], T], local: bool = False) -> T | None:
-    """Run ``fn`` on the main process (of each machine, if ``local``) and share its result.
-
-    A UserError there is raised on every rank, so no rank waits for one that has left.
-    """
-    leader = accelerator.is_local_main_process if local else accelerator.is_main_process
-    result = error = None
-    if leader:
-        try:
-            result = fn()
-        except UserError as err:
-            error = str(err)
-    errors = [e for e in gather_object([error]) if e]
-    if errors:
-        raise UserError(errors[0])
-    return None if local else broadcast_object_list([result])[0]
-
-
 def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     """--out, or runs/ARCH-TIMESTAMP from rank 0's clock; a new run never appends to an old one."""
+
+    from trainer.base.distributed import on_leader
+    from trainer.fitting.checkpoint import last_dir
 
     def choose():
         default = f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -308,59 +273,6 @@ def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Path:
     return Path(on_leader(accelerator, choose))
 
 
-def resumed(cfg: TrainConfig, given: set[str]) -> tuple[dict | None, str | None]:
-    """--resume: the run's last checkpoint, or (a run that never finished an epoch) a note
-    saying that it starts again at epoch 1. Every rank reads it: the saved config decides
-    how the accelerator is built."""
-    if not cfg.out:
-        raise UserError("--resume needs --out DIR, the folder of the run to continue")
-    state = load_last(cfg.out)
-    if state is not None:
-        return state, None
-    saved_config(Path(cfg.out))  # no run there at all: "nothing to resume"
-    return None, f"{cfg.out} has no complete epoch to resume from; starting at epoch 1"
-
-
-def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """DDP, precision, gradient accumulation, torch.compile and trackers: all through Accelerate."""
-    if cfg.deterministic:
-        make_deterministic()
-    cuda = torch.cuda.is_available()
-    return Accelerator(
-        cpu=not cuda,
-        mixed_precision=resolve_precision(cfg.precision, cuda),
-        gradient_accumulation_steps=cfg.grad_accumulation,
-        dynamo_backend="inductor" if cfg.compile else "no",
-        log_with=cfg.log_with,
-        # trackers need a folder when named; the run folder, once chosen, replaces this one
-        project_dir=cfg.out or "runs",
-        # rank 0's long work (--verify-shards, plots) must not trip NCCL's 10 minutes
-        kwargs_handlers=[process_group_kwargs()],
-    )
-
-
-def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
-    if batches < accumulation:
-        raise UserError(
-            f"--grad-accumulation {accumulation} is more than the {batches} batch(es) of an epoch "
-            "per process; lower it or the batch size"
-        )
-    return batches // accumulation
-
-
-def build_ema(model: torch.nn.Module, decay: float) -> EMA:
-    """An exponential moving average of the weights, BatchNorm statistics included, its decay
-    warmed up, updated without a host synchronisation (``trainer.fitting.ema``)."""
-    return EMA(model, decay)
-
-
-def make_deterministic() -> None:
-    """Kernels that give the same bits every run (cuBLAS needs its workspace fixed before CUDA
-    starts); a kernel without such a version then raises instead of running."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-
-
 def check_shards(shards: str) -> None:
     """--verify-shards: the full verification of ``make_shards --verify``, or a UserError."""
     report = verify_shards(shards)
@@ -369,16 +281,6 @@ def check_shards(shards: str) -> None:
             f"{len(report.problems)} problem(s) in {shards}, the first: {report.problems[0]}; "
             f"run tools/make_shards.py --verify {shards} for the list"
         )
-
-
-def saved_config(out: Path) -> dict:
-    """The config of a run that never finished an epoch (its config.json), for --resume."""
-    try:
-        return json.loads((out / CONFIG_FILE).read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(
-            f"nothing to resume: {out} holds no run (no checkpoint, no {CONFIG_FILE})"
-        ) from None
 
 
 def choosing_split(manifest: Manifest, accelerator: Accelerator) -> str:
@@ -416,6 +318,8 @@ def build_loaders(
 ) -> tuple[Loader, dict[str, Loader]]:
     """This rank's train loader and its val/test loaders (with keys): each rank reads its own
     slice (Accelerate shards none of them)."""
+    from pipeline.loading.loader import build_loader
+
     args = dict(
         batch_size=cfg.batch_size,
         image_size=cfg.image_size,
@@ -438,125 +342,6 @@ def build_loaders(
     return train, evals
 
 
-def build_model_on_every_rank(
-    cfg: TrainConfig, outputs: int, accelerator: Accelerator
-) -> torch.nn.Module:
-    """With --pretrained the first process of each machine fills the hub cache; then all build."""
-    if cfg.pretrained:
-        on_leader(
-            accelerator,
-            lambda: imagenet_state_dict(
-                cfg.arch, progress=not cfg.quiet, imagenet=cfg.imagenet_weights
-            ),
-            local=True,
-        )
-    return build_model(
-        cfg.arch,
-        outputs,
-        pretrained=cfg.pretrained,
-        weights=cfg.weights,
-        imagenet=cfg.imagenet_weights,
-    )
-
-
-def restore(
-    state: dict,
-    cfg: TrainConfig,
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler,
-    ema: EMA | None,
-    out: Path,
-    steps_per_epoch: int,
-) -> tuple[int, dict | None]:
-    """Load last/ into the prepared objects; the epochs it completed and the best row so far."""
-    bare(accelerator, model).load_state_dict(state["model"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if accelerator.scaler is not None and "scaler" in state:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    # the schedule's position is a number of epochs, whatever the world size that wrote it
-    seek_schedule(optimizer, scheduler, state["epoch"] * steps_per_epoch, cfg.lr)
-    rngs, rank = state["rng"], accelerator.process_index
-    if len(rngs) != accelerator.num_processes:
-        accelerator.print(
-            f"warning: resuming a run of {len(rngs)} process(es) on "
-            f"{accelerator.num_processes}: it continues, but not bit for bit"
-        )
-    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    if accelerator.is_main_process:
-        restore_metrics(out, state)
-        repair_best(out, state)
-    accelerator.print(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}")
-    return state["epoch"], state["best"]
-
-
-def restore_metrics(out: Path, state: dict) -> None:
-    """metrics.jsonl as of the checkpoint: lines of a later, unfinished epoch go (a run of an
-    older version wrote them first), and the checkpoint's own epoch line is added back if a
-    kill fell between the checkpoint and its line."""
-    truncate_metrics(out, state["epoch"])
-    rows = read_metrics(out) if (out / METRICS_FILE).is_file() else []
-    if state.get("row") and (not rows or rows[-1]["epoch"] < state["epoch"]):
-        append_metrics(out, state["row"])
-
-
-def environment(accelerator: Accelerator, backend: str) -> dict:
-    import accelerate
-    import torchvision
-
-    try:
-        from nvidia import dali
-
-        dali_version = dali.__version__
-    except ImportError:
-        dali_version = None
-    device = accelerator.device
-    return {
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "accelerate": accelerate.__version__,
-        "dali": dali_version,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "world_size": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "backend": backend,
-        "hostname": platform.node(),
-        "argv": sys.argv,
-    }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str | None:
-    """HEAD of the checkout this file is in, with "-dirty" if tracked files changed."""
-    try:
-        commit = _git("rev-parse", "HEAD")
-        return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
-    ).stdout.strip()
-
-
 # ---------------------------------------------------------------- per epoch
 
 
@@ -568,6 +353,10 @@ def referable(result: EvalResult) -> tuple[np.ndarray, np.ndarray]:
 def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, EvalResult], dict]:
     """What the choosing split (val; test without one) decides, applied unchanged to every
     split: the regress head's cut-points, the both-eyes blend weight, the screening threshold."""
+    from trainer.base.heads import tune_cuts
+    from trainer.judging.calibration import calibrate_on
+    from trainer.judging.pairing import choose_blend, choose_blend_and_cuts
+
     base = results[chooser]
     cuts = tune_cuts(base.outputs[:, 0], base.labels) if base.head.name == "regress" else None
     results = {split: result.with_cuts(cuts) for split, result in results.items()}
@@ -595,6 +384,8 @@ def metrics_row(
 ) -> dict:
     """The epoch's line of metrics.jsonl: train, then per split the grading and screening
     figures (and kappa with both eyes blended), then what was chosen on val."""
+    from trainer.judging.calibration import ece_figures
+
     row = {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy}
     for split, r in results.items():
         screen = screening(r.labels, r.probs, choices["referable_threshold"])
@@ -615,228 +406,14 @@ def metrics_row(
     return row | choices | timing | {"first_batch_s": train.first_batch_s}
 
 
-def format_row(row: dict, epochs: int) -> str:
-    """The epoch's line under HEADER: test's figures, or dashes when the shards have no test."""
-    val = f"{row['val_qwk']:>9.3f}" if "val_qwk" in row else f"{'-':>9}"
-    if "test_qwk" in row:
-        recall = "/".join(f"{r:.2f}" for r in row["test_recall"])
-        auc = row["test_referable_auc"]
-        test = (
-            f"{row['test_loss']:>9.4f} {100 * row['test_acc']:>7.1f}% {row['test_qwk']:>6.3f} "
-            + (f"{auc:>7.3f}" if auc is not None else f"{'-':>7}")
-        )
-    else:
-        recall, test = "(no test split)", f"{'-':>9} {'-':>8} {'-':>6} {'-':>7}"
-    return (
-        f"{row['epoch']:>3}/{epochs:<3} {row['train_loss']:>10.4f} {100 * row['train_acc']:>8.1f}% {val} "
-        f"{test} {row['images_per_s']:>8.1f} {row['epoch_s']:>6.1f}s {row['lr']:>9.2e}  {recall}"
-    )
-
-
-def final_line(best: dict, chooser: str, out: Path) -> str:
-    """The run's verdict: the test figures at the epoch chosen on ``chooser``."""
-    screening_part = ""
-    if best.get("test_referable_auc") is not None:
-        screening_part = f", referable DR AUC {best['test_referable_auc']:.3f}"
-        if best.get("test_sensitivity") is not None and best.get("test_specificity") is not None:
-            screening_part += (
-                f" (sensitivity {best['test_sensitivity']:.2f}, "
-                f"specificity {best['test_specificity']:.2f})"
-            )
-    chosen = f"best {chooser} kappa {best[f'{chooser}_qwk']:.4f}"
-    if best.get("selected_by", "").endswith("_mse"):
-        chosen = f"lowest {chooser} MSE {best[f'{chooser}_mse']:.4f} ({chooser} kappa {best[f'{chooser}_qwk']:.4f})"
-    chosen = f"{chosen} at epoch {best['epoch']}"
-    if "test_qwk" not in best:
-        return f"{chosen}; no test split to report; run folder {out}"
-    return (
-        f"{chosen}; test at that epoch: kappa {best['test_qwk']:.4f}, accuracy "
-        f"{100 * best['test_acc']:.1f} %{screening_part}; run folder {out}"
-    )
-
-
-def save_epoch(
-    accelerator: Accelerator,
-    out: Path,
-    cfg: TrainConfig,
-    evaluated: torch.nn.Module,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler,
-    ema: EMA | None,
-    row: dict,
-    confusions: dict[str, np.ndarray],
-    best: dict,
-    is_best: bool,
-    preprocess: dict,
-) -> None:
-    """Rank 0 writes the epoch's files: the confusion matrix, the checkpoint, best.pt, and
-    last the metrics line, so that a line never exists without its checkpoint."""
-    rngs = gather_object([rng_state()])  # a collective: every rank takes part
-    if not accelerator.is_main_process:
-        return
-    folder = out / CONFUSION_DIR
-    folder.mkdir(exist_ok=True)
-    for split, confusion in confusions.items():
-        name = folder / f"{split}_epoch_{row['epoch']:03d}"
-        with reporting_disk_full(name.with_suffix(".csv")):
-            write_confusion_csv(confusion, name.with_suffix(".csv"))
-        with reporting_disk_full(name.with_suffix(".png")):
-            title = (
-                f"{cfg.arch} epoch {row['epoch']}, {split}: accuracy {100 * row[f'{split}_acc']:.1f} %, "
-                f"kappa {row[f'{split}_qwk']:.3f}"
-            )
-            plot_confusion(confusion, name.with_suffix(".png"), title=title)
-    augment = asdict(cfg.augment_config())
-    state = {
-        "epoch": row["epoch"],
-        "row": row,
-        "model": bare(accelerator, model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "best": best,
-        "rng": rngs,
-        "world_size": accelerator.num_processes,
-        "config": cfg.to_dict(),
-        "preprocess": preprocess,
-        "augment": augment,
-    }
-    if accelerator.scaler is not None:
-        state["scaler"] = accelerator.scaler.state_dict()
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    save_last(out, state)
-    if is_best:
-        save_best(
-            out / BEST_FILE,
-            bare(accelerator, evaluated).state_dict(),  # the EMA's weights with --ema
-            arch=cfg.arch,
-            image_size=cfg.image_size,
-            epoch=row["epoch"],
-            metrics=row,
-            config=cfg.to_dict(),
-            preprocess=preprocess,
-            augment=augment,
-            head=cfg.head,
-            normalize=normalization_for(cfg.normalize, cfg.shards),
-        )
-    append_metrics(out, row)
-
-
-class Trackers:
-    """--log-with: every epoch's figures and confusion matrices through Accelerate's trackers
-    (metrics.jsonl stays the record)."""
-
-    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, out: Path):
-        self.accelerator, self.on = accelerator, bool(cfg.log_with)
-        if self.on:
-            accelerator.project_configuration.set_directories(str(out))
-            hparams = {
-                k: v if isinstance(v, int | float | str | bool) else str(v)
-                for k, v in cfg.to_dict().items()
-                if v is not None
-            }
-            accelerator.init_trackers(out.name, config=hparams)
-
-    def log(self, row: dict, out: Path) -> None:
-        if not self.on:
-            return
-        scalars = {}
-        for key, value in row.items():
-            if isinstance(value, list | tuple):
-                scalars |= {f"{key}_{i}": v for i, v in enumerate(value)}
-            elif isinstance(value, int | float) and key != "epoch":
-                scalars[key] = value
-        self.accelerator.log(scalars, step=row["epoch"])
-        if not self.accelerator.is_main_process:
-            return
-        images = {
-            f"confusion/{png.name.split('_epoch')[0]}": np.asarray(Image.open(png).convert("RGB"))[
-                None
-            ]
-            for png in sorted((out / CONFUSION_DIR).glob(f"*_epoch_{row['epoch']:03d}.png"))
-        }
-        for tracker in self.accelerator.trackers:
-            options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
-            tracker.log_images(images, step=row["epoch"], **options)
-
-
-def stopped_message(err: Exception, epoch: int, out: Path) -> str:
-    last = last_dir(out)
-    kept = (
-        f"the last good checkpoint, {last}, is kept" if last.exists() else "no epoch had finished"
-    )
-    return (
-        f"{err} of epoch {epoch}; training stopped and {kept}. Lower --lr (or add "
-        "--warmup-epochs) and start again, or continue with --resume --lr SMALLER"
-    )
-
-
 def report(out: Path) -> None:
     """report.html; a failure there costs the page, not the run (dr-report writes it again)."""
+    from trainer.judging.run_page import write_report
+
     try:
         write_report(out)
     except Exception as err:  # the run's own files are all written by now
         print(f"warning: report.html not written ({type(err).__name__}: {err}); dr-report {out}")
-
-
-def write_summary(
-    out: Path, cfg: TrainConfig, env: dict, best: dict, checksums: list[str], chooser: str
-) -> None:
-    rows = read_metrics(out)
-    atomic_write_json(
-        out / SUMMARY_FILE,
-        {
-            "arch": cfg.arch,
-            "epochs": cfg.epochs,
-            "chosen_on": chooser,
-            "selected_by": best.get("selected_by", f"{chooser}_qwk"),
-            "best_epoch": best["epoch"],
-            "test_split": "test_qwk" in best,  # false: the shards had none, val alone is reported
-            "test_at_best_epoch": {k[5:]: v for k, v in best.items() if k.startswith("test_")}
-            or None,
-            "best": best,
-            "last": rows[-1],
-            "world_size": env["world_size"],
-            "backend": env["backend"],
-            "device": env["device"],
-            "weights_sha256_per_rank": checksums,
-            "best_checkpoint": str(out / BEST_FILE),
-        },
-    )
-
-
-class EpochProgress:
-    """A rich bar with the running loss on a terminal (rank 0, not --quiet); nothing otherwise."""
-
-    def __init__(self, enabled: bool):
-        self.bar = None
-        if enabled:
-            import rich.progress as rp
-
-            self.bar = rp.Progress(
-                rp.TextColumn("{task.description}"),
-                rp.BarColumn(),
-                rp.MofNCompleteColumn(),
-                rp.TextColumn("loss {task.fields[loss]}"),
-                rp.TimeRemainingColumn(),
-                transient=True,
-            )
-
-    def start(self, description: str, total: int) -> None:
-        if self.bar:
-            self.task = self.bar.add_task(description, total=total, loss="-")
-            self.bar.start()
-
-    def advance(self, loss: float | None) -> None:
-        if self.bar:
-            fields = {"loss": f"{loss:.4f}"} if loss is not None else {}
-            self.bar.update(self.task, advance=1, **fields)
-
-    def stop(self) -> None:
-        if self.bar:
-            self.bar.stop()
-            self.bar.remove_task(self.task)
 
 
 def cli() -> None:

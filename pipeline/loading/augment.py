@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and torchvision are imported where used: the trainer's command line reads
+# AugmentConfig and PRESETS, and answers --help before torch is loaded.
 
 # ITU-R 601 luma weights: torchvision's rgb_to_grayscale, used as the contrast centre.
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -92,6 +96,8 @@ def crop_box(
 
 def translate(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     """``img`` (..., H, W) moved ``dx`` pixels right and ``dy`` down, the uncovered area 0."""
+    import torch
+
     h, w = img.shape[-2:]
     out = torch.zeros_like(img)
     if abs(dx) >= w or abs(dy) >= h:
@@ -143,6 +149,8 @@ class TorchTransform:
 
     def resize(self, img: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
         """Step 1: the random resized crop, or a resize when the stored size differs."""
+        from torchvision.transforms.v2 import functional as F
+
         aug = self.augment
         out = [self.size, self.size]
         if aug is not None and aug.scale > 0:
@@ -172,6 +180,9 @@ class TorchTransform:
 
     def apply(self, img: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         """Steps 2-6 on one image, with torchvision (the reference the batched version meets)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
         aug = self.augment
         if aug.rotate > 0:
             img = F.rotate(img, p.angle, interpolation=InterpolationMode.BILINEAR, fill=0)

@@ -18,7 +18,6 @@ paths run further epochs (epoch starts are then part of the figure). Writes
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import tarfile
@@ -28,22 +27,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from PIL import Image
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from torchvision import transforms as T
 
 from pipeline.cli import arg, parse_config, run_cli
-from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD, SPLITS
+from pipeline.constants import SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
-from pipeline.loading.contract import available_cores
-from pipeline.loading.loader import build_loader, dali_available
-from pipeline.loading.samples import chunked, decode_sample, read_chunk
 from pipeline.manifest import read_manifest
-from pipeline.shardformat import read_index
+
+# torch, torchvision and the loaders load inside the functions that use them (the torch
+# datasets in tools/bench/torch_paths.py): --help and option errors are answered at once
 
 PATHS = (
     "baseline",
@@ -85,22 +79,6 @@ class BenchConfig:
 # ---------------------------------------------------------------- (a) the reference-style baseline
 
 
-class JpegFolder(Dataset):
-    """A folder of loose JPEGs read one by one with PIL, as the reference lab did."""
-
-    def __init__(self, items: list[tuple[Path, int]], transform):
-        self.items = items
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):
-        path, label = self.items[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
-
-
 def extract_split(shards: Path, split: str, out: Path) -> list[tuple[Path, int]]:
     """The split's JPEGs as loose ``<key>.jpeg`` files (done once, outside the timing)."""
     items = []
@@ -116,33 +94,12 @@ def extract_split(shards: Path, split: str, out: Path) -> list[tuple[Path, int]]
     return items
 
 
-def baseline_batches(items, batch_size: int, size: int, stored: int, seed: int) -> Iterable:
-    steps = [T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
-    if size != stored:
-        steps.insert(0, T.Resize((size, size)))
-    transform = T.Compose(
-        [
-            *steps,
-            T.ToTensor(),
-            T.Normalize([m / 255 for m in IMAGENET_MEAN], [s / 255 for s in IMAGENET_STD]),
-        ]
-    )
-    loader = DataLoader(
-        JpegFolder(items, transform),
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=available_cores(),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    while True:
-        yield from loader
-
-
 # ---------------------------------------------------------------- the other paths
 
 
 def loader_batches(cfg: BenchConfig, size: int, backend: str, device: str) -> Iterable:
+    from pipeline.loading.loader import build_loader
+
     loader = build_loader(
         cfg.shards,
         cfg.split,
@@ -162,6 +119,9 @@ def loader_batches(cfg: BenchConfig, size: int, backend: str, device: str) -> It
 
 
 def decode_only_batches(cfg: BenchConfig, gpu: bool) -> Iterable:
+    import torch
+
+    from pipeline.loading.contract import available_cores
     from pipeline.loading.dali import decode_only_pipeline
 
     manifest = read_manifest(cfg.shards)
@@ -181,43 +141,11 @@ def decode_only_batches(cfg: BenchConfig, gpu: bool) -> Iterable:
         yield images, labels
 
 
-class DecodeOnly(IterableDataset):
-    """The torch backend's reading (by index, a chunk at a time) and libjpeg-turbo decoding,
-    nothing else, round and round; yields how many images each batch's worth decoded."""
-
-    def __init__(self, root: Path, chunks: list, batch_size: int):
-        self.root, self.chunks, self.batch_size = root, chunks, batch_size
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.chunks[worker::workers] or self.chunks
-        chunks = itertools.cycle(mine)
-        samples = (s for chunk in chunks for s in read_chunk(self.root, chunk))
-        while True:
-            for _, (ref, data, _) in zip(range(self.batch_size), samples, strict=False):
-                decode_sample(ref, data)
-            yield torch.empty(0), torch.zeros(self.batch_size)
-
-
-def decode_torch_batches(cfg: BenchConfig) -> Iterable:
-    manifest = read_manifest(cfg.shards)
-    refs = []
-    for shard in manifest.split(cfg.split).shards:
-        refs += read_index(manifest.root / shard.index, shard.file)
-    workers = cfg.workers if cfg.workers is not None else min(4, available_cores())
-    loader = DataLoader(
-        DecodeOnly(manifest.root, chunked(refs), cfg.batch_size),
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=2 if workers else None,
-    )
-    yield from loader
-
-
 def images_per_second(batches: Iterable, cfg: BenchConfig, gpu: bool) -> tuple[float, tuple, float]:
     """Time ``cfg.batches`` batches after ``cfg.warmup``; also return the batch shape and the
     seconds to the first batch (start-up: for DALI, building the pipeline)."""
+    import torch
+
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     shape = ()
     begin = time.perf_counter()
@@ -242,6 +170,11 @@ def images_per_second(batches: Iterable, cfg: BenchConfig, gpu: bool) -> tuple[f
 
 
 def machine_info() -> dict:
+    import torch
+
+    from pipeline.loading.contract import available_cores
+    from pipeline.loading.loader import dali_available
+
     info = {
         "cpu_count": os.cpu_count(),
         "cores_available": available_cores(),
@@ -277,6 +210,8 @@ def make_synthetic(cfg: BenchConfig, console: Console) -> None:
 
 def runnable_paths(gpu: bool) -> list[str]:
     """The paths this machine can time: DALI's need DALI, the GPU's a GPU."""
+    from pipeline.loading.loader import dali_available
+
     has_dali = dali_available()
     return [
         n
@@ -295,6 +230,10 @@ def decode_limit(path: str, by_name: dict[str, float]) -> float | None:
 
 
 def run(cfg: BenchConfig, console: Console) -> dict:
+    import torch
+
+    from tools.bench.torch_paths import baseline_batches, decode_torch_batches
+
     gpu = torch.cuda.is_available()
     wanted = cfg.paths or runnable_paths(gpu)
     if missing := [n for n in wanted if n not in runnable_paths(gpu)]:
@@ -327,7 +266,7 @@ def run(cfg: BenchConfig, console: Console) -> dict:
         "decode-torch": (
             "torch backend decode only (CPU)",
             False,
-            lambda: decode_torch_batches(cfg),
+            lambda: decode_torch_batches(cfg.shards, cfg.split, cfg.batch_size, cfg.workers),
         ),
         "dali-cpu": ("DALI CPU", False, lambda: loader_batches(cfg, size, "dali", "cpu")),
         "dali-gpu": ("DALI GPU", True, lambda: loader_batches(cfg, size, "dali", "cuda")),

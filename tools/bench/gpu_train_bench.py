@@ -25,19 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from accelerate import Accelerator
 from PIL import Image
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import NUM_CLASSES, SHARD_NAME
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
-from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, SplitInfo
 from pipeline.shardformat import write_shard
-from trainer.base.model import build_model
-from trainer.fitting.engine import build_optimizer, build_scheduler, train_step
+
+# torch, Accelerate and the trainer's modules load inside the functions that use them: --help
+# and option errors are answered before they load
 
 SHARD_SIZE = 1000
 
@@ -109,6 +107,8 @@ def batches_from_loader(loader):
 
 
 def resident_batches(batch_size: int, size: int, device, channels_last: bool):
+    import torch
+
     images = torch.randn(batch_size, 3, size, size, device=device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -120,6 +120,11 @@ def resident_batches(batch_size: int, size: int, device, channels_last: bool):
 def time_steps(batches, arch: str, batch_size: int, args, accelerator) -> tuple[float, float]:
     """(images/s of --steps training steps after --warmup untimed ones, seconds to the first
     batch); a fresh model each time."""
+    import torch
+
+    from trainer.base.model import build_model
+    from trainer.fitting.engine import build_optimizer, build_scheduler, train_step
+
     model = build_model(arch)
     if accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -169,6 +174,8 @@ class GpuBenchConfig:
 
 def gpu_memory() -> dict:
     """GiB: torch's own peak since the last reset, and the device's use now (DALI's buffers too)."""
+    import torch
+
     free, total = torch.cuda.mem_get_info()
     return {
         "torch_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -178,6 +185,8 @@ def gpu_memory() -> dict:
 
 def measure(loader, arch: str, batch_size: int, args, accelerator) -> dict:
     """One row: ``arch`` fed by ``loader`` and by a resident batch, and its peak memory."""
+    import torch
+
     cuda = accelerator.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -211,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_config(
         GpuBenchConfig, argv, prog="gpu_train_bench.py", description=__doc__.splitlines()[0]
     )
+    import torch
+    from accelerate import Accelerator
+
+    from pipeline.loading.loader import build_loader
+
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise UserError("no CUDA GPU here; run with --device cpu (and tiny settings) to smoke-test")

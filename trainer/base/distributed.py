@@ -1,15 +1,21 @@
 """The devices and the ranks: precision, the bare module under DDP, BatchNorm statistics
-averaged over ranks. Both halves of trainer/ use these; they import nothing of either."""
+averaged over ranks, work done once by a leader and shared. Both halves of trainer/ use
+these; they import nothing of either."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
 from pipeline.errors import UserError
+
+T = TypeVar("T")
 
 
 def resolve_precision(requested: str, cuda: bool) -> str:
@@ -55,3 +61,21 @@ def sync_batchnorm_stats(model: nn.Module, accelerator: Accelerator) -> None:
     for buffer in bare(accelerator, model).buffers():
         if buffer.is_floating_point():
             buffer.copy_(accelerator.reduce(buffer, "mean"))
+
+
+def on_leader(accelerator: Accelerator, fn: Callable[[], T], local: bool = False) -> T | None:
+    """Run ``fn`` on the main process (of each machine, if ``local``) and share its result.
+
+    A UserError there is raised on every rank, so no rank waits for one that has left.
+    """
+    leader = accelerator.is_local_main_process if local else accelerator.is_main_process
+    result = error = None
+    if leader:
+        try:
+            result = fn()
+        except UserError as err:
+            error = str(err)
+    errors = [e for e in gather_object([error]) if e]
+    if errors:
+        raise UserError(errors[0])
+    return None if local else broadcast_object_list([result])[0]

@@ -37,13 +37,20 @@ def gpu_advice(gpus: int) -> str:
 
 
 def batch_line(batch_per_process: int, processes: int, accumulation: int, lr: float) -> str:
-    """The config line's summary: what one optimizer step sees, and at what learning rate."""
+    """The config line's summary: what one optimizer step sees, and at what learning rate.
+
+    The linear-scaling hint only where it applies: the reference's lr on another batch. Any
+    other lr was chosen (by --lr or a recipe, e.g. huang2023's 1e-3 at batch 32) and is left
+    alone.
+    """
     step = batch_per_process * processes * accumulation
-    return (
+    line = (
         f"batch: --batch-size {batch_per_process} per process x {processes} process(es)"
         f" x {accumulation} accumulated = {step} images per optimizer step; --lr {lr:g}"
-        f" (linear scaling from the reference would give {scaled_lr(step, 1):g})"
     )
+    if lr != REFERENCE_LR or step == REFERENCE_BATCH:
+        return line
+    return f"{line} (linear scaling from the reference would give {scaled_lr(step, 1):g})"
 
 
 def process_group_kwargs():

@@ -49,15 +49,12 @@ from pipeline.manifest import read_manifest
 from pipeline.shardformat import read_index
 from pipeline.writing.preprocess import border_box, open_image, passthrough_bytes
 from trainer.base.metrics import REFERABLE_GRADE
+from trainer.judging.options import CAM_DIR, CAM_LAYER, CAM_TARGET, CAM_TARGETS  # noqa: F401
 
-CAM_LAYER = "layer3"
-CAM_TARGETS = ("referable", "predicted", "expected")
-CAM_TARGET = "referable"
 FUNDUS_LEVEL = 20  # brightest channel above this (of 255): the fundus, not the black frame
 PANEL = 256  # px: each half of an overlay picture is drawn at least this large
 HEAT_ALPHA = 0.5
 EXPLAIN_BATCH = 16  # images per forward and backward pass
-CAM_DIR = "cam"  # predict --explain, evaluate --explain: OUT/cam/<name>.png
 
 
 def target_score(head: str, out: Tensor, target: str = CAM_TARGET) -> Tensor:

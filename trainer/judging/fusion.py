@@ -30,11 +30,9 @@ from torch import nn
 from trainer.base.heads import Head, tune_cuts
 from trainer.base.metrics import REFERABLE_GRADE, operating_threshold, referable_score
 from trainer.judging.evaluation import EvalResult
+from trainer.judging.options import FUSION_KEY, HIDDEN  # noqa: F401
 from trainer.judging.pairing import partner_index
 from trainer.judging.selection import selection_for, squared_error
-
-FUSION_KEY = "fusion"  # best.pt's entry
-HIDDEN = 256
 
 
 class FusionHead(nn.Module):

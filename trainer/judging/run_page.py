@@ -52,9 +52,9 @@ from trainer.base.runfiles import (
 )
 from trainer.judging.calibration import plot_reliability, reliability_curves
 from trainer.judging.evaluation import EvalResult
+from trainer.judging.options import GALLERY
 
 PREDICTIONS_DIR = "predictions"
-GALLERY = 12  # photographs in the gallery
 CURVES = (("loss", "loss"), ("acc", "accuracy"), ("qwk", "quadratic kappa"))
 CURVES += (("referable_auc", "referable DR AUC"),)
 SPLITS = ("train", "val", "test")
