@@ -3,7 +3,7 @@
     @dataclass
     class Config:
         data_dir: Path = arg(help="folder of photos", positional=True)
-        size: int = arg(512, "side of the square images in px")
+        size: int = arg(512, "side of the square images in px", **IMAGE_SIZE)
         quiet: bool = arg(False, "no progress bar")
 
     def main(argv=None) -> int:
@@ -12,7 +12,8 @@
     if __name__ == "__main__":
         run_cli(main)
 
-Each field becomes ``--field-name`` (or a positional argument), typed from its annotation:
+Each field becomes ``--field-name`` (or a positional argument, or ``flag``: another name, with
+``aliases`` accepted too), typed from its annotation:
 ``bool`` is a switch, ``X | None`` an optional X, ``list[X]`` one or more values. Unknown
 options, bad values and the config's own checks (``__post_init__`` raising UserError) end
 in one line, ``error: ...``, and exit 2. Every tool that writes files takes ``--out DIR``,
@@ -37,6 +38,9 @@ from collections.abc import Callable, Sequence
 from pipeline.errors import RunError, UserError
 
 REQUIRED = dataclasses.MISSING
+# One name for one thing in every command: an image's side is --image-size (the trainer's
+# name); --size, its older name in the shard tools, is accepted as well
+IMAGE_SIZE = {"flag": "image-size", "aliases": ("size",), "metavar": "PX"}
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _abandoned: list[threading.Thread] = []  # threads left behind that may never end
 
@@ -56,13 +60,18 @@ def arg(
     choices: Sequence | None = None,
     metavar: str | None = None,
     positional: bool = False,
+    flag: str | None = None,
+    aliases: Sequence[str] = (),
 ):
-    """A config field that is also a command-line option."""
+    """A config field that is also a command-line option: ``--flag`` (default: the field's
+    name with dashes) and ``--alias`` for each of ``aliases``, all setting the field."""
     meta = {
         "help": help,
         "choices": tuple(choices) if choices else None,
         "metavar": metavar,
         "positional": positional,
+        "flag": flag,
+        "aliases": tuple(aliases),
     }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
@@ -121,12 +130,14 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
                 **extra,
             )
             continue
-        flag = "--" + f.name.replace("_", "-")
+        primary = meta.get("flag") or f.name.replace("_", "-")
+        flags = ["--" + name for name in (primary, *meta.get("aliases", ()))]
         if kind is bool:
-            parser.add_argument(flag, action="store_true", help=help_text)
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
         else:
             parser.add_argument(
-                flag,
+                *flags,
+                dest=f.name,
                 type=kind,
                 nargs="+" if many else None,
                 choices=meta["choices"],

@@ -234,3 +234,24 @@ def test_commands_answer_before_torch_is_imported():
         answer = json.loads(proc.stdout)
         assert answer["codes"] == [0, 2] * (2 if command else 1), (path, answer)
         assert answer["loaded"] == [], f"{path.relative_to(ROOT)} imports {answer['loaded']}"
+
+
+def test_an_image_side_is_image_size_everywhere_and_size_still_works(capsys):
+    """One name for one thing: every command that takes an image side takes --image-size;
+    the shard tools' older --size still works, without a warning."""
+    from pipeline.cli import build_parser, parse_config
+    from pipeline.writing.packing import PackConfig
+    from tools.bench import bench_loader, bench_shards, gpu_train_bench
+    from tools.make_synthetic import SynthConfig
+    from trainer.fitting.config import TrainConfig
+
+    configs = (PackConfig, SynthConfig, TrainConfig, bench_shards.BenchConfig)
+    configs += (bench_loader.BenchConfig, gpu_train_bench.GpuBenchConfig)
+    for cls in configs:
+        assert "--image-size" in build_parser(cls, "x", "").format_help(), cls.__name__
+    for argv in (["--image-size", "64", "data", "shards"], ["data", "shards", "--size", "64"]):
+        cfg = parse_config(PackConfig, argv, "make_shards.py", "")
+        assert (cfg.size, str(cfg.data_dir), str(cfg.out_dir)) == (64, "data", "shards")
+    synth = parse_config(SynthConfig, ["--out", "d", "--n", "5", "--image-size", "96"], "x", "")
+    assert synth.size == 96
+    assert capsys.readouterr().err == ""

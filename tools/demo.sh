@@ -25,13 +25,13 @@ mkdir -p "$DEMO"
 rm -rf "$DEMO/runs" "$DEMO/eval" "$DEMO/photos" "$DEMO/cam" "$DEMO/heat"  # an earlier demo's results; data and shards are reused
 if [ -d data ] && [ -n "$(ls -A data 2>/dev/null)" ]; then
     step "packing the dataset in data/ into $DEMO/shards"
-    python tools/make_shards.py data "$DEMO/shards" --size "$SIZE"
+    python tools/make_shards.py data "$DEMO/shards" --image-size "$SIZE"
 else
     step "no data/ here: $N synthetic fundus photographs ($DIFFICULTY) into $DEMO/data"
-    python tools/make_synthetic.py --out "$DEMO/data" --n "$N" --size 256 --layout kaggle --seed 0 \
+    python tools/make_synthetic.py --out "$DEMO/data" --n "$N" --image-size 256 --layout kaggle --seed 0 \
         --difficulty "$DIFFICULTY" --lesion-scale "$LESION_SCALE" --masks
     step "packing them into WebDataset shards ($SIZE px; train, val and test) in $DEMO/shards"
-    python tools/make_shards.py "$DEMO/data" "$DEMO/shards" --size "$SIZE" --shard-size 64
+    python tools/make_shards.py "$DEMO/data" "$DEMO/shards" --image-size "$SIZE" --shard-size 64
 fi
 
 for head in classify regress; do

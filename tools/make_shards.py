@@ -1,6 +1,6 @@
 """Pack fundus photographs and their grades into WebDataset shards for DALI and torch.
 
-    python tools/make_shards.py data/ shards/ --size 512 --shard-size 1000 --workers 8
+    python tools/make_shards.py data/ shards/ --image-size 512 --shard-size 1000 --workers 8
     python tools/make_shards.py --verify shards/        # check a shard folder byte by byte
 
 DATA_DIR holds a dataset as it came, recognised by its own files (``--layout`` forces one):

@@ -1,6 +1,6 @@
 """Synthetic colour fundus photographs with diabetic-retinopathy lesions that grow with the grade.
 
-    python tools/make_synthetic.py --out data/ --n 200 --size 512 --layout lab --seed 0 \
+    python tools/make_synthetic.py --out data/ --n 200 --image-size 512 --layout lab --seed 0 \
         [--difficulty easy|realistic]
 
 Each picture is a black frame holding an orange-red retina (darker towards the rim), a bright
@@ -16,7 +16,7 @@ header, split by patient here) and images/<id>.jpeg; `kaggle` writes trainLabels
 public datasets' own files with their quirks (see docs/datasets.md): the Kaggle test release
 with its Public/Private `Usage`, APTOS PNGs and its unlabeled test.csv, Messidor-2's `2.0`
 grades and ungradable rows, IDRiD's trailing-space header, blank rows and names repeated in
-both sets, DDR's `valid` split and grade 5. `--width 768 --size 512` makes 3:2 raw-camera-like frames
+both sets, DDR's `valid` split and grade 5. `--width 768 --image-size 512` makes 3:2 raw-camera-like frames
 with wide black side borders. 200 images at 256 px take a few seconds on one core.
 
 `--difficulty easy` (the default) is the above, unchanged for a given seed: lesions big and
@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.cli import arg, parse_config, run_cli
+from pipeline.cli import IMAGE_SIZE, arg, parse_config, run_cli
 from pipeline.constants import EYEPACS_CLASS_MIX, NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.fileio import make_writable_dir
@@ -609,11 +609,11 @@ def _check_options(n, size, layout, width, class_mix, test_fraction, difficulty)
     if n < 2:
         raise UserError(f"--n must be at least 2 (one left/right pair), got {n}")
     if size < MIN_SIZE:
-        raise UserError(f"--size must be at least {MIN_SIZE} px, got {size}")
+        raise UserError(f"--image-size must be at least {MIN_SIZE} px, got {size}")
     if layout not in LAYOUTS:
         raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if width is not None and width < size:
-        raise UserError(f"--width ({width}) must be at least --size ({size})")
+        raise UserError(f"--width ({width}) must be at least --image-size ({size})")
     if difficulty not in DIFFICULTIES:
         raise UserError(
             f"--difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}"
@@ -818,7 +818,7 @@ PUBLIC_LAYOUTS = {
 class SynthConfig:
     out: Path = arg(help="folder to write the images and label files into (created)", metavar="DIR")
     n: int = arg(200, "number of images")
-    size: int = arg(512, "image height in px (realistic: the largest)")
+    size: int = arg(512, "image height in px (realistic: the largest)", **IMAGE_SIZE)
     width: int | None = arg(None, "image width in px (default: square)")
     layout: str = arg("lab", "label files to write", choices=LAYOUTS)
     seed: int = arg(0, "seed of the grades and the pictures")

@@ -53,7 +53,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pipeline.cli import abandon_threads, arg
+from pipeline.cli import IMAGE_SIZE, abandon_threads, arg
 from pipeline.constants import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_SHARD_SIZE,
@@ -101,7 +101,7 @@ class PackConfig:
         positional=True,
     )
     out_dir: Path | None = arg(None, "shard folder to write (created)", positional=True)
-    size: int = arg(DEFAULT_IMAGE_SIZE, "side of the square images in px")
+    size: int = arg(DEFAULT_IMAGE_SIZE, "side of the square images in px", **IMAGE_SIZE)
     shard_size: int = arg(DEFAULT_SHARD_SIZE, "samples per shard")
     workers: int | None = arg(None, "decoding processes (default: every core)")
     seed: int = arg(0, "seeds the train order and the made splits")
@@ -150,7 +150,7 @@ class PackConfig:
         self.data_dir = Path(self.data_dir)
         self.out_dir = None if self.out_dir is None else Path(self.out_dir)
         if self.size < 16:
-            raise UserError(f"--size must be at least 16 px, got {self.size}")
+            raise UserError(f"--image-size must be at least 16 px, got {self.size}")
         if self.shard_size < 1:
             raise UserError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.workers is not None and self.workers < 1:

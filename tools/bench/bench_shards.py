@@ -35,7 +35,7 @@ from PIL import Image, features
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli import arg, parse_config, run_cli
+from pipeline.cli import IMAGE_SIZE, arg, parse_config, run_cli
 from pipeline.constants import DEFAULT_SHARD_SIZE
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
@@ -52,7 +52,7 @@ class BenchConfig:
     n: int = arg(3000, "pass-through images packed")
     shard_size: int = arg(DEFAULT_SHARD_SIZE, "samples per shard")
     unique: int = arg(40, "of the --n images, how many are rendered (the rest are copies)")
-    size: int = arg(512, "side of the pass-through images")
+    size: int = arg(512, "side of the pass-through images", **IMAGE_SIZE)
     raw_n: int = arg(16, "raw-camera photos preprocessed")
     raw_width: int = arg(3888, "raw photo width")
     raw_height: int = arg(2592, "raw photo height")
