@@ -158,6 +158,15 @@ def parse_config(cls, argv: Sequence[str] | None, prog: str, description: str):
     return parse_config_given(cls, argv, prog, description)[0]
 
 
+def console(**options):
+    """The rich Console a command prints through: styled on a terminal; into a file or a pipe
+    plain text (rich writes no escape codes there) with every line whole (rich would otherwise
+    cut lines at 80 columns where there is no terminal to ask for its width)."""
+    from rich.console import Console  # where it is used: --help answers without it
+
+    return Console(soft_wrap=True, **options)
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run an entry point and exit with its status.
 

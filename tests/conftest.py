@@ -5,12 +5,15 @@ run that several test files read, and the one way tests start a command (``run``
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -318,6 +321,27 @@ def launch(
         *args,
     ]
     return run(cmd, tmp, check=check, **kw)
+
+
+def kill_when(cmd: list, tmp: Path, ready: Path) -> None:
+    """Start ``cmd`` as ``run`` would, SIGKILL it the moment ``ready`` exists (no cleanup of
+    any kind runs), and fail the test if it ended before that."""
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=ROOT,
+        env=run_env(tmp),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while proc.poll() is None and not ready.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl, read here, not by the product's reader."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def free_port() -> int:

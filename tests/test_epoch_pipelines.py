@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.loading.loader import dali_available
+from tests.conftest import metrics_rows
 from trainer.fitting.checkpoint import load_last, state_checksum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,17 +29,13 @@ def train(args: list[str], tmp: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 def test_resume_stays_exact_with_the_pipeline_built_ahead(tiny_shards, tmp_path):
     run = tmp_path / "straight"
     recipe = ["--image-size", "64", "--batch-size", "8", "--backend", "dali", "--workers", "1"]
     train(["--shards", str(tiny_shards), "--out", str(run), "--epochs", "2", *recipe], tmp_path)
-    straight = rows(run)
+    straight = metrics_rows(run)
     assert [r["epoch"] for r in straight] == [1, 2]
     assert all(r["first_batch_s"] > 0 for r in straight)
 
@@ -54,6 +51,6 @@ def test_resume_stays_exact_with_the_pipeline_built_ahead(tiny_shards, tmp_path)
     def untimed(r):
         return {k: v for k, v in r.items() if k not in TIMING}
 
-    assert [untimed(r) for r in rows(resumed)] == [untimed(r) for r in straight]
-    assert rows(resumed)[1]["first_batch_s"] > 0
+    assert [untimed(r) for r in metrics_rows(resumed)] == [untimed(r) for r in straight]
+    assert metrics_rows(resumed)[1]["first_batch_s"] > 0
     assert state_checksum(load_last(resumed)["model"]) == state_checksum(load_last(run)["model"])

@@ -228,6 +228,10 @@ def test_train_is_shuffled_test_sorted(kaggle_run):
 
 def test_summary_table_and_cli_matches_config(kaggle_run):
     assert "grade 4" in kaggle_run.stdout and "train" in kaggle_run.stdout
+    # for people and for files: the options as typed, not a dict, and no terminal escapes
+    first = kaggle_run.stdout.splitlines()[0]
+    assert first.endswith(f"(--image-size {SIZE} --shard-size 12 --workers 2 --seed 5)"), first
+    assert "{" not in kaggle_run.stdout and "\x1b" not in kaggle_run.stdout
     parser = build_parser(PackConfig, "make_shards.py", "")
     options = {a.dest for a in parser._actions if a.dest != "help"}
     assert options == {f.name for f in fields(PackConfig)}

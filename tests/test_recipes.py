@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from tests.conftest import TRAIN, build_shard_dir, python, shared
+from tests.conftest import TRAIN, build_shard_dir, metrics_rows, python, shared
 from trainer.base.bestfile import load_best
 from trainer.base.heads import tune_cuts
 from trainer.fitting.checkpoint import load_last, state_checksum
@@ -30,10 +30,6 @@ BASE = [
     "0",
     "--quiet",
 ]
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +91,7 @@ def outputs_of(checkpoint: Path, shards: Path, split: str) -> tuple[np.ndarray, 
 def test_regress_head_tunes_cut_points_on_val_and_evaluate_applies_them(
     regress_run, paired_shards, tmp_path
 ):
-    lines = rows(regress_run)
+    lines = metrics_rows(regress_run)
     for row in lines:
         cuts = row["cut_points"]
         assert len(cuts) == 4 and cuts == sorted(cuts)
@@ -248,7 +244,7 @@ def test_compile_trains_on_the_cpu(tmp_path):
     assert not any(
         k.startswith("_orig_mod") for k in load_last(run)["model"]
     )  # the bare module's names
-    assert len(rows(run)) == 1 and "best test kappa" in proc.stdout.strip().splitlines()[-1]
+    assert len(metrics_rows(run)) == 1 and "best test kappa" in proc.stdout.strip().splitlines()[-1]
 
 
 def test_option_checks_are_one_sentence():

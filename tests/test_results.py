@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.conftest import TRAIN, launch, python, shared
+from tests.conftest import TRAIN, launch, metrics_rows, python, shared
 from trainer.base.metrics import read_confusion_csv
 
 RECIPE = [
@@ -62,8 +62,9 @@ def evaluated(tiny_shards, tmp_path_factory):
 
 
 def best_row(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return max(rows, key=lambda r: r["test_qwk"])  # best.pt keeps the first epoch of the top kappa
+    return max(
+        metrics_rows(run_dir), key=lambda r: r["test_qwk"]
+    )  # best.pt keeps the first epoch of the top kappa
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.loading.loader import dali_available
 from pipeline.manifest import read_manifest, verify_split
-from tests.conftest import launch, run, run_env, shared
+from tests.conftest import launch, metrics_rows, run, run_env, shared
 from trainer.base.metrics import read_confusion_csv
 from trainer.fitting.config import TrainConfig, parse_args
 from trainer.smoke import EVAL_FOLDER, check_run, smoke_config
@@ -107,7 +107,7 @@ def test_smoke_on_two_ranks_from_any_folder(smoke_run, installed):
     assert config["shards"] == str(installed / "trainer" / "fixture")
     assert (config["image_size"], config["epochs"], config["batch_size"]) == (64, 2, 4)
     # what "best.pt re-evaluated as logged" claims, read from the run folder here
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     assert [r["epoch"] for r in rows] == [1, 2]
     best = max(rows, key=lambda r: r["val_qwk"])  # the fixture has a val split
     summary = json.loads((run / "summary.json").read_text())

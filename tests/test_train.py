@@ -10,10 +10,7 @@ import json
 import math
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +21,14 @@ import torch
 from pipeline.errors import RunError, UserError
 from pipeline.manifest import read_manifest
 from tests.conftest import (
-    ROOT,
     STRAIGHT_RECIPE,
     TRAIN,
     build_shard_dir,
+    kill_when,
     launch,
+    metrics_rows,
     no_host_waits,
     python,
-    run_env,
     shared,
     tmpfs,
 )
@@ -40,6 +37,7 @@ from trainer.base.metrics import read_confusion_csv
 from trainer.base.model import build_model
 from trainer.fitting.checkpoint import load_last, state_checksum
 from trainer.fitting.config import TrainConfig, merge_for_resume, parse_args
+from trainer.fitting.console import HEADER
 from trainer.fitting.engine import NonFiniteLossError, build_scheduler, class_weights_for
 from trainer.train import main
 
@@ -86,10 +84,6 @@ STRONG_90 = {
 }
 
 
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def without_timing(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in TIMING}
 
@@ -100,7 +94,7 @@ def without_timing(row: dict) -> dict:
 @pytest.mark.slow
 def test_one_process_launch_writes_every_file(straight_run, tiny_shards):
     run, test_count = straight_run, read_manifest(tiny_shards).split("test").samples
-    lines = rows(run)
+    lines = metrics_rows(run)
     assert [r["epoch"] for r in lines] == [1, 2]
     for row in lines:
         assert set(row) == KEYS
@@ -184,17 +178,30 @@ def test_two_ranks_count_every_test_sample_once_and_agree_on_the_weights(tiny_sh
 
 
 @pytest.mark.slow
+def test_the_log_is_short_plain_text_for_people(straight_run):
+    """The run's set-up in a few readable lines (config.json keeps the whole record): no JSON
+    line, and no terminal escape codes in a log that is not a terminal."""
+    log = (straight_run.parent / "stdout.txt").read_text()
+    record = json.loads((straight_run / "config.json").read_text())
+    assert "\x1b" not in log and "config: {" not in log and "environment: {" not in log
+    block = log[log.index("run folder") : log.index(HEADER)]
+    assert len(block.strip().splitlines()) <= 9, block
+    config, env = record["config"], record["environment"]
+    for words in (
+        f"arch {config['arch']}",
+        f"lr {config['lr']:g}",
+        f"epochs {config['epochs']}",
+        f"world size {env['world_size']}",
+        f"torch {env['torch']}",
+    ):
+        assert words in block, words
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(straight_run, tiny_shards, tmp_path):
     run = tmp_path / "killed"
-    cmd = [sys.executable, TRAIN, "--shards", str(tiny_shards), "--out", str(run), *RECIPE]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=run_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    checkpoint = run / "checkpoints" / "last" / "state.pt"
-    while proc.poll() is None and not checkpoint.exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    cmd = [sys.executable, TRAIN, "--shards", tiny_shards, "--out", run, *RECIPE]
+    kill_when(cmd, tmp_path, ready=run / "checkpoints" / "last" / "state.pt")
     done = load_last(run)["epoch"]
     assert done == 1
     # what a kill between the checkpoint and its metrics line leaves behind (the line may or
@@ -203,7 +210,9 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(straight_run, tiny_
     (run / "metrics.jsonl").write_text('{"epoch": 2, "trai')
 
     python(TRAIN, "--out", run, "--resume", "--quiet", "--workers", "0", tmp=tmp_path)
-    assert [without_timing(r) for r in rows(run)] == [without_timing(r) for r in rows(straight_run)]
+    assert [without_timing(r) for r in metrics_rows(run)] == [
+        without_timing(r) for r in metrics_rows(straight_run)
+    ]
     resumed, straight = load_last(run), load_last(straight_run)
     assert state_checksum(resumed["model"]) == state_checksum(straight["model"])
     assert resumed["scheduler"] == straight["scheduler"]
@@ -442,18 +451,14 @@ def test_augment_options_reach_the_train_loader(tiny_shards):
 @pytest.mark.slow
 def test_a_run_killed_in_its_first_epoch_resumes_from_epoch_1(straight_run, tiny_shards, tmp_path):
     run = tmp_path / "early"
-    cmd = [sys.executable, TRAIN, "--shards", str(tiny_shards), "--out", str(run), *RECIPE]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=run_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    while proc.poll() is None and not (run / "config.json").exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    cmd = [sys.executable, TRAIN, "--shards", tiny_shards, "--out", run, *RECIPE]
+    kill_when(cmd, tmp_path, ready=run / "config.json")
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
     resumed = python(TRAIN, "--out", run, "--resume", "--quiet", "--workers", "0", tmp=tmp_path)
     assert f"{run} has no complete epoch to resume from; starting at epoch 1" in resumed.stdout
-    assert [without_timing(r) for r in rows(run)] == [without_timing(r) for r in rows(straight_run)]
+    assert [without_timing(r) for r in metrics_rows(run)] == [
+        without_timing(r) for r in metrics_rows(straight_run)
+    ]
 
 
 @pytest.mark.slow
@@ -498,11 +503,11 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_epoch(
         line
         == f"error: no space left on device while writing {run / 'checkpoints' / 'last' / 'state.pt'}"
     )
-    assert load_last(run)["epoch"] == 1 and [r["epoch"] for r in rows(run)] == [1]
+    assert load_last(run)["epoch"] == 1 and [r["epoch"] for r in metrics_rows(run)] == [1]
     assert not list((run / "checkpoints").glob(".*"))  # no half-written checkpoint left behind
     resize("600m")
     python(TRAIN, "--out", run, "--resume", "--quiet", tmp=tmp_path)
-    assert [r["epoch"] for r in rows(run)] == [1, 2]
+    assert [r["epoch"] for r in metrics_rows(run)] == [1, 2]
 
 
 def test_verify_shards_stops_before_training(tiny_shards, tmp_path):
@@ -550,7 +555,7 @@ def test_resume_on_another_number_of_processes_keeps_the_schedule(
     args[args.index("--epochs") + 1] = "1"
     launch(TRAIN, *args, tmp=tmp_path, processes=2)
     python(TRAIN, "--out", moved, "--resume", "--epochs", "2", "--quiet", tmp=tmp_path)
-    moved_rows, straight_rows = rows(moved), rows(straight_run)
+    moved_rows, straight_rows = metrics_rows(moved), metrics_rows(straight_run)
     assert [r["epoch"] for r in moved_rows] == [1, 2]
     assert moved_rows[1]["lr"] == pytest.approx(straight_rows[1]["lr"], rel=1e-12)
     assert moved_rows[1]["lr"] < moved_rows[0]["lr"]  # annealing, not restarted
@@ -635,17 +640,14 @@ def _val_run(tmp: Path) -> Path:
 def test_a_short_run_beats_the_majority_class(val_run):
     counts = read_manifest(val_run.parent / "shards").split("test").class_counts
     majority = max(counts) / sum(counts)  # 0.2: grades cycle 0-4
-    lines = rows(val_run)
+    lines = metrics_rows(val_run)
     assert max(r["test_acc"] for r in lines) >= majority + 0.3
     assert max(r["test_qwk"] for r in lines) > 0.5
 
 
 @pytest.mark.slow
-def test_val_chooses_and_test_reports(val_run, tmp_path):
-    from sklearn.metrics import roc_curve
-
-    run, shards = val_run, val_run.parent / "shards"
-    lines = rows(run)
+def test_each_epoch_reports_val_and_test_counting_every_image(val_run):
+    lines = metrics_rows(val_run)
     for row in lines:
         for split, count in (("val", 20), ("test", 40)):
             assert {
@@ -661,17 +663,32 @@ def test_val_chooses_and_test_reports(val_run, tmp_path):
                     "specificity",
                 )
             } <= set(row)
-            cm = read_confusion_csv(run / "confusion" / f"{split}_epoch_{row['epoch']:03d}.csv")
+            cm = read_confusion_csv(val_run / "confusion" / f"{split}_epoch_{row['epoch']:03d}.csv")
             assert cm.sum() == count
-    best = max(lines, key=lambda r: r["val_qwk"])  # the first of equals, as the trainer keeps
+
+
+def best_val_row(run: Path) -> dict:
+    """The epoch val chooses: highest val kappa, the first of equals (as the trainer keeps)."""
+    return max(metrics_rows(run), key=lambda r: r["val_qwk"])
+
+
+@pytest.mark.slow
+def test_best_pt_is_the_best_val_epoch_not_the_best_test_one(val_run):
+    lines = metrics_rows(val_run)
+    best = best_val_row(val_run)
     on_test = max(lines, key=lambda r: r["test_qwk"])
     assert best["epoch"] != on_test["epoch"], "the data should make val and test disagree"
-    _, info = load_best(run / "best.pt")
+    _, info = load_best(val_run / "best.pt")
     assert info["epoch"] == best["epoch"] and info["metrics"] == best
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((val_run / "summary.json").read_text())
     assert summary["chosen_on"] == "val" and summary["best_epoch"] == best["epoch"]
     assert summary["test_at_best_epoch"]["qwk"] == best["test_qwk"] != on_test["test_qwk"]
-    stdout = (run.parent / "stdout.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_last_line_reports_test_at_the_best_val_epoch(val_run):
+    best = best_val_row(val_run)
+    stdout = (val_run.parent / "stdout.txt").read_text()
     assert (
         stdout.strip()
         .splitlines()[-1]
@@ -682,8 +699,16 @@ def test_val_chooses_and_test_reports(val_run, tmp_path):
     )
     assert "no val split" not in stdout
 
-    # the operating point: the highest threshold reaching 90 % sensitivity on val, worked
-    # out here from evaluate's val predictions of best.pt
+
+@pytest.mark.slow
+def test_the_operating_point_is_chosen_on_val_for_90_percent_sensitivity(val_run, tmp_path):
+    """The highest threshold reaching 90 % sensitivity on val, worked out here from
+    evaluate's val predictions of best.pt."""
+    from sklearn.metrics import roc_curve
+
+    run, shards = val_run, val_run.parent / "shards"
+    best = best_val_row(run)
+    _, info = load_best(run / "best.pt")
     out = tmp_path / "val"
     python(
         "trainer/evaluate.py",

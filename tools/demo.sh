@@ -19,7 +19,9 @@ DIFFICULTY=${DEMO_DIFFICULTY:-realistic}
 LESION_SCALE=${DEMO_LESION_SCALE:-3}  # lesions 3x life size: the demo trains at 128 px, not 512
 export MPLBACKEND=Agg
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# bold step headers on a terminal; plain text in a log file (no escape codes)
+if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD='' PLAIN=''; fi
+step() { printf '\n%s== %s%s\n' "$BOLD" "$*" "$PLAIN"; }
 
 mkdir -p "$DEMO"
 rm -rf "$DEMO/runs" "$DEMO/eval" "$DEMO/photos" "$DEMO/cam" "$DEMO/heat"  # an earlier demo's results; data and shards are reused

@@ -42,7 +42,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -53,6 +53,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from pipeline import cli
 from pipeline.cli import IMAGE_SIZE, abandon_threads, arg
 from pipeline.constants import (
     DEFAULT_IMAGE_SIZE,
@@ -179,9 +180,9 @@ class _Chunk:
 
 def pack(cfg: PackConfig, console: Console | None = None) -> PackResult:
     """Build the shard folder ``cfg.out_dir`` from ``cfg.data_dir``; UserError on bad input."""
-    console = console or Console()
+    console = console or cli.console()
     if not cfg.quiet:
-        console.print(f"[bold]make_shards[/] {_config_dict(cfg)}")
+        console.print(f"[bold]make_shards[/] {_options_line(cfg)}")
     columns = Options(
         image_col=cfg.image_col,
         grade_col=cfg.grade_col,
@@ -635,6 +636,21 @@ def _strict_error(rejects: list, out: Path) -> UserError:
 
 def _config_dict(cfg: PackConfig) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+
+
+def _options_line(cfg: PackConfig) -> str:
+    """The run in words for the log: the folders and the options that differ from their
+    defaults, as they would be typed (manifest.json records every setting)."""
+    typed = []
+    for f in fields(cfg):
+        if "help" not in f.metadata or f.metadata["positional"]:
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        value = getattr(cfg, f.name)
+        if value != default:
+            flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+            typed.append(flag if value is True else f"{flag} {value}")
+    return f"{cfg.data_dir} -> {cfg.out_dir}" + (f" ({' '.join(typed)})" if typed else "")
 
 
 # ---------------------------------------------------------------- reporting

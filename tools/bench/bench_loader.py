@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import arg, parse_config, run_cli
+from pipeline.cli import console as cli_console
 from pipeline.constants import SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
@@ -329,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(
         BenchConfig, argv, prog="bench_loader.py", description=__doc__.split("\n\n")[0]
     )
-    console = Console()
+    console = cli_console()
     report = run(cfg, console)
     show(report, console)
     if cfg.out:

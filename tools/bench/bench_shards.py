@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import IMAGE_SIZE, arg, parse_config, run_cli
+from pipeline.cli import console as cli_console
 from pipeline.constants import DEFAULT_SHARD_SIZE
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
@@ -233,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(
         BenchConfig, argv, prog="bench_shards.py", description=__doc__.splitlines()[0]
     )
-    console = Console()
+    console = cli_console()
     console.print(f"[bold]bench_shards[/] {asdict(cfg)}")
     with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
         work = Path(cfg.work_dir or tmp)
