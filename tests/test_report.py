@@ -196,10 +196,14 @@ def test_report_renders_in_chromium(run, tmp_path):
     )
     copy = tmp_path / "page.html"
     copy.write_text(page.replace("</body>", probe + "</body>"))
+    # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start; a fresh
+    # profile and no background traffic keep it to the one page
     proc = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
          "--dump-dom", copy.as_uri()],
-        capture_output=True, text=True,
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     total, bad = re.search(r'data-images="(\d+)/(\d+)"', proc.stdout).groups()

@@ -36,6 +36,7 @@ from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.writing.preprocess import BadImage, prepare
 from trainer.base.preprocessing import check_preprocessing
+from trainer.base.runfiles import PREDICTIONS_FILE
 from trainer.judging.options import CAM_DIR, FUSION_KEY
 
 # torch and the modules that import it load inside the functions that use them: --help and
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 PHOTO_EXTENSIONS = IMAGE_EXTENSIONS  # what make_shards packs
 PHOTO_NAMES = "/".join(PHOTO_EXTENSIONS)
-PREDICTIONS_FILE = "predictions.csv"
 MIN_SIDE = 64  # px; a smaller photo holds too little of the retina to grade
 
 

@@ -51,6 +51,7 @@ from trainer.base.metrics import (
     write_confusion_csv,
 )
 from trainer.base.preprocessing import check_preprocessing
+from trainer.base.runfiles import PREDICTIONS_FILE
 from trainer.fitting.config import BACKENDS
 from trainer.judging.options import CAM_DIR, FUSION_KEY
 
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
     from pipeline.loading.contract import Loader
     from trainer.judging.evaluation import EvalResult
 
-PREDICTIONS_FILE = "predictions.csv"
 ROC_FILE = "roc.png"
 RELIABILITY_FILE = "reliability.png"
 

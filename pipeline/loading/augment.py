@@ -1,7 +1,7 @@
 """Train-time augmentation options and their torchvision v2 implementation.
 
 The same ``AugmentConfig`` drives both backends and means the same thing on each
-(the DALI graph in ``pipeline/dali.py`` applies the same steps in the same order):
+(the DALI graph in ``pipeline/loading/dali.py`` applies the same steps in the same order):
 
 1. random resized crop (``scale``): a square crop whose area is a fraction uniform in
    ``[1 - scale, 1]`` of the image, at a uniform position, resized to the output size;

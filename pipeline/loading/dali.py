@@ -150,7 +150,7 @@ def decode_and_augment(
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
 ):
-    """JPEG bytes -> float normalised images; the steps and order of ``pipeline.augment``."""
+    """JPEG bytes -> float normalised images; the steps and order of ``pipeline.loading.augment``."""
     aug = augment or NO_AUGMENT
     images = decode(jpegs, gpu=gpu, size_hint=stored_size, crop_area=aug.scale)
     if aug.scale > 0 or size != stored_size:

@@ -382,7 +382,11 @@ class _Preparer:
     def __init__(self, size: int, graham: bool, pool: ProcessPoolExecutor | None, workers: int):
         self.size, self.graham, self.pool, self.workers = size, graham, pool, workers
 
-    def run(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, bytes | None, str | None]]:
+    def run(
+        self, samples: Iterable[Sample]
+    ) -> Iterator[tuple[Sample, bytes | None, str | None, list[int] | None]]:
+        """(sample, prepared bytes or None, reject reason or None, the train image's channel
+        sums or None), in the order of ``samples``."""
         pending: deque = deque()
         for batch in _batched(samples, TASK_SIZE):
             ready = [None if self.graham else passthrough_bytes(s.path, self.size) for s in batch]
@@ -404,7 +408,9 @@ class _Preparer:
             yield from _resolve(*pending.popleft())
 
 
-def _resolve(batch, ready, job) -> Iterator[tuple[Sample, bytes | None, str | None]]:
+def _resolve(
+    batch, ready, job
+) -> Iterator[tuple[Sample, bytes | None, str | None, list[int] | None]]:
     results = iter(_result(job) if job else ())
     for sample, data in zip(batch, ready, strict=True):
         yield (sample, data, None, None) if data is not None else (sample, *next(results))

@@ -3,10 +3,17 @@
 runs/<name>/
   config.json            resolved options + environment
   metrics.jsonl          one JSON line per finished epoch
-  confusion/             epoch_NNN.csv / .png
+  confusion/             {val,test}_epoch_NNN.csv / .png
   checkpoints/last/      to resume (trainer.fitting.checkpoint)
-  best.pt                to evaluate and predict (trainer.fitting.checkpoint)
+  best.pt                to evaluate and predict (written by trainer.fitting.checkpoint,
+                         read by trainer.base.bestfile)
   summary.json           written at the end
+  predictions/           {val,test}_epoch_NNN.csv: the best epoch's per-image outputs
+
+``PREDICTIONS_FILE`` is the one per-image table a command writes into its --out folder:
+evaluate's (one row per image of a split: key, original path, patient, eye, true and
+predicted grade, p0-p4, referable score) and predict's (one row per photograph: image,
+grade, p0-p4, referable score, error).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"  # trainer/judging/run_page.py writes it
 FUSION_FILE = "fusion.json"  # tools/fuse.py --out RUN writes it: kappa of both eyes
 CONFUSION_DIR = "confusion"
+PREDICTIONS_FILE = "predictions.csv"
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:

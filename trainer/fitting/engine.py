@@ -1,4 +1,5 @@
-"""One training epoch and one evaluation, the same on CPU, one GPU and DDP ranks.
+"""One training step and one training epoch, the same on CPU, one GPU and DDP ranks; the
+optimizer, schedule and class-weight builders they use (evaluation: trainer/judging/evaluation.py).
 
 Precision and DDP go through Accelerate only: ``accelerator.autocast()`` around the
 forward pass, ``accelerator.backward`` for the gradients (it scales fp16 losses).

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.constants import NUM_CLASSES
+from pipeline.constants import NUM_CLASSES, SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_text
 from trainer.base.bestfile import BEST_FILE
@@ -57,7 +57,6 @@ from trainer.judging.options import GALLERY
 PREDICTIONS_DIR = "predictions"
 CURVES = (("loss", "loss"), ("acc", "accuracy"), ("qwk", "quadratic kappa"))
 CURVES += (("referable_auc", "referable DR AUC"),)
-SPLITS = ("train", "val", "test")
 FIGURES = (
     ("qwk", "kappa"),
     ("qwk_paired", "kappa, both eyes"),
