@@ -17,11 +17,11 @@ HEADER = (
 # the set-up block: (label, config keys) per line; config.json keeps every field
 SETUP_LINES = (
     ("model", ("arch", "head", "pretrained", "weights", "ema")),
-    ("data", ("shards", "image_size", "augment", "backend", "workers")),
+    ("data", ("shards", "image_size", "augment", "workers")),
     ("optimiser", ("recipe", "optimizer", "lr", "momentum", "weight_decay", "schedule")),
     ("length", ("epochs", "batch_size", "grad_accumulation", "seed")),
 )
-ENVIRONMENT_KEYS = ("device", "device_name", "world_size", "mixed_precision", "backend")
+ENVIRONMENT_KEYS = ("backend", "device", "device_name", "world_size", "mixed_precision")
 VERSION_KEYS = ("git_commit", "python", "torch", "torchvision", "accelerate", "dali")
 
 
@@ -30,7 +30,7 @@ def setup_block(config: dict, env: dict, out: Path) -> str:
     lines = [f"run folder {out} (config.json holds the whole config and environment)"]
     for label, keys in SETUP_LINES:
         lines.append(f"  {label:<10}" + ", ".join(_pair(k, config.get(k)) for k in keys))
-    lines.append(f"  {'device':<10}" + ", ".join(_pair(k, env.get(k)) for k in ENVIRONMENT_KEYS))
+    lines.append(f"  {'running':<10}" + ", ".join(_pair(k, env.get(k)) for k in ENVIRONMENT_KEYS))
     lines.append(f"  {'versions':<10}" + ", ".join(_pair(k, env.get(k)) for k in VERSION_KEYS))
     return "\n".join(lines)
 
