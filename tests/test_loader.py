@@ -21,7 +21,7 @@ from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
 from pipeline.loading.augment import NO_AUGMENT, AugmentConfig
 from pipeline.loading.contract import rank_range
-from pipeline.loading.loader import build_loader
+from pipeline.loading.loader import EvalSpec, TrainSpec, build_loader
 from tests.conftest import build_shard_dir, gpu_train_graph
 
 try:
@@ -59,14 +59,11 @@ def reference(root: Path, split: str) -> dict[str, tuple[np.ndarray, int]]:
 
 def loader(root, split="test", *, backend, keys=True, **kw):
     """build_loader, with the sample keys added to every batch (the backends' test option)."""
-    opts = {
-        "batch_size": 4,
-        "image_size": 64,
-        "train": split == "train",
-        "workers": 2,
-        "backend": backend,
-    }
-    return build_loader(root, split, with_keys=keys, **{**opts, **kw})
+    train = kw.pop("train", split == "train")
+    verify = kw.pop("verify", False)
+    opts = {"batch_size": 4, "image_size": 64, "workers": 2, "backend": backend}
+    spec = (TrainSpec if train else EvalSpec)(split=split, with_keys=keys, **{**opts, **kw})
+    return build_loader(root, spec, verify=verify)
 
 
 def epoch(ld) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -273,23 +270,25 @@ def test_backend_choice(tiny_shards, backend, monkeypatch):
 
 def test_user_errors_at_build(tiny_shards, tmp_path):
     with pytest.raises(UserError, match="too few"):
-        build_loader(tiny_shards, "train", batch_size=16, image_size=64, train=True, world_size=3)
+        build_loader(tiny_shards, TrainSpec(batch_size=16, image_size=64, world_size=3))
     with pytest.raises(UserError, match="unknown loader backend"):
-        build_loader(tiny_shards, "test", batch_size=4, image_size=64, train=False, backend="jax")
+        build_loader(
+            tiny_shards, EvalSpec(split="test", batch_size=4, image_size=64, backend="jax")
+        )
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA"):
             build_loader(
-                tiny_shards, "test", batch_size=4, image_size=64, train=False, device="cuda"
+                tiny_shards, EvalSpec(split="test", batch_size=4, image_size=64, device="cuda")
             )
     root = shutil.copytree(tiny_shards, tmp_path / "missing")
     (root / "test-000001.tar").unlink()
     with pytest.raises(UserError, match="test-000001.tar"):
-        build_loader(root, "test", batch_size=4, image_size=64, train=False, backend="torch")
+        build_loader(root, EvalSpec(split="test", batch_size=4, image_size=64, backend="torch"))
     root = shutil.copytree(tiny_shards, tmp_path / "grown")
     with open(root / "test-000000.tar", "ab") as f:
         f.write(b"\0" * 512)
     with pytest.raises(UserError, match="test-000000.tar"):
-        build_loader(root, "test", batch_size=4, image_size=64, train=False, backend="torch")
+        build_loader(root, EvalSpec(split="test", batch_size=4, image_size=64, backend="torch"))
 
 
 def corrupt_jpeg(root: Path, shard: str, sample: int) -> str:

@@ -42,7 +42,7 @@ from pipeline.constants import SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.loading.contract import Loader
-from pipeline.loading.loader import build_loader
+from pipeline.loading.loader import EvalSpec, build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.samplelist import read_sample_table
 from trainer.base.bestfile import head_of, load_best
@@ -414,10 +414,8 @@ def checkpoint_loader(
     batch_size = batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    return build_loader(
-        shards,
-        split,
-        train=False,
+    spec = EvalSpec(
+        split=split,
         batch_size=batch_size,
         image_size=int(info["image_size"]),
         rank=accelerator.process_index,
@@ -430,6 +428,7 @@ def checkpoint_loader(
         with_keys=True,
         normalize=(info["mean"], info["std"]) if "mean" in info else None,
     )
+    return build_loader(shards, spec)
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:

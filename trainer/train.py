@@ -63,7 +63,7 @@ from pipeline.cli import run_cli
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json, reporting_disk_full
 from pipeline.loading.contract import Loader
-from pipeline.loading.loader import build_loader
+from pipeline.loading.loader import EvalSpec, TrainSpec, build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.verify import verify_shards
 from trainer import smoke
@@ -429,9 +429,9 @@ def build_loaders(
         mmap={"auto": None, "mmap": True, "read": False}[cfg.shard_io],
         normalize=normalization_for(cfg.normalize, manifest=manifest),
     )
-    train = build_loader(cfg.shards, "train", train=True, augment=cfg.augment_config(), **args)
+    train = build_loader(cfg.shards, TrainSpec(augment=cfg.augment_config(), **args))
     evals = {
-        split: build_loader(cfg.shards, split, train=False, with_keys=True, **args)
+        split: build_loader(cfg.shards, EvalSpec(split=split, with_keys=True, **args))
         for split in ("val", "test")
         if manifest.has(split)
     }

@@ -330,7 +330,7 @@ class DaliLoader(Loader):
         lo, hi = spec.slice_range(epoch)
         if hi == lo:  # more ranks than samples: this rank has nothing to evaluate
             return
-        steps = spec.steps if spec.train else math.ceil((hi - lo) / spec.batch_size)
+        steps = spec.steps
         if spec.train:
             pipe, first = self.reading(lambda: self.take_pipeline(epoch), lo, hi, building=True)
         else:

@@ -64,12 +64,12 @@ class ShardSlice(IterableDataset):
         self.chunks = chunks
         self.batch_size = spec.batch_size
         self.shuffle = spec.train
-        self.transform = TorchTransform(spec.image_size, spec.augment if spec.train else None)
+        self.transform = TorchTransform(spec.image_size, spec.augment)  # eval: None
         self.seed = spec.seed_for(epoch)
         self.shape = (3, spec.image_size, spec.image_size)
         self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
         self.normalize = normalize
-        self.defer_augment = defer_augment and spec.train
+        self.defer_augment = defer_augment and spec.augment is not None
         self.shift, self.scale = normalization("cpu", spec.mean, spec.std)
 
     def __iter__(self):
@@ -167,8 +167,7 @@ class TorchLoader(Loader):
             pin_memory=not on_cpu,
             prefetch_factor=(PREFETCH_FLOAT if in_workers else PREFETCH_UINT8) if workers else None,
         )
-        steps = spec.steps if spec.train else -(-(hi - lo) // spec.batch_size)
-        for images, labels, keys, *params in self._full_batches(batches, steps):
+        for images, labels, keys, *params in self._full_batches(batches, spec.steps):
             if params:
                 images = self._augment_on_device(images, params[0])
             images, labels = self.normalize(images, labels)

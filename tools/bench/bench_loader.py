@@ -40,7 +40,7 @@ from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD, SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
 from pipeline.loading.contract import available_cores
-from pipeline.loading.loader import build_loader, dali_available
+from pipeline.loading.loader import TrainSpec, build_loader, dali_available
 from pipeline.loading.samples import chunked, decode_sample, read_chunk
 from pipeline.manifest import read_manifest
 from pipeline.shardformat import read_index
@@ -145,14 +145,15 @@ def baseline_batches(items, batch_size: int, size: int, stored: int, seed: int) 
 def loader_batches(cfg: BenchConfig, size: int, backend: str, device: str) -> Iterable:
     loader = build_loader(
         cfg.shards,
-        cfg.split,
-        batch_size=cfg.batch_size,
-        image_size=size,
-        train=True,
-        backend=backend,
-        device=device,
-        seed=cfg.seed,
-        workers=cfg.workers if backend == "torch" else None,
+        TrainSpec(
+            split=cfg.split,
+            batch_size=cfg.batch_size,
+            image_size=size,
+            backend=backend,
+            device=device,
+            seed=cfg.seed,
+            workers=cfg.workers if backend == "torch" else None,
+        ),
     )
     try:
         while True:

@@ -33,7 +33,7 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import NUM_CLASSES, SHARD_NAME
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
-from pipeline.loading.loader import build_loader
+from pipeline.loading.loader import TrainSpec, build_loader
 from pipeline.manifest import Manifest, SplitInfo
 from pipeline.shardformat import write_shard
 from trainer.base.model import build_model
@@ -241,14 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in args.batch_size:
         loader = build_loader(
             shards,
-            "train",
-            batch_size=batch_size,
-            image_size=args.image_size,
-            train=True,
-            backend=args.backend,
-            device=accelerator.device,
-            workers=args.workers,
-            channels_last=cuda,
+            TrainSpec(
+                batch_size=batch_size,
+                image_size=args.image_size,
+                backend=args.backend,
+                device=accelerator.device,
+                workers=args.workers,
+                channels_last=cuda,
+            ),
         )
         report["backend"] = loader.backend
         print(
