@@ -462,17 +462,6 @@ def test_network_filesystems_are_recognised(tmp_path):
     assert not on_network_filesystem(Path("/home/shards"), mounts)
 
 
-def test_cores_are_divided_among_the_local_processes(monkeypatch):
-    from pipeline.loading.contract import available_cores, cores_per_process
-
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert cores_per_process() == available_cores()
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(available_cores() * 4))
-    assert cores_per_process() == 1
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert cores_per_process() == max(1, available_cores() // 2)
-
-
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
 def test_device_errors_pass_through_and_data_errors_are_explained(tiny_shards, monkeypatch):
     """Out of memory is not a data error: it keeps its own message and type."""

@@ -15,7 +15,6 @@ subclasses ``Loader`` and implements ``_run_epoch``.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,27 +26,6 @@ from pipeline.errors import UserError
 from pipeline.loading.augment import AugmentConfig
 from pipeline.manifest import Manifest
 from pipeline.shardformat import SampleRef, read_index
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def cores_per_process() -> int:
-    """This machine's cores divided among the processes the launcher started on it.
-
-    torchrun (``accelerate launch``) sets LOCAL_WORLD_SIZE; without it this is the only
-    process. Eight ranks that each took every core would run eight times the threads (and
-    DALI buffers) the machine has.
-    """
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
-    return max(1, available_cores() // local)
 
 
 def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:

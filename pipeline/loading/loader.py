@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
+from pipeline.hostinfo import cores_per_process
 from pipeline.loading.contract import (
     EvalLoaderSpec,
     EvalSpec,
     Loader,
     TrainLoaderSpec,
     TrainSpec,
-    cores_per_process,
 )
 from pipeline.manifest import read_manifest, verify_split
 
@@ -106,10 +106,7 @@ def build_loader(shards, spec: TrainSpec | EvalSpec, *, verify: bool = False) ->
             f"split '{spec.split}' has {info.samples} samples, too few for {spec.world_size} "
             f"rank(s) x batch {spec.batch_size}; use a smaller batch size or fewer processes"
         )
-    workers = spec.workers
-    if workers is None:  # torch: DataLoader processes; DALI: its CPU threads
-        share = cores_per_process()
-        workers = min(4, share) if name == "torch" else share
+    workers = default_workers(name, device) if spec.workers is None else spec.workers
     if workers < 0:
         raise UserError(f"workers must be 0 or more, got {workers}")
     common = dict(
@@ -130,6 +127,18 @@ def build_loader(shards, spec: TrainSpec | EvalSpec, *, verify: bool = False) ->
         TrainLoaderSpec(augment=spec.augment, **common) if train else EvalLoaderSpec(**common)
     )
     return _backend_class(name)(resolved, with_keys=spec.with_keys)
+
+
+def default_workers(backend: str, device: torch.device) -> int:
+    """Workers for ``backend`` when the user names none: DALI's CPU threads take this
+    process's share of the usable cores (``pipeline.hostinfo``); the torch backends' worker
+    processes take that share less one core, kept for the main process that feeds a GPU
+    (joins batches, copies them, launches the kernels), or at most 4 for a CPU target,
+    whose training needs the cores itself."""
+    share = cores_per_process()
+    if backend.startswith("dali"):
+        return share
+    return max(0, share - 1) if device.type == "cuda" else min(4, share)
 
 
 def check_options(spec: TrainSpec | EvalSpec) -> None:

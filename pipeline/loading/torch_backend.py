@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import itertools
 import random
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -33,6 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import UserError
+from pipeline.hostinfo import local_processes, shm_free_bytes
 from pipeline.loading.augment import TorchTransform
 from pipeline.loading.batch_augment import augment_batch
 from pipeline.loading.contract import Loader, LoaderSpec, normalization
@@ -120,6 +122,47 @@ class ShardSlice(IterableDataset):
         return *batch, params.share_memory_() if shared else params
 
 
+# Of /dev/shm's free space, the share one process's worker batches may fill: a train epoch
+# started ahead overlaps the evaluation's, and pinned copies and other ranks need room too.
+SHM_SHARE = 0.5
+_said: set[str] = set()  # lines already printed: train, val and test loaders fit alike
+
+
+def fit_shared_memory(
+    workers: int, prefetch: int, batch_bytes: int, split: str, free: int | None = None
+) -> tuple[int, int]:
+    """(workers, prefetch) whose batches in flight (``workers * prefetch``) fit this process's
+    share of /dev/shm: fewer batches per worker first, then fewer workers, then none (the
+    main process decodes); one line says so when workers are lost. Docker's default 64 MB
+    /dev/shm holds no 100 MB float batch: a worker there dies with a bus error."""
+    free = shm_free_bytes() if free is None else free
+    if free is None or workers == 0:
+        return workers, prefetch
+    room = int(free * SHM_SHARE / local_processes()) // max(1, batch_bytes)
+    if room >= workers * prefetch:
+        return workers, prefetch
+    if room >= workers:
+        return workers, room // workers
+    mib = f"/dev/shm has {free / 2**20:.0f} MiB free"
+    if room >= 1:
+        say(
+            f"{mib}: {room} loader workers instead of {workers} (a batch is "
+            f"{batch_bytes / 2**20:.0f} MiB); enlarge it (docker --shm-size) for more"
+        )
+        return room, 1
+    say(
+        f"{mib}, less than one {batch_bytes / 2**20:.0f} MiB batch: no loader workers, the main "
+        "process decodes; enlarge it (docker --shm-size) for workers"
+    )
+    return 0, prefetch
+
+
+def say(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
 def empty_batch(shape: tuple, dtype: torch.dtype, memory_format, shared: bool) -> torch.Tensor:
     """An uninitialised batch; ``shared``: in shared memory, where a worker's tensors must be
     to reach the main process (built there from the start, it is not copied again on the way)."""
@@ -135,6 +178,21 @@ class TorchLoader(Loader):
         # Where a train batch is augmented: on the GPU for a GPU target (the workers only draw
         # the parameters), in the workers for the CPU. Tests force True on the CPU.
         self.augment_on_device = spec.train and spec.device.type == "cuda"
+        self.workers, self.prefetch = fit_shared_memory(
+            spec.workers, self.default_prefetch(), self.batch_bytes(), spec.split
+        )
+
+    def in_workers(self) -> bool:
+        """Whether the workers normalise (a CPU target that augments in them)."""
+        return self.spec.device.type == "cpu" and not self.augment_on_device
+
+    def default_prefetch(self) -> int:
+        return PREFETCH_FLOAT if self.in_workers() else PREFETCH_UINT8
+
+    def batch_bytes(self) -> int:
+        """Bytes of shared memory one worker batch takes."""
+        s = self.spec
+        return s.batch_size * 3 * s.image_size**2 * (4 if self.in_workers() else 1)
 
     def _run_epoch(self, epoch: int) -> Iterator:
         spec = self.spec
@@ -145,7 +203,7 @@ class TorchLoader(Loader):
         if spec.train:
             order = np.random.default_rng(spec.seed_for(epoch)).permutation(len(chunks))
             chunks = [chunks[i] for i in order]
-        workers = min(spec.workers, len(chunks))
+        workers = min(self.workers, len(chunks))
         if workers:
             # Workers are forked: collect garbage first, or a DALI pipeline left unreachable
             # in this process can be finalised in a worker, whose DALI threads don't exist
@@ -156,16 +214,18 @@ class TorchLoader(Loader):
         # written somewhere anyway: in the main process that is a serial ~100 ms per 32 x 512 px
         # batch taken from the training step, in the workers it runs in parallel, straight into
         # the shared-memory batch the main process receives without a copy.
-        on_cpu = spec.device.type == "cpu"
-        in_workers = on_cpu and not self.augment_on_device  # augmentation precedes normalising
         batches = DataLoader(
             ShardSlice(
-                spec, chunks, epoch, normalize=in_workers, defer_augment=self.augment_on_device
+                spec,
+                chunks,
+                epoch,
+                normalize=self.in_workers(),  # augmentation precedes normalising
+                defer_augment=self.augment_on_device,
             ),
             batch_size=None,
             num_workers=workers,
-            pin_memory=not on_cpu,
-            prefetch_factor=(PREFETCH_FLOAT if in_workers else PREFETCH_UINT8) if workers else None,
+            pin_memory=spec.device.type != "cpu",
+            prefetch_factor=self.prefetch if workers else None,
         )
         for images, labels, keys, *params in self._full_batches(batches, spec.steps):
             if params:

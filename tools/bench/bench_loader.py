@@ -39,7 +39,7 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD, SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
-from pipeline.loading.contract import available_cores
+from pipeline.hostinfo import usable_cores
 from pipeline.loading.loader import TrainSpec, build_loader, dali_available
 from pipeline.loading.samples import chunked, decode_sample, read_chunk
 from pipeline.manifest import read_manifest
@@ -132,7 +132,7 @@ def baseline_batches(items, batch_size: int, size: int, stored: int, seed: int) 
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,
-        num_workers=available_cores(),
+        num_workers=usable_cores(),
         generator=torch.Generator().manual_seed(seed),
     )
     while True:
@@ -172,7 +172,7 @@ def decode_only_batches(cfg: BenchConfig, gpu: bool) -> Iterable:
         gpu=gpu,
         size_hint=manifest.image_size,
         batch_size=cfg.batch_size,
-        num_threads=available_cores(),
+        num_threads=usable_cores(),
         device_id=torch.cuda.current_device() if gpu else None,
         prefetch_queue_depth=2,
     )
@@ -206,7 +206,7 @@ def decode_torch_batches(cfg: BenchConfig) -> Iterable:
     refs = []
     for shard in manifest.split(cfg.split).shards:
         refs += read_index(manifest.root / shard.index, shard.file)
-    workers = cfg.workers if cfg.workers is not None else min(4, available_cores())
+    workers = cfg.workers if cfg.workers is not None else min(4, usable_cores())
     loader = DataLoader(
         DecodeOnly(manifest.root, chunked(refs), cfg.batch_size),
         batch_size=None,
@@ -245,7 +245,7 @@ def images_per_second(batches: Iterable, cfg: BenchConfig, gpu: bool) -> tuple[f
 def machine_info() -> dict:
     info = {
         "cpu_count": os.cpu_count(),
-        "cores_available": available_cores(),
+        "cores_available": usable_cores(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
