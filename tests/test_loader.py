@@ -522,3 +522,37 @@ def test_dali_gpu_pixels_match_the_cpu_path(tiny_shards, hw_decoder_load, monkey
     std = STD.view(3, 1, 1)
     diffs = torch.stack([((gpu[k].cpu() - cpu[k]) * std).abs() for k in cpu])
     assert diffs.max() <= 3.0 and diffs.mean() <= 0.5, (float(diffs.max()), float(diffs.mean()))
+
+
+def test_the_next_train_epoch_starts_ahead_and_gives_the_same_batches(tiny_shards):
+    """The last train batch starts the next epoch's workers; that epoch then yields what a
+    fresh loader pinned to it yields. ``set_epoch`` elsewhere drops what was started."""
+    ld = loader(tiny_shards, "train", backend="torch", seed=3)
+    it = iter(ld)
+    for _ in range(len(ld) - 1):
+        next(it)
+    assert ld.ahead is None
+    next(it)
+    assert ld.ahead[0] == 1  # started while the caller still holds epoch 0's last batch
+    assert list(it) == []
+    second = epoch(ld)
+    assert ld.ahead[0] == 2
+    fresh = loader(tiny_shards, "train", backend="torch", seed=3)
+    fresh.set_epoch(1)
+    replay = epoch(fresh)
+    assert all_keys(replay) == all_keys(second)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(replay, second, strict=True))
+    ld.set_epoch(7)
+    fresh.set_epoch(7)
+    assert all_keys(epoch(ld)) == all_keys(epoch(fresh))  # epoch 2's start was not used
+
+
+def test_evaluation_keeps_its_dataloader_and_workers(tiny_shards):
+    ld = loader(tiny_shards, "test", backend="torch")
+    first = epoch(ld)
+    kept = ld.kept
+    assert kept is not None and kept.persistent_workers
+    second = epoch(ld)
+    assert ld.kept is kept and all_keys(first) == all_keys(second)
+    assert sum(len(b[1]) for b in second) == ld.num_samples
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))

@@ -181,6 +181,8 @@ class TorchLoader(Loader):
         self.workers, self.prefetch = fit_shared_memory(
             spec.workers, self.default_prefetch(), self.batch_bytes(), spec.split
         )
+        self.ahead: tuple[int, Iterator] | None = None  # train: the next epoch, started
+        self.kept: DataLoader | None = None  # evaluation: its DataLoader, kept with its workers
 
     def in_workers(self) -> bool:
         """Whether the workers normalise (a CPU target that augments in them)."""
@@ -199,7 +201,31 @@ class TorchLoader(Loader):
         lo, hi = spec.slice_range(epoch)
         if hi == lo:
             return
-        chunks = chunked(spec.samples(lo, hi))
+        batches = self.take_ahead(epoch)
+        if batches is None:  # (not ``or``: a DataLoader's truth asks its length)
+            batches = self.batches(epoch)
+        for step, batch in enumerate(self._full_batches(self.unpacked(batches), spec.steps)):
+            if spec.train and step == spec.steps - 1:
+                # the next epoch's workers start (fork, read, decode their first batches)
+                # during the last step and the evaluation, as the DALI backend's pipeline does
+                self.ahead = (epoch + 1, iter(self.batches(epoch + 1)))
+            images, labels, keys = self.on_device(batch)
+            yield (images, labels, keys) if self.with_keys else (images, labels)
+
+    def take_ahead(self, epoch: int):
+        """The batches of train epoch ``epoch`` started ahead, if they are of that epoch
+        (after ``set_epoch`` to another, they are dropped and their workers stop)."""
+        ahead, self.ahead = self.ahead, None
+        return ahead[1] if ahead and ahead[0] == epoch else None
+
+    def batches(self, epoch: int):
+        """The worker batches of ``epoch``: a new DataLoader per train epoch (its order and
+        draws depend on the epoch); evaluation reads the same slice every time, so its
+        DataLoader and its workers are made once and kept (``persistent_workers``)."""
+        if not self.spec.train and self.kept is not None:
+            return self.kept
+        spec = self.spec
+        chunks = chunked(spec.samples(*spec.slice_range(epoch)))
         if spec.train:
             order = np.random.default_rng(spec.seed_for(epoch)).permutation(len(chunks))
             chunks = [chunks[i] for i in order]
@@ -209,29 +235,53 @@ class TorchLoader(Loader):
             # in this process can be finalised in a worker, whose DALI threads don't exist
             # there, and the worker hangs for ever.
             gc.collect()
+        loader = DataLoader(
+            self.dataset(chunks, epoch),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.pin,
+            prefetch_factor=self.prefetch if workers else None,
+            persistent_workers=bool(workers) and not spec.train,
+        )
+        if not spec.train:
+            self.kept = loader
+        return loader
+
+    def dataset(self, chunks: list[list[SampleRef]], epoch: int) -> IterableDataset:
         # Where to normalise. For a GPU, workers hand over uint8 (a quarter of the bytes to pin
         # and copy) and the GPU normalises for free. For the CPU the float batch has to be
         # written somewhere anyway: in the main process that is a serial ~100 ms per 32 x 512 px
         # batch taken from the training step, in the workers it runs in parallel, straight into
         # the shared-memory batch the main process receives without a copy.
-        batches = DataLoader(
-            ShardSlice(
-                spec,
-                chunks,
-                epoch,
-                normalize=self.in_workers(),  # augmentation precedes normalising
-                defer_augment=self.augment_on_device,
-            ),
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=spec.device.type != "cpu",
-            prefetch_factor=self.prefetch if workers else None,
+        return ShardSlice(
+            self.spec,
+            chunks,
+            epoch,
+            normalize=self.in_workers(),  # augmentation precedes normalising
+            defer_augment=self.augment_on_device,
         )
-        for images, labels, keys, *params in self._full_batches(batches, spec.steps):
-            if params:
-                images = self._augment_on_device(images, params[0])
-            images, labels = self.normalize(images, labels)
-            yield (images, labels, keys) if self.with_keys else (images, labels)
+
+    @property
+    def pin(self) -> bool:
+        """Whether batches travel pinned (to copy to a GPU without a wait)."""
+        return self.spec.device.type != "cpu"
+
+    def unpacked(self, batches) -> Iterator:
+        """The workers' batches as ``_full_batches`` joins them (row ``i`` of every field one
+        sample); the torch backend's are already so."""
+        return iter(batches)
+
+    def on_device(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """A full batch -> (float images normalised on the device, labels there, keys)."""
+        images, labels, keys, *params = batch
+        if params:
+            images = self._augment_on_device(images, params[0])
+        images, labels = self.normalize(images, labels)
+        return images, labels, keys
+
+    def close(self) -> None:
+        self.ahead = None
+        self.kept = None
 
     def _augment_on_device(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """The uint8 batch and its parameter rows copied (from pinned memory, without a
@@ -247,7 +297,7 @@ class TorchLoader(Loader):
         A batch is a tuple of fields (images, labels, keys[, params]), row ``i`` of each
         field belonging to sample ``i``; joining and cutting keep the rows together."""
         size = self.spec.batch_size
-        pin = self.spec.device.type == "cuda"  # as the DataLoader pinned the whole batches
+        pin = self.pin  # as the DataLoader pinned the whole batches
         pending: list[tuple] = []
         done = 0
         for item in batches:
