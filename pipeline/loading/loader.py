@@ -41,16 +41,20 @@ def dali_available() -> bool:
     return True
 
 
+BACKENDS = ("auto", "dali", "torch", "torch-nvjpeg")  # what a user names (and dali-cpu/-gpu)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto|dali|torch`` (or an explicit ``dali-cpu|dali-gpu``) -> the backend to build."""
-    choices = ("auto", "dali", "torch", "dali-cpu", "dali-gpu")
-    if backend not in choices:
-        raise UserError(
-            f"unknown loader backend '{backend}'; choose one of {', '.join(choices[:3])}"
-        )
+    """``auto|dali|torch|torch-nvjpeg`` (or an explicit ``dali-cpu|dali-gpu``) -> the backend
+    to build. ``auto``: DALI where it imports, else torch-nvjpeg on a GPU, else torch."""
+    if backend not in (*BACKENDS, "dali-cpu", "dali-gpu"):
+        raise UserError(f"unknown loader backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "dali" if dali_available() else "torch"
-    if backend == "torch":
+        if dali_available():
+            backend = "dali"
+        else:
+            backend = "torch-nvjpeg" if device.type == "cuda" else "torch"
+    if backend.startswith("torch"):
         return backend
     if not dali_available():
         raise UserError(
@@ -80,11 +84,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _backend_class(name: str) -> type[Loader]:
+    """The backend's class, imported only when asked for (``dali`` imports DALI)."""
     if name == "torch":
         from pipeline.loading.torch_backend import TorchLoader
 
         return TorchLoader
-    from pipeline.loading.dali import DaliLoader  # imports DALI: only when asked for
+    if name == "torch-nvjpeg":
+        from pipeline.loading.nvjpeg import NvjpegLoader
+
+        return NvjpegLoader
+    from pipeline.loading.dali import DaliLoader
 
     return DaliLoader
 
