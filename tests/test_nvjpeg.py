@@ -164,3 +164,23 @@ def test_a_corrupt_jpeg_is_named(tiny_shards, tmp_path, seam):
             augment=EVERYTHING,
         )
         list(build_loader(root, spec))
+
+
+def test_the_doctors_nvjpeg_check_decodes_like_pillow(monkeypatch):
+    """dr-doctor's torch-nvjpeg line: the decode it runs on a GPU, run here on the CPU, and
+    its SKIP without a GPU."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tools import doctor
+
+    jpeg = doctor.sample_jpeg()
+    decoded = doctor.decode_with_torchvision(jpeg, "cpu")
+    reference = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    assert decoded.shape == reference.shape == (256, 256, 3)
+    assert np.abs(decoded.astype(int) - reference).mean() < 4
+    monkeypatch.setattr(doctor, "torch_gpus", lambda: 0)
+    result = doctor.check_nvjpeg_decoder()
+    assert result.status == doctor.SKIP and "torch-nvjpeg needs" in result.found
