@@ -28,7 +28,8 @@ the test figures at the best-val epoch) and ``report.html`` (trainer/judging/run
 on one page) at the end; ``predictions/{val,test}_epoch_NNN.csv`` keeps the best epoch's
 per-image outputs for it. Every rank computes; rank 0 writes.
 ``images_per_s`` counts the training images of all ranks per second of the training
-loop; ``epoch_s`` is training plus evaluation.
+loop once its first batch arrived (the wait for it is ``first_batch_s``); ``epoch_s`` is
+training plus evaluation.
 
 ``--resume --out DIR`` continues from ``DIR/checkpoints/last/`` with the run's saved
 config and ends in the state an uninterrupted run ends in (on the CPU; on a GPU with
