@@ -184,3 +184,66 @@ def test_the_doctors_nvjpeg_check_decodes_like_pillow(monkeypatch):
     monkeypatch.setattr(doctor, "torch_gpus", lambda: 0)
     result = doctor.check_nvjpeg_decoder()
     assert result.status == doctor.SKIP and "torch-nvjpeg needs" in result.found
+
+
+# ---------------------------------------------------------------- on a GPU (skipped without)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def levels(a: dict, b: dict) -> torch.Tensor:
+    """|a - b| per image key, back on the 0-255 scale."""
+    from pipeline.constants import IMAGENET_STD
+
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return torch.stack([((a[k].cpu() - b[k].cpu()) * std).abs() for k in sorted(a)])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_the_gpu_nvjpeg_decodes_within_a_few_levels_of_libjpeg_turbo(tiny_shards):
+    """nvJPEG's IDCT and chroma upsampling against libjpeg-turbo's: the figure for
+    docs/loading.md (printed), held to a few levels."""
+    ours = by_key(eval_loader(tiny_shards, "torch-nvjpeg", 64, workers=2, device="cuda"))
+    theirs = by_key(eval_loader(tiny_shards, "torch", 64, workers=2, device="cuda"))
+    diff = levels(ours, theirs)
+    print(f"nvJPEG vs libjpeg-turbo, 64 px: max {diff.max():.2f}, mean {diff.mean():.4f} levels")
+    assert diff.max() <= 16 and diff.mean() <= 1.5
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_the_gpu_a_decode_behind_queued_work_gives_the_same_pixels(tiny_shards):
+    """pytorch/vision#9606: nvJPEG can write before the caller's queued work has run into
+    blocks just freed on that stream. Decoding right behind ~100 ms of queued matmuls
+    whose inputs were freed must give the pixels an idle GPU gives."""
+    ld = eval_loader(tiny_shards, "torch-nvjpeg", 64, workers=0, device="cuda")
+    reference = by_key(ld)
+    for _ in range(3):
+        x = torch.randn(4096, 4096, device="cuda")
+        for _ in range(20):
+            y = x @ x
+        del x, y  # freed while the matmuls are still queued
+        again = by_key(ld)
+        assert all(torch.equal(again[k], reference[k]) for k in reference)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_the_gpu_a_train_epoch_keeps_the_contract(tiny_shards):
+    spec = TrainSpec(
+        batch_size=4,
+        image_size=64,
+        seed=1,
+        workers=2,
+        augment=EVERYTHING,
+        backend="torch-nvjpeg",
+        device="cuda",
+        channels_last=True,
+    )
+    ld = build_loader(tiny_shards, spec)
+    batches = list(ld)
+    assert len(batches) == ld.steps == 10
+    for images, labels in batches:
+        assert images.is_cuda and labels.is_cuda and images.shape == (4, 3, 64, 64)
+        assert images.dtype == torch.float32 and torch.isfinite(images).all()

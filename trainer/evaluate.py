@@ -46,7 +46,7 @@ from pipeline.loading.loader import EvalSpec, build_loader
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.samplelist import read_sample_table
 from trainer.base.bestfile import head_of, load_best
-from trainer.base.distributed import bare, resolve_precision
+from trainer.base.distributed import bare, cudnn_settings, resolve_precision
 from trainer.base.metrics import (
     REFERABLE_GRADE,
     any_dr_score,
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest.split(split)  # a missing split: one line, before any evaluation
     accelerator = checkpoint_accelerator(info)
     gpu = accelerator.device.type == "cuda"
+    cudnn_settings(gpu, info.get("config", {}).get("deterministic", False))  # as trained
     model = model.to(accelerator.device)
     if gpu:
         model = model.to(memory_format=torch.channels_last)

@@ -69,7 +69,7 @@ from pipeline.manifest import Manifest, read_manifest
 from pipeline.verify import verify_shards
 from trainer import smoke
 from trainer.base.bestfile import BEST_FILE
-from trainer.base.distributed import bare, resolve_precision
+from trainer.base.distributed import bare, cudnn_settings, resolve_precision
 from trainer.base.heads import build_head, tune_cuts
 from trainer.base.metrics import (
     REFERABLE_GRADE,
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(cfg.seed)
 
     gpu = accelerator.device.type == "cuda"
-    torch.backends.cudnn.benchmark = gpu and not cfg.deterministic  # autotuning: kernels by timing
+    cudnn_settings(gpu, cfg.deterministic)  # autotuning: kernels by timing (evaluate.py too)
     train_loader, eval_loaders = build_loaders(cfg, manifest, accelerator, channels_last=gpu)
     head = build_head(cfg.head, cfg.label_smoothing, cfg.regress_loss)
     model = build_model_on_every_rank(cfg, head.outputs, accelerator)

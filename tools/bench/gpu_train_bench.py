@@ -19,7 +19,6 @@ with the loader costing <= 5 %.
 from __future__ import annotations
 
 import io
-import os
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +34,7 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import NUM_CLASSES, SHARD_NAME
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
+from pipeline.hostinfo import usable_cores
 from pipeline.loading.loader import TrainSpec, build_loader
 from pipeline.manifest import Manifest, SplitInfo
 from pipeline.shardformat import write_shard
@@ -73,32 +73,52 @@ def fundus_like(index: int, size: int, grade: int = 0) -> bytes:
 def make_shards(
     root: Path, images: int, size: int, distinct: int = 256, eval_images: int = 0
 ) -> Path:
-    """A shard folder of ``images`` train samples (and ``eval_images`` each of val and test)
-    cycling ``distinct`` synthetic JPEGs, made in parallel on every core.
+    """A shard folder of ``images`` train samples cycling ``distinct`` synthetic JPEGs, and
+    ``eval_images`` each of val and test, every one of those a photograph of its own (made
+    in parallel on every core).
 
-    Decoding costs the same whether or not the bytes repeat, and repeating them keeps the
-    set-up to seconds. Image ``i`` has grade ``i % 5`` wherever it is used. An existing
-    folder with a manifest is reused.
+    Decoding costs the same whether or not train bytes repeat, and repeating them keeps the
+    set-up to seconds; evaluation images are all distinct, so that one near-tie image moves
+    one image of a comparison, not four copies of it. A photograph's grade is its number
+    ``% 5`` in train, sample ``i``'s ``i % 5`` in val and test. An existing folder with a
+    manifest is reused.
     """
     if (root / "manifest.json").is_file():
         return root
     root.mkdir(parents=True, exist_ok=True)
     counts = {"train": images, "val": eval_images, "test": eval_images}
-    distinct = min(distinct, max(counts.values()))
-    grades = [i % NUM_CLASSES for i in range(distinct)]
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        jpegs = list(pool.map(fundus_like, range(distinct), [size] * distinct, grades, chunksize=8))
+    distinct = min(distinct, images)
+    # (photograph number, grade) of sample i: train cycles photographs 0..distinct-1 (each
+    # with its own grade), val and test continue after them, one photograph per sample
+    first = {"train": 0, "val": distinct, "test": distinct + eval_images}
+
+    def photo(split: str, i: int) -> tuple[int, int]:
+        if split == "train":
+            return i % distinct, i % distinct % NUM_CLASSES
+        return first[split] + i, i % NUM_CLASSES
+
+    wanted = sorted({photo(s, i) for s, n in counts.items() for i in range(n)})
+    with ProcessPoolExecutor(max_workers=usable_cores()) as pool:
+        made = pool.map(
+            fundus_like,
+            [number for number, _ in wanted],
+            [size] * len(wanted),
+            [grade for _, grade in wanted],
+            chunksize=8,
+        )
+        jpegs = dict(zip(wanted, made, strict=True))
     splits = {}
     for split, n in counts.items():
         if n == 0:
             continue
+        photos = [photo(split, i) for i in range(n)]
         shards = []
         for index, start in enumerate(range(0, n, SHARD_SIZE)):
             ids = range(start, min(start + SHARD_SIZE, n))
-            samples = [(f"{split}{i}", jpegs[i % distinct], grades[i % distinct]) for i in ids]
+            samples = [(f"{split}{i}", jpegs[photos[i]], photos[i][1]) for i in ids]
             shards.append(write_shard(root / SHARD_NAME.format(split=split, index=index), samples))
-        labels = [grades[i % distinct] for i in range(n)]
-        splits[split] = SplitInfo.of(shards, np.bincount(labels, minlength=NUM_CLASSES))
+        grades = [grade for _, grade in photos]
+        splits[split] = SplitInfo.of(shards, np.bincount(grades, minlength=NUM_CLASSES))
     Manifest(
         root,
         image_size=size,
