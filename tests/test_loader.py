@@ -556,3 +556,27 @@ def test_evaluation_keeps_its_dataloader_and_workers(tiny_shards):
     assert ld.kept is kept and all_keys(first) == all_keys(second)
     assert sum(len(b[1]) for b in second) == ld.num_samples
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and a CUDA GPU"
+)
+def test_dali_runs_the_next_epochs_first_batch_on_a_stream_of_its_own(tiny_shards, monkeypatch):
+    """The next epoch's pipeline starts during the evaluation: its first batch runs on the
+    loader's side stream, not torch's, and the epoch still yields what a fresh loader does."""
+    ld = loader(tiny_shards, "train", backend="dali", device="cuda", seed=5)
+    streams = []
+    real = ld.start_pipeline
+    monkeypatch.setattr(
+        ld, "start_pipeline", lambda e, stream=None: streams.append(stream) or real(e, stream)
+    )
+    epoch(ld)
+    second = epoch(ld)
+    assert streams and all(s is ld.side for s in streams)
+    assert ld.side != torch.cuda.current_stream()
+    fresh = loader(tiny_shards, "train", backend="dali", device="cuda", seed=5)
+    fresh.set_epoch(1)
+    replay = epoch(fresh)
+    assert all_keys(replay) == all_keys(second)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(replay, second, strict=True))

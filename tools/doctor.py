@@ -391,7 +391,7 @@ def check_hw_decoder() -> Result:
     if image is None:
         return Result(OK, "none on this GPU: nvJPEG decodes on the CUDA cores")
     share = round(100 * HW_DECODER_LOAD)
-    if not share:  # docs/gpu.md: pixel parity with predict.py not yet shown for it
+    if not share:
         return Result(OK, "available; unused by the DALI loader (hw_decoder_load 0, docs/gpu.md)")
     return Result(OK, f"available: the DALI loader sends {share} % of each batch to it")
 
