@@ -13,7 +13,8 @@ after each step, so a run stopped at any point keeps every figure measured so fa
 steps never take more than ``--budget-s`` together: a step that would start after it is
 recorded as skipped. Without a GPU the run stops after ``dr-doctor --no-smoke`` with
 torch's CUDA version, the driver's and the torch wheel that fits them. Without DALI it
-checks the torch backend on the GPU and records ``"dali": "not installed: not checked"``.
+checks torch-nvjpeg (what ``--backend auto`` picks there) beside the torch backend and
+records ``"dali": "not installed: not checked"``.
 """
 
 from __future__ import annotations
