@@ -136,11 +136,9 @@ def gpu_train_graph(shards: Path, augment, **options) -> bytes:
     shard folder's train split at 48 px: it defines and serialises without a GPU, only
     building it needs one. ``options`` override the graph's other settings."""
     from pipeline.loading.dali import shard_pipeline
-    from pipeline.loading.loader import build_loader
+    from pipeline.loading.loader import TrainSpec, build_loader
 
-    spec = build_loader(
-        shards, "train", batch_size=4, image_size=64, train=True, backend="dali"
-    ).spec
+    spec = build_loader(shards, TrainSpec(batch_size=4, image_size=64, backend="dali")).spec
     settings = dict(
         shard_id=0,
         num_shards=1,

@@ -32,7 +32,7 @@ from pipeline.loading.augment import (
     translate,
 )
 from pipeline.loading.batch_augment import augment_batch
-from pipeline.loading.loader import build_loader
+from pipeline.loading.loader import TrainSpec, build_loader
 from pipeline.loading.samples import chunked
 from pipeline.loading.torch_backend import ShardSlice, TorchLoader
 from tests.conftest import epoch_without_host_waits
@@ -225,14 +225,14 @@ def test_the_workers_draw_for_the_device_what_they_apply_on_the_cpu(tiny_shards)
     deferred path's cropped image and parameter row."""
     spec = build_loader(
         tiny_shards,
-        "train",
-        batch_size=4,
-        image_size=48,
-        train=True,
-        seed=5,
-        augment=EVERYTHING,
-        channels_last=True,
-        backend="torch",
+        TrainSpec(
+            batch_size=4,
+            image_size=48,
+            seed=5,
+            augment=EVERYTHING,
+            channels_last=True,
+            backend="torch",
+        ),
     ).spec
     on_cpu, deferred = worker_batches(spec, False), worker_batches(spec, True)
     assert len(on_cpu) == len(deferred) and sum(len(b[1]) for b in deferred) == 40
@@ -256,15 +256,15 @@ def test_the_loader_augmenting_on_the_device_matches_its_cpu_path(tiny_shards):
     def build():
         return build_loader(
             tiny_shards,
-            "train",
-            batch_size=4,
-            image_size=64,
-            train=True,
-            seed=2,
-            workers=2,
-            augment=EVERYTHING,
-            backend="torch",
-            with_keys=True,
+            TrainSpec(
+                batch_size=4,
+                image_size=64,
+                seed=2,
+                workers=2,
+                augment=EVERYTHING,
+                backend="torch",
+                with_keys=True,
+            ),
         )
 
     reference, forced = build(), build()
@@ -282,7 +282,7 @@ def test_the_loader_augmenting_on_the_device_matches_its_cpu_path(tiny_shards):
 def test_topping_up_keeps_each_parameter_row_with_its_image(tiny_shards):
     """Worker batches of uneven sizes, each field's row ``i`` tagged with the sample's number:
     after joining and cutting, every row of every field still names the same sample."""
-    ld = build_loader(tiny_shards, "train", batch_size=4, image_size=8, train=True, backend="torch")
+    ld = build_loader(tiny_shards, TrainSpec(batch_size=4, image_size=8, backend="torch"))
     assert isinstance(ld, TorchLoader) and ld.steps == 10
     sizes = [4, 3, 1, 4, 2, 3, 3, 4, 1, 2, 4, 1, 3, 2, 3]  # 40 samples
     start = np.cumsum([0, *sizes])
@@ -311,16 +311,16 @@ def test_topping_up_keeps_each_parameter_row_with_its_image(tiny_shards):
 def gpu_loader(shards, augment, device: str, **kw):
     return build_loader(
         shards,
-        "train",
-        batch_size=4,
-        image_size=64,
-        train=True,
-        seed=3,
-        workers=2,
-        backend="torch",
-        device=device,
-        augment=augment,
-        **kw,
+        TrainSpec(
+            batch_size=4,
+            image_size=64,
+            seed=3,
+            workers=2,
+            backend="torch",
+            device=device,
+            augment=augment,
+            **kw,
+        ),
     )
 
 

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.errors import DeviceError, RunError, UserError
 from pipeline.loading.dali_errors import DEVICE, SAMPLE, classify, detail_of
-from pipeline.loading.loader import build_loader, dali_available
+from pipeline.loading.loader import EvalSpec, TrainSpec, build_loader, dali_available
 from pipeline.manifest import read_manifest
 from tests.conftest import build_shard_dir
 
@@ -150,9 +150,8 @@ needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali not in
 
 
 def dali_cpu(root: Path, split: str = "train", **kw):
-    return build_loader(
-        root, split, batch_size=4, image_size=64, train=split == "train", backend="dali", **kw
-    )
+    spec = TrainSpec if split == "train" else EvalSpec
+    return build_loader(root, spec(split=split, batch_size=4, image_size=64, backend="dali", **kw))
 
 
 def damage_jpegs(root: Path, split: str) -> tuple[str, str]:

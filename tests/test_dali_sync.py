@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.loading.augment import PRESETS
-from pipeline.loading.loader import build_loader
+from pipeline.loading.loader import TrainSpec, build_loader
 from tests.conftest import epoch_without_host_waits, gpu_train_graph
 
 try:
@@ -70,15 +70,15 @@ def test_dali_gpu_strong_augment_batches_never_wait_for_the_host(tiny_shards):
     the pipeline, is taken before the mode is on."""
     ld = build_loader(
         tiny_shards,
-        "train",
-        batch_size=4,
-        image_size=64,
-        train=True,
-        workers=2,
-        backend="dali",
-        device="cuda",
-        augment=PRESETS["strong"],
-        channels_last=True,
+        TrainSpec(
+            batch_size=4,
+            image_size=64,
+            workers=2,
+            backend="dali",
+            device="cuda",
+            augment=PRESETS["strong"],
+            channels_last=True,
+        ),
     )
     assert ld.backend == "dali-gpu"
     seen, images, labels = epoch_without_host_waits(ld)

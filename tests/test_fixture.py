@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.constants import INDEX_SUFFIX, MANIFEST_NAME, REJECTS_NAME
 from pipeline.errors import UserError
-from pipeline.loading.loader import build_loader
+from pipeline.loading.loader import EvalSpec, build_loader
 from pipeline.manifest import read_manifest, verify_split
 from tools.make_fixture import build_fixture
 from tools.make_fixture import main as make_fixture_main
@@ -89,7 +89,7 @@ def test_the_fixture_is_small_complete_and_loads(tmp_path):
     for split in manifest.splits:
         verify_split(manifest, split, full=True)
         loader = build_loader(
-            folder, split, batch_size=4, image_size=FIXTURE_SIZE, train=False, backend="torch"
+            folder, EvalSpec(split=split, batch_size=4, image_size=FIXTURE_SIZE, backend="torch")
         )
         seen = sum(len(labels) for _, labels in loader)
         loader.close()

@@ -21,7 +21,7 @@ from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
 from pipeline.loading.augment import NO_AUGMENT, AugmentConfig
 from pipeline.loading.contract import rank_range
-from pipeline.loading.loader import build_loader
+from pipeline.loading.loader import EvalSpec, TrainSpec, build_loader
 from tests.conftest import build_shard_dir, gpu_train_graph
 
 try:
@@ -59,14 +59,11 @@ def reference(root: Path, split: str) -> dict[str, tuple[np.ndarray, int]]:
 
 def loader(root, split="test", *, backend, keys=True, **kw):
     """build_loader, with the sample keys added to every batch (the backends' test option)."""
-    opts = {
-        "batch_size": 4,
-        "image_size": 64,
-        "train": split == "train",
-        "workers": 2,
-        "backend": backend,
-    }
-    return build_loader(root, split, with_keys=keys, **{**opts, **kw})
+    train = kw.pop("train", split == "train")
+    verify = kw.pop("verify", False)
+    opts = {"batch_size": 4, "image_size": 64, "workers": 2, "backend": backend}
+    spec = (TrainSpec if train else EvalSpec)(split=split, with_keys=keys, **{**opts, **kw})
+    return build_loader(root, spec, verify=verify)
 
 
 def epoch(ld) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -273,23 +270,25 @@ def test_backend_choice(tiny_shards, backend, monkeypatch):
 
 def test_user_errors_at_build(tiny_shards, tmp_path):
     with pytest.raises(UserError, match="too few"):
-        build_loader(tiny_shards, "train", batch_size=16, image_size=64, train=True, world_size=3)
+        build_loader(tiny_shards, TrainSpec(batch_size=16, image_size=64, world_size=3))
     with pytest.raises(UserError, match="unknown loader backend"):
-        build_loader(tiny_shards, "test", batch_size=4, image_size=64, train=False, backend="jax")
+        build_loader(
+            tiny_shards, EvalSpec(split="test", batch_size=4, image_size=64, backend="jax")
+        )
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA"):
             build_loader(
-                tiny_shards, "test", batch_size=4, image_size=64, train=False, device="cuda"
+                tiny_shards, EvalSpec(split="test", batch_size=4, image_size=64, device="cuda")
             )
     root = shutil.copytree(tiny_shards, tmp_path / "missing")
     (root / "test-000001.tar").unlink()
     with pytest.raises(UserError, match="test-000001.tar"):
-        build_loader(root, "test", batch_size=4, image_size=64, train=False, backend="torch")
+        build_loader(root, EvalSpec(split="test", batch_size=4, image_size=64, backend="torch"))
     root = shutil.copytree(tiny_shards, tmp_path / "grown")
     with open(root / "test-000000.tar", "ab") as f:
         f.write(b"\0" * 512)
     with pytest.raises(UserError, match="test-000000.tar"):
-        build_loader(root, "test", batch_size=4, image_size=64, train=False, backend="torch")
+        build_loader(root, EvalSpec(split="test", batch_size=4, image_size=64, backend="torch"))
 
 
 def corrupt_jpeg(root: Path, shard: str, sample: int) -> str:
@@ -463,17 +462,6 @@ def test_network_filesystems_are_recognised(tmp_path):
     assert not on_network_filesystem(Path("/home/shards"), mounts)
 
 
-def test_cores_are_divided_among_the_local_processes(monkeypatch):
-    from pipeline.loading.contract import available_cores, cores_per_process
-
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert cores_per_process() == available_cores()
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(available_cores() * 4))
-    assert cores_per_process() == 1
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert cores_per_process() == max(1, available_cores() // 2)
-
-
 @pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed")
 def test_device_errors_pass_through_and_data_errors_are_explained(tiny_shards, monkeypatch):
     """Out of memory is not a data error: it keeps its own message and type."""
@@ -534,3 +522,61 @@ def test_dali_gpu_pixels_match_the_cpu_path(tiny_shards, hw_decoder_load, monkey
     std = STD.view(3, 1, 1)
     diffs = torch.stack([((gpu[k].cpu() - cpu[k]) * std).abs() for k in cpu])
     assert diffs.max() <= 3.0 and diffs.mean() <= 0.5, (float(diffs.max()), float(diffs.mean()))
+
+
+def test_the_next_train_epoch_starts_ahead_and_gives_the_same_batches(tiny_shards):
+    """The last train batch starts the next epoch's workers; that epoch then yields what a
+    fresh loader pinned to it yields. ``set_epoch`` elsewhere drops what was started."""
+    ld = loader(tiny_shards, "train", backend="torch", seed=3)
+    it = iter(ld)
+    for _ in range(len(ld) - 1):
+        next(it)
+    assert ld.ahead is None
+    next(it)
+    assert ld.ahead[0] == 1  # started while the caller still holds epoch 0's last batch
+    assert list(it) == []
+    second = epoch(ld)
+    assert ld.ahead[0] == 2
+    fresh = loader(tiny_shards, "train", backend="torch", seed=3)
+    fresh.set_epoch(1)
+    replay = epoch(fresh)
+    assert all_keys(replay) == all_keys(second)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(replay, second, strict=True))
+    ld.set_epoch(7)
+    fresh.set_epoch(7)
+    assert all_keys(epoch(ld)) == all_keys(epoch(fresh))  # epoch 2's start was not used
+
+
+def test_evaluation_keeps_its_dataloader_and_workers(tiny_shards):
+    ld = loader(tiny_shards, "test", backend="torch")
+    first = epoch(ld)
+    kept = ld.kept
+    assert kept is not None and kept.persistent_workers
+    second = epoch(ld)
+    assert ld.kept is kept and all_keys(first) == all_keys(second)
+    assert sum(len(b[1]) for b in second) == ld.num_samples
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and a CUDA GPU"
+)
+def test_dali_runs_the_next_epochs_first_batch_on_a_stream_of_its_own(tiny_shards, monkeypatch):
+    """The next epoch's pipeline starts during the evaluation: its first batch runs on the
+    loader's side stream, not torch's, and the epoch still yields what a fresh loader does."""
+    ld = loader(tiny_shards, "train", backend="dali", device="cuda", seed=5)
+    streams = []
+    real = ld.start_pipeline
+    monkeypatch.setattr(
+        ld, "start_pipeline", lambda e, stream=None: streams.append(stream) or real(e, stream)
+    )
+    epoch(ld)
+    second = epoch(ld)
+    assert streams and all(s is ld.side for s in streams)
+    assert ld.side != torch.cuda.current_stream()
+    fresh = loader(tiny_shards, "train", backend="dali", device="cuda", seed=5)
+    fresh.set_epoch(1)
+    replay = epoch(fresh)
+    assert all_keys(replay) == all_keys(second)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(replay, second, strict=True))

@@ -213,7 +213,7 @@ def photo_set(root: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("graham, image_size", [(False, 64), (True, 64), (False, 48)])
 def test_predict_equals_the_loader_and_evaluate(tmp_path, graham, image_size):
-    from pipeline.loading.loader import build_loader
+    from pipeline.loading.loader import EvalSpec, build_loader
     from pipeline.manifest import read_manifest
     from pipeline.writing.packing import PackConfig, pack
 
@@ -243,13 +243,14 @@ def test_predict_equals_the_loader_and_evaluate(tmp_path, graham, image_size):
     # the tensors: predict's input == the torch loader's evaluation batch, bit for bit
     loader = build_loader(
         shards,
-        "test",
-        batch_size=4,
-        image_size=image_size,
-        train=False,
-        backend="torch",
-        workers=0,
-        with_keys=True,
+        EvalSpec(
+            split="test",
+            batch_size=4,
+            image_size=image_size,
+            backend="torch",
+            workers=0,
+            with_keys=True,
+        ),
     )
     ((images, _, keys),) = list(loader)
     shift, scale = normalization()

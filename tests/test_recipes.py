@@ -62,20 +62,16 @@ def outputs_of(checkpoint: Path, shards: Path, split: str) -> tuple[np.ndarray, 
     as the trainer evaluates (batch 8, torch loader, one thread: the same sums)."""
     from accelerate import Accelerator
 
-    from pipeline.loading.loader import build_loader
+    from pipeline.loading.loader import EvalSpec, build_loader
     from trainer.base.bestfile import head_of
     from trainer.judging.evaluation import evaluate
 
     model, info = load_best(checkpoint)
     loader = build_loader(
         shards,
-        split,
-        train=False,
-        batch_size=8,
-        image_size=64,
-        backend="torch",
-        workers=0,
-        with_keys=True,
+        EvalSpec(
+            split=split, batch_size=8, image_size=64, backend="torch", workers=0, with_keys=True
+        ),
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -59,7 +59,7 @@ def test_evaluate_cli_tta_matches_the_shared_function(tiny_shards, tmp_path):
     import csv
     import json
 
-    from pipeline.loading.loader import build_loader
+    from pipeline.loading.loader import EvalSpec, build_loader
     from trainer.evaluate import main
     from trainer.fitting.checkpoint import save_best
 
@@ -76,13 +76,9 @@ def test_evaluate_cli_tta_matches_the_shared_function(tiny_shards, tmp_path):
     rows = {r["key"]: r for r in csv.DictReader((tmp_path / "tta" / "predictions.csv").open())}
     loader = build_loader(
         tiny_shards,
-        "test",
-        batch_size=13,
-        image_size=64,
-        train=False,
-        backend="torch",
-        workers=0,
-        with_keys=True,
+        EvalSpec(
+            split="test", batch_size=13, image_size=64, backend="torch", workers=0, with_keys=True
+        ),
     )
     ((images, _, keys),) = list(loader)
     with torch.no_grad():

@@ -7,12 +7,13 @@
 
 Python; the torch build and the GPUs it sees (and, when it sees none, whether the kernel
 has NVIDIA GPUs it cannot use); bf16; DALI: which wheel, whether it imports, and on a GPU
-whether its mixed (GPU) decoder works and the GPU has a hardware JPEG decoder; webdataset;
+whether its mixed (GPU) decoder works and the GPU has a hardware JPEG decoder; on a GPU,
+whether torchvision's nvJPEG decodes (the torch-nvjpeg backend); webdataset;
 the config ``accelerate launch`` would use and how many processes it would start; gloo and
 NCCL; free space and write access where shards and runs go; the packaged fixture. Then
 the smoke test (``trainer/smoke.py``) through ``accelerate launch``, as a user would start
-it, once with the torch loader and once with DALI when DALI imports: about 20-30 s each on
-2 CPU cores.
+it, once with the torch loader, once with torch-nvjpeg on a GPU and once with DALI when DALI
+imports: about 20-30 s each on 2 CPU cores.
 
 Each line is ``ok``, ``warn`` (works, not at its best), ``skip`` (does not apply here, and
 why) or ``FAIL`` with the fix below it. Exit status 0 when the product works here, 1 when
@@ -339,6 +340,38 @@ def check_dali_gpu_decoder() -> Result:
     return Result(OK, f"nvJPEG on cuda:0 decoded a test JPEG ({diff:.2f}/255 from Pillow)")
 
 
+def decode_with_torchvision(jpeg: bytes, device: str) -> np.ndarray:
+    """``jpeg`` decoded as the torch-nvjpeg loader decodes a batch (HWC uint8)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+    (image,) = decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
+    if device != "cpu":
+        torch.cuda.synchronize(device)  # the decode runs on a stream of its own
+    return image.permute(1, 2, 0).cpu().numpy()
+
+
+def check_nvjpeg_decoder() -> Result:
+    if not torch_gpus():
+        return Result(SKIP, "no GPU: --backend torch-nvjpeg needs one; auto uses torch here")
+    jpeg = sample_jpeg()
+    reference = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), np.int16)
+    try:
+        decoded = decode_with_torchvision(jpeg, "cuda:0")
+    except Exception as err:
+        return Result(
+            FAIL,
+            f"torchvision could not decode on cuda:0: {str(err).splitlines()[0]}",
+            "train with --backend torch (CPU decoding); a torchvision built without nvJPEG "
+            "needs the CUDA wheel of torchvision",
+        )
+    diff = float(np.abs(decoded.astype(np.int16) - reference).mean())
+    if decoded.shape != reference.shape or diff > 4:  # IDCTs differ by a level or two
+        return Result(FAIL, f"nvJPEG's pixels differ from Pillow's ({diff:.1f}/255 on average)")
+    return Result(OK, f"torchvision's nvJPEG decoded a test JPEG ({diff:.2f}/255 from Pillow)")
+
+
 def check_hw_decoder() -> Result:
     if not dali_usable():
         return Result(SKIP, "DALI is not usable here")
@@ -358,7 +391,7 @@ def check_hw_decoder() -> Result:
     if image is None:
         return Result(OK, "none on this GPU: nvJPEG decodes on the CUDA cores")
     share = round(100 * HW_DECODER_LOAD)
-    if not share:  # docs/gpu.md: pixel parity with predict.py not yet shown for it
+    if not share:
         return Result(OK, "available; unused by the DALI loader (hw_decoder_load 0, docs/gpu.md)")
     return Result(OK, f"available: the DALI loader sends {share} % of each batch to it")
 
@@ -606,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report("DALI", check_dali)
     report("DALI GPU decoder", check_dali_gpu_decoder)
     report("HW JPEG decoder", check_hw_decoder)
+    report("torch nvJPEG", check_nvjpeg_decoder)
     report("webdataset", check_webdataset)
     result, plan = check_accelerate()
     report("accelerate", result)
@@ -617,7 +651,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tested = []
     if not cfg.no_smoke:
-        backends = ["torch", *(["dali"] if dali_usable() else [])]
+        backends = [
+            "torch",
+            *(["torch-nvjpeg"] if torch_gpus() else []),
+            *(["dali"] if dali_usable() else []),
+        ]
         keep = cfg.out is not None
         folder = Path(cfg.out) if keep else Path(tempfile.mkdtemp(prefix="dr-doctor-"))
         where = report(

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainer.base.bestfile import load_best
+    from trainer.base.distributed import cudnn_settings
     from trainer.judging.external import (
         ROC_FIGURE,
         TABLE_CSV,
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest.split(split)  # a missing split: one line, before any evaluation
     accelerator = checkpoint_accelerator(info)
     gpu = accelerator.device.type == "cuda"
+    cudnn_settings(gpu, info.get("config", {}).get("deterministic", False))  # as trained
     model = model.to(accelerator.device)
     if gpu:
         model = model.to(memory_format=torch.channels_last)
@@ -428,16 +430,14 @@ def checkpoint_loader(
 ) -> Loader:
     """This rank's evaluation loader (with keys) of ``split``, as the trainer built it: the
     checkpoint's batch size, image size, seed and backend unless given."""
-    from pipeline.loading.loader import build_loader
+    from pipeline.loading.loader import EvalSpec, build_loader
 
     cfg = info.get("config") or {}
     batch_size = batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    return build_loader(
-        shards,
-        split,
-        train=False,
+    spec = EvalSpec(
+        split=split,
         batch_size=batch_size,
         image_size=int(info["image_size"]),
         rank=accelerator.process_index,
@@ -450,6 +450,7 @@ def checkpoint_loader(
         with_keys=True,
         normalize=(info["mean"], info["std"]) if "mean" in info else None,
     )
+    return build_loader(shards, spec)
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:

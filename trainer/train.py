@@ -28,7 +28,8 @@ the test figures at the best-val epoch) and ``report.html`` (trainer/judging/run
 on one page) at the end; ``predictions/{val,test}_epoch_NNN.csv`` keeps the best epoch's
 per-image outputs for it. Every rank computes; rank 0 writes.
 ``images_per_s`` counts the training images of all ranks per second of the training
-loop; ``epoch_s`` is training plus evaluation.
+loop once its first batch arrived (the wait for it is ``first_batch_s``); ``epoch_s`` is
+training plus evaluation.
 
 ``--resume --out DIR`` continues from ``DIR/checkpoints/last/`` with the run's saved
 config and ends in the state an uninterrupted run ends in (on the CPU; on a GPU with
@@ -87,7 +88,7 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
     import torch
     from accelerate.utils import gather_object, set_seed
 
-    from trainer.base.distributed import bare, on_leader
+    from trainer.base.distributed import bare, cudnn_settings, on_leader
     from trainer.base.heads import build_head
     from trainer.fitting.building import (
         build_accelerator,
@@ -138,7 +139,7 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
     set_seed(cfg.seed)
 
     gpu = accelerator.device.type == "cuda"
-    torch.backends.cudnn.benchmark = gpu and not cfg.deterministic  # autotuning: kernels by timing
+    cudnn_settings(gpu, cfg.deterministic)  # autotuning: kernels by timing (evaluate.py too)
     train_loader, eval_loaders = build_loaders(cfg, manifest, accelerator, channels_last=gpu)
     head = build_head(cfg.head, cfg.label_smoothing, cfg.regress_loss)
     model = build_model_on_every_rank(cfg, head.outputs, accelerator)
@@ -318,7 +319,7 @@ def build_loaders(
 ) -> tuple[Loader, dict[str, Loader]]:
     """This rank's train loader and its val/test loaders (with keys): each rank reads its own
     slice (Accelerate shards none of them)."""
-    from pipeline.loading.loader import build_loader
+    from pipeline.loading.loader import EvalSpec, TrainSpec, build_loader
 
     args = dict(
         batch_size=cfg.batch_size,
@@ -333,9 +334,9 @@ def build_loaders(
         mmap={"auto": None, "mmap": True, "read": False}[cfg.shard_io],
         normalize=normalization_for(cfg.normalize, manifest=manifest),
     )
-    train = build_loader(cfg.shards, "train", train=True, augment=cfg.augment_config(), **args)
+    train = build_loader(cfg.shards, TrainSpec(augment=cfg.augment_config(), **args))
     evals = {
-        split: build_loader(cfg.shards, split, train=False, with_keys=True, **args)
+        split: build_loader(cfg.shards, EvalSpec(split=split, with_keys=True, **args))
         for split in ("val", "test")
         if manifest.has(split)
     }

@@ -149,12 +149,24 @@ class TorchTransform:
 
     def resize(self, img: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
         """Step 1: the random resized crop, or a resize when the stored size differs."""
+        return self.crop_resize(img, self.box(img.shape[-2], img.shape[-1], rng))
+
+    def box(self, height: int, width: int, rng: np.random.Generator | None) -> tuple[int, int, int]:
+        """Step 1's crop (top, left, side) of a ``height`` x ``width`` image, drawn when the
+        crop is random; (0, 0, 0) for none. The torch-nvjpeg backend's workers draw it from
+        the JPEG's header and the GPU crops after decoding."""
+        if self.augment is not None and self.augment.scale > 0:
+            return crop_box(height, width, self.augment.scale, rng)
+        return 0, 0, 0
+
+    def crop_resize(self, img: torch.Tensor, box: tuple[int, int, int]) -> torch.Tensor:
+        """Step 1 with its crop drawn: the crop resized to the output size, or (side 0) a
+        resize when the image's size differs from it."""
         from torchvision.transforms.v2 import functional as F
 
-        aug = self.augment
+        top, left, side = (int(v) for v in box)
         out = [self.size, self.size]
-        if aug is not None and aug.scale > 0:
-            top, left, side = crop_box(img.shape[-2], img.shape[-1], aug.scale, rng)
+        if side > 0:
             return F.resized_crop(img, top, left, side, side, out, antialias=True)
         if tuple(img.shape[-2:]) != tuple(out):
             return F.resize(img, out, antialias=True)

@@ -6,16 +6,18 @@ Eval reads the rank's slice once and yields every sample exactly once across ran
 yields ``N // (w * batch)`` full batches on every rank (equal steps keep DDP from hanging);
 the rank reads slice ``(r + epoch) % w`` so ranks see different data from epoch to epoch.
 
-A backend subclasses ``Loader`` and implements ``_run_epoch``; ``pipeline.loading.loader``
-(the factory) resolves a ``LoaderSpec`` and picks the backend.
+A caller asks with a ``TrainSpec`` or an ``EvalSpec`` (two kinds, as torchvision keeps its
+train and eval presets apart); ``pipeline.loading.loader.build_loader`` (the factory)
+resolves it into a ``TrainLoaderSpec`` or ``EvalLoaderSpec`` and picks the backend, which
+subclasses ``Loader`` and implements ``_run_epoch``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,52 +28,75 @@ from pipeline.manifest import Manifest
 from pipeline.shardformat import SampleRef, read_index
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def cores_per_process() -> int:
-    """This machine's cores divided among the processes the launcher started on it.
-
-    torchrun (``accelerate launch``) sets LOCAL_WORLD_SIZE; without it this is the only
-    process. Eight ranks that each took every core would run eight times the threads (and
-    DALI buffers) the machine has.
-    """
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
-    return max(1, available_cores() // local)
-
-
 def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
     """Samples ``[lo, hi)`` of rank ``rank``: the slice DALI's readers give ``shard_id=rank``."""
     return n * rank // world, n * (rank + 1) // world
 
 
 @dataclass(frozen=True)
+class LoadOptions:
+    """What a caller asks of a loader, train or eval alike (``build_loader`` checks it).
+
+    ``with_keys``: batches are ``(images, labels, keys)``, the sample keys in batch order
+    (evaluation writes a row per image with them). ``mmap``: whether DALI memory-maps the
+    tars; None chooses by the filesystem (not on network filesystems, where it is slow).
+    ``normalize``: the (mean, std) per channel, 0-255 scale (ImageNet's when None;
+    ``pipeline.manifest.dataset_normalization`` gives the train split's own). ``workers``:
+    None picks by the machine (``pipeline.loading.loader.default_workers``).
+    """
+
+    batch_size: int
+    image_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    backend: str = "auto"
+    device: str | torch.device = "cpu"
+    workers: int | None = None
+    channels_last: bool = False
+    with_keys: bool = False
+    mmap: bool | None = None
+    normalize: tuple | None = None
+
+
+@dataclass(frozen=True)
+class TrainSpec(LoadOptions):
+    """A train epoch: shuffled, augmented, ``N // (world * batch)`` full batches per rank."""
+
+    split: str = "train"
+    augment: AugmentConfig = AugmentConfig()  # noqa: RUF009 (frozen, so shared safely)
+
+
+@dataclass(frozen=True)
+class EvalSpec(LoadOptions):
+    """An evaluation pass: every sample of ``split`` once across the ranks, in order, no
+    augmentation (resized only when the stored size differs)."""
+
+    split: str = "test"
+
+
+@dataclass(frozen=True)
 class LoaderSpec:
-    """Everything a backend needs, resolved and checked by ``build_loader``."""
+    """Everything a backend needs, resolved and checked by ``build_loader``. Two kinds, as
+    the caller's spec: ``TrainLoaderSpec`` and ``EvalLoaderSpec`` answer the questions a
+    backend asks (which slice, how many steps, shuffled or not, which augmentation)."""
 
     manifest: Manifest
     split: str
     batch_size: int
     image_size: int
-    train: bool
     rank: int
     world_size: int
     seed: int
     device: torch.device
     workers: int
-    augment: AugmentConfig
     channels_last: bool
     mmap: bool = True  # DALI memory-maps the tars (not on network filesystems)
     # per-channel (mean, std) on the 0-255 scale the images are normalised with
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+
+    train: ClassVar[bool]  # which of the two kinds this is (for reading, not for branching)
 
     @property
     def total(self) -> int:
@@ -79,24 +104,18 @@ class LoaderSpec:
 
     def slice_id(self, epoch: int) -> int:
         """Which of the ``world_size`` slices this rank reads in ``epoch``."""
-        return (self.rank + epoch) % self.world_size if self.train else self.rank
+        raise NotImplementedError
 
     def slice_range(self, epoch: int) -> tuple[int, int]:
         return rank_range(self.total, self.slice_id(epoch), self.world_size)
 
     @property
     def steps(self) -> int:
-        if self.train:
-            return self.total // (self.world_size * self.batch_size)
-        lo, hi = self.slice_range(0)
-        return math.ceil((hi - lo) / self.batch_size)
+        raise NotImplementedError
 
     @property
     def num_samples(self) -> int:
-        if self.train:
-            return self.steps * self.batch_size
-        lo, hi = self.slice_range(0)
-        return hi - lo
+        raise NotImplementedError
 
     def samples(self, lo: int, hi: int) -> list[SampleRef]:
         """The refs of samples ``[lo, hi)`` in manifest order, reading only the needed indexes."""
@@ -118,6 +137,47 @@ class LoaderSpec:
     def seed_for(self, epoch: int, *more: int) -> list[int]:
         """Seed material for numpy's SeedSequence: runs differ by seed, epoch, rank, worker."""
         return [self.seed, epoch, self.rank, *more]
+
+
+@dataclass(frozen=True)
+class TrainLoaderSpec(LoaderSpec):
+    """Train: the rank reads slice ``(rank + epoch) % world`` (ranks see other data each
+    epoch) and stops after the same number of full batches as every other rank."""
+
+    augment: AugmentConfig = AugmentConfig()  # noqa: RUF009 (frozen, so shared safely)
+    train: ClassVar[bool] = True
+
+    def slice_id(self, epoch: int) -> int:
+        return (self.rank + epoch) % self.world_size
+
+    @property
+    def steps(self) -> int:
+        return self.total // (self.world_size * self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return self.steps * self.batch_size
+
+
+@dataclass(frozen=True)
+class EvalLoaderSpec(LoaderSpec):
+    """Eval: the rank reads its own slice whole, the last batch partial if need be."""
+
+    train: ClassVar[bool] = False
+    augment: ClassVar[None] = None  # evaluation never augments
+
+    def slice_id(self, epoch: int) -> int:
+        return self.rank
+
+    @property
+    def steps(self) -> int:
+        lo, hi = self.slice_range(0)
+        return math.ceil((hi - lo) / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        lo, hi = self.slice_range(0)
+        return hi - lo
 
 
 def normalization(

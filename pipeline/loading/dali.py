@@ -7,7 +7,9 @@ resume gives the same batches as the first run -- and a train epoch can stop aft
 ``steps`` batches without leaving a half-read epoch in the reader. Its start is not paid
 at the epoch's start: when a train epoch hands out its last batch, the next epoch's
 pipeline is built and its first batch run on a background thread (DALI keeps the pipeline
-being defined per thread), while the last step and the evaluation run; the next epoch
+being defined per thread), on a CUDA stream of its own (so the evaluation's kernels are not
+queued behind it), while the last step and the evaluation run; torch's stream waits for
+that stream when the batch is used. The next epoch
 takes it if it is the epoch asked for, and builds its own otherwise (after ``set_epoch``
 to another epoch). The batches are the same either way.
 An evaluation pipeline has no randomness and always reads the same slice to its end, so
@@ -44,11 +46,13 @@ from pipeline.loading.samples import find_bad_sample
 
 READER = "shards"
 SHUFFLE_FILL = 1024  # DALI's shuffle buffer (undecoded samples); shards are pre-shuffled on disk
-# nvJPEG on the GPU: share of each batch sent to the hardware JPEG decoder (A100/H100 have
-# one). 0: none, every image on the CUDA decoder, whose output (with fancy upsampling) is held
-# to the CPU decoders' by tests/test_loader.py; the hardware decoder's has never been compared
-# on a GPU (that test runs at 0 and 1), so training keeps what predict.py sees (docs/gpu.md).
-HW_DECODER_LOAD = 0.0
+# nvJPEG on the GPU: share of each batch sent to the hardware JPEG decoder (A100, H100 and
+# H200 have one; DALI ignores it where there is none), the rest to the CUDA decoder. DALI's
+# usual split: the hardware engine takes most of the decoding off the CUDA cores that train.
+# Both decoders' pixels are held to the CPU's (what predict.py sees) by
+# tests/test_loader.py::test_dali_gpu_pixels_match_the_cpu_path at loads 0 and 1, which
+# gpu_check runs; set 0 here if the load-1 case fails on a GPU (docs/gpu.md).
+HW_DECODER_LOAD = 0.65
 
 
 def memory_padding(stored_size: int) -> int:
@@ -265,6 +269,7 @@ class DaliLoader(Loader):
         self.kept = None  # evaluation: the pipeline, ready for the next epoch
         self.prepared: tuple[int, Future] | None = None  # train: (epoch, its pipeline building)
         self.builder: ThreadPoolExecutor | None = None
+        self.side = None  # GPU: the CUDA stream the next epoch's first batch runs on
         self.builds = 0
 
     def build_pipeline(self, epoch: int):
@@ -299,8 +304,9 @@ class DaliLoader(Loader):
         self.discard_prepared()
         if self.builder is None:
             self.builder = ThreadPoolExecutor(1, thread_name_prefix="dali-build")
-        # torch's stream of the loop's thread: the background thread's current one is another
-        self.prepared = (epoch, self.builder.submit(self.start_pipeline, epoch, self.stream()))
+        # a stream of its own: on torch's stream the batch would be queued in the middle of
+        # the evaluation running meanwhile, each waiting on the other
+        self.prepared = (epoch, self.builder.submit(self.start_pipeline, epoch, self.side_stream()))
 
     def start_pipeline(self, epoch: int, stream=None) -> tuple:
         """(the pipeline, its first batch's outputs or the error running it raised)."""
@@ -330,7 +336,7 @@ class DaliLoader(Loader):
         lo, hi = spec.slice_range(epoch)
         if hi == lo:  # more ranks than samples: this rank has nothing to evaluate
             return
-        steps = spec.steps if spec.train else math.ceil((hi - lo) / spec.batch_size)
+        steps = spec.steps
         if spec.train:
             pipe, first = self.reading(lambda: self.take_pipeline(epoch), lo, hi, building=True)
         else:
@@ -343,8 +349,9 @@ class DaliLoader(Loader):
             for step in range(steps):
                 if first is None:
                     outputs = self.reading(lambda p=pipe: run_on(p, self.stream()), lo, hi)
-                else:  # run ahead by the background thread
+                else:  # run ahead by the background thread, on the side stream
                     outputs, first = self.reading(lambda ran=first: outcome(ran), lo, hi), None
+                    self.wait_for_side()
                 if spec.train and step == steps - 1:
                     self.prepare(epoch + 1)  # built during the last step and the evaluation
                 keep = min(spec.batch_size, hi - lo - step * spec.batch_size)  # drops the padding
@@ -401,6 +408,19 @@ class DaliLoader(Loader):
                 f"{self.spec.manifest.root} that the CPU reads and decodes ({failure.detail}); "
                 "train with --backend torch meanwhile"
             ) from err
+
+    def side_stream(self):
+        """The CUDA stream of the next epoch's first batch (None on the CPU)."""
+        if not self.gpu:
+            return None
+        if self.side is None:
+            self.side = torch.cuda.Stream(self.spec.device)
+        return self.side
+
+    def wait_for_side(self) -> None:
+        """torch's stream waits (on the GPU, not the host) for the batch run on the side."""
+        if self.side is not None:
+            torch.cuda.current_stream(self.spec.device).wait_stream(self.side)
 
     def stream(self):
         """torch's current CUDA stream (None on the CPU): DALI hands its GPU outputs over

@@ -1,7 +1,8 @@
 """``build_loader``: the one factory every consumer uses, whatever the backend.
 
-    loader = build_loader("shards", "train", batch_size=32, image_size=512, train=True,
-                          rank=rank, world_size=world, device="cuda:0")
+    loader = build_loader("shards", TrainSpec(batch_size=32, image_size=512, rank=rank,
+                                              world_size=world, device="cuda:0"))
+    test = build_loader("shards", EvalSpec(split="test", batch_size=32, image_size=512))
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for images, labels in loader:   # float NCHW normalised on the device, int64 labels
@@ -21,8 +22,14 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
-from pipeline.loading.augment import AugmentConfig
-from pipeline.loading.contract import Loader, LoaderSpec, cores_per_process
+from pipeline.hostinfo import cores_per_process
+from pipeline.loading.contract import (
+    EvalLoaderSpec,
+    EvalSpec,
+    Loader,
+    TrainLoaderSpec,
+    TrainSpec,
+)
 from pipeline.manifest import read_manifest, verify_split
 
 
@@ -34,16 +41,20 @@ def dali_available() -> bool:
     return True
 
 
+BACKENDS = ("auto", "dali", "torch", "torch-nvjpeg")  # what a user names (and dali-cpu/-gpu)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto|dali|torch`` (or an explicit ``dali-cpu|dali-gpu``) -> the backend to build."""
-    choices = ("auto", "dali", "torch", "dali-cpu", "dali-gpu")
-    if backend not in choices:
-        raise UserError(
-            f"unknown loader backend '{backend}'; choose one of {', '.join(choices[:3])}"
-        )
+    """``auto|dali|torch|torch-nvjpeg`` (or an explicit ``dali-cpu|dali-gpu``) -> the backend
+    to build. ``auto``: DALI where it imports, else torch-nvjpeg on a GPU, else torch."""
+    if backend not in (*BACKENDS, "dali-cpu", "dali-gpu"):
+        raise UserError(f"unknown loader backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "dali" if dali_available() else "torch"
-    if backend == "torch":
+        if dali_available():
+            backend = "dali"
+        else:
+            backend = "torch-nvjpeg" if device.type == "cuda" else "torch"
+    if backend.startswith("torch"):
         return backend
     if not dali_available():
         raise UserError(
@@ -73,85 +84,86 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _backend_class(name: str) -> type[Loader]:
+    """The backend's class, imported only when asked for (``dali`` imports DALI)."""
     if name == "torch":
         from pipeline.loading.torch_backend import TorchLoader
 
         return TorchLoader
-    from pipeline.loading.dali import DaliLoader  # imports DALI: only when asked for
+    if name == "torch-nvjpeg":
+        from pipeline.loading.nvjpeg import NvjpegLoader
+
+        return NvjpegLoader
+    from pipeline.loading.dali import DaliLoader
 
     return DaliLoader
 
 
-def build_loader(
-    shards,
-    split: str,
-    *,
-    batch_size: int,
-    image_size: int,
-    train: bool,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    backend: str = "auto",
-    device: str | torch.device = "cpu",
-    workers: int | None = None,
-    augment: AugmentConfig = AugmentConfig(),  # noqa: B008 (frozen, so shared safely)
-    channels_last: bool = False,
-    verify: bool = False,
-    with_keys: bool = False,
-    mmap: bool | None = None,
-    normalize: tuple | None = None,
-) -> Loader:
-    """The loader for ``split`` of the shard folder ``shards`` (see the module docstring).
-
-    ``with_keys``: batches are ``(images, labels, keys)``, the sample keys in batch order
-    (evaluation uses them to write a row per image). ``mmap``: whether DALI memory-maps the
-    tars; None chooses by the filesystem (not on network filesystems, where it is slow).
-    ``normalize``: the (mean, std) per channel, 0-255 scale, to normalise with (ImageNet's
-    when None; ``pipeline.manifest.dataset_normalization`` gives the train split's own).
-    """
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
-    if image_size < 8:
-        raise UserError(f"image size must be at least 8 pixels, got {image_size}")
-    if not 0 <= rank < world_size:
-        raise UserError(f"rank {rank} is outside a world of {world_size}")
-    device = resolve_device(device)
-    name = resolve_backend(backend, device)
+def build_loader(shards, spec: TrainSpec | EvalSpec, *, verify: bool = False) -> Loader:
+    """The loader ``spec`` asks for over the shard folder ``shards`` (see the module
+    docstring); ``verify``: check every shard's sha256 against the manifest first."""
+    if not isinstance(spec, TrainSpec | EvalSpec):
+        raise TypeError(f"build_loader takes a TrainSpec or an EvalSpec, not {type(spec).__name__}")
+    check_options(spec)
+    device = resolve_device(spec.device)
+    name = resolve_backend(spec.backend, device)
     manifest = read_manifest(shards)
-    info = manifest.split(split)
-    verify_split(manifest, split, full=verify)
-    if train and info.samples // (world_size * batch_size) == 0:
+    info = manifest.split(spec.split)
+    verify_split(manifest, spec.split, full=verify)
+    train = isinstance(spec, TrainSpec)
+    if train and info.samples // (spec.world_size * spec.batch_size) == 0:
         raise UserError(
-            f"split '{split}' has {info.samples} samples, too few for {world_size} rank(s) x batch "
-            f"{batch_size}; use a smaller batch size or fewer processes"
+            f"split '{spec.split}' has {info.samples} samples, too few for {spec.world_size} "
+            f"rank(s) x batch {spec.batch_size}; use a smaller batch size or fewer processes"
         )
-    if workers is None:  # torch: DataLoader processes; DALI: its CPU threads
-        share = cores_per_process()
-        workers = min(4, share) if name == "torch" else share
+    workers = default_workers(name, device) if spec.workers is None else spec.workers
     if workers < 0:
         raise UserError(f"workers must be 0 or more, got {workers}")
-    spec = LoaderSpec(
+    common = dict(
         manifest=manifest,
-        split=split,
-        batch_size=batch_size,
-        image_size=image_size,
-        train=train,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
+        split=spec.split,
+        batch_size=spec.batch_size,
+        image_size=spec.image_size,
+        rank=spec.rank,
+        world_size=spec.world_size,
+        seed=spec.seed,
         device=device,
         workers=workers,
-        augment=augment,
-        channels_last=channels_last,
-        mmap=not on_network_filesystem(manifest.root) if mmap is None else mmap,
-        **(
-            {"mean": tuple(map(float, normalize[0])), "std": tuple(map(float, normalize[1]))}
-            if normalize
-            else {}
-        ),
+        channels_last=spec.channels_last,
+        mmap=not on_network_filesystem(manifest.root) if spec.mmap is None else spec.mmap,
+        **normalization_fields(spec.normalize),
     )
-    return _backend_class(name)(spec, with_keys=with_keys)
+    resolved = (
+        TrainLoaderSpec(augment=spec.augment, **common) if train else EvalLoaderSpec(**common)
+    )
+    return _backend_class(name)(resolved, with_keys=spec.with_keys)
+
+
+def default_workers(backend: str, device: torch.device) -> int:
+    """Workers for ``backend`` when the user names none: DALI's CPU threads take this
+    process's share of the usable cores (``pipeline.hostinfo``); the torch backends' worker
+    processes take that share less one core, kept for the main process that feeds a GPU
+    (joins batches, copies them, launches the kernels), or at most 4 for a CPU target,
+    whose training needs the cores itself."""
+    share = cores_per_process()
+    if backend.startswith("dali"):
+        return share
+    return max(0, share - 1) if device.type == "cuda" else min(4, share)
+
+
+def check_options(spec: TrainSpec | EvalSpec) -> None:
+    if spec.batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {spec.batch_size}")
+    if spec.image_size < 8:
+        raise UserError(f"image size must be at least 8 pixels, got {spec.image_size}")
+    if not 0 <= spec.rank < spec.world_size:
+        raise UserError(f"rank {spec.rank} is outside a world of {spec.world_size}")
+
+
+def normalization_fields(normalize: tuple | None) -> dict:
+    """``LoaderSpec``'s mean/std from a (mean, std) pair, or nothing (ImageNet's)."""
+    if not normalize:
+        return {}
+    return {"mean": tuple(map(float, normalize[0])), "std": tuple(map(float, normalize[1]))}
 
 
 # Filesystems where memory-mapped reading of large files crawls (every page fault a round trip).

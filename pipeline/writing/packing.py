@@ -74,6 +74,7 @@ from pipeline.fileio import (
     make_writable_dir,
     stale_partials,
 )
+from pipeline.hostinfo import usable_cores
 from pipeline.manifest import Manifest, SplitInfo
 from pipeline.shardformat import ShardInfo, fsync_files, write_shard
 from pipeline.writing import channelstats
@@ -104,7 +105,7 @@ class PackConfig:
     out_dir: Path | None = arg(None, "shard folder to write (created)", positional=True)
     size: int = arg(DEFAULT_IMAGE_SIZE, "side of the square images in px", **IMAGE_SIZE)
     shard_size: int = arg(DEFAULT_SHARD_SIZE, "samples per shard")
-    workers: int | None = arg(None, "decoding processes (default: every core)")
+    workers: int | None = arg(None, "decoding processes (default: every usable core)")
     seed: int = arg(0, "seeds the train order and the made splits")
     test_fraction: float = arg(0.2, "test share of the images a layout gives no split")
     val_fraction: float = arg(
@@ -222,7 +223,7 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
     counts = {split: [0] * NUM_CLASSES for split in SPLITS}
     train_sums = list(channelstats.ZERO)
     new_record: dict[str, dict] = {}
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or usable_cores()  # affinity and the container's CPU quota
     with _pool(workers if todo else 1, out) as pool, _progress(console, cfg.quiet) as bar:
         task = bar.add_task("packing", total=len(samples))
         tried = {

@@ -8,12 +8,15 @@ reading each with PIL, per-image torchvision transforms (flips, ToTensor, Normal
 a DataLoader with one worker per core -- the reference lab's recipe; (b) the torch backend;
 (c) DALI CPU; (d) DALI GPU when CUDA is available; (e) DALI reader + decode only, the decode
 limit of the machine (CPU, and GPU "mixed" when present); (f) the torch backend feeding the
-GPU (uint8 from the workers, flipped and normalised on the GPU); (g) the torch backend's own
+GPU (uint8 from the workers, flipped and normalised on the GPU); (f') torch-nvjpeg (the
+workers read, the GPU decodes with nvJPEG); (g) the torch backend's own
 reading and libjpeg-turbo decoding alone in the same workers, its decode limit (what a
 machine without DALI can reach). Train mode with the default
-flips. Warm-up batches are excluded; when a split is shorter than warm-up + batches the
-paths run further epochs (epoch starts are then part of the figure). Writes
-``OUT/bench_loader.json``; measured figures are in docs/benchmarks.md.
+flips. Each path's window lies inside one epoch: its first batch (start-up) is timed apart
+(``first_batch_s``), then ``--warmup`` untimed and ``--batches`` timed batches; an epoch
+too short for them times fewer (``timed_batches``), never an epoch's restart. Beside the
+figures: the split's mean JPEG size and libjpeg-turbo's decode time per image (one core).
+Writes ``OUT/bench_loader.json``; measured figures are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pipeline.cli import console as cli_console
 from pipeline.constants import SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
+from pipeline.hostinfo import usable_cores
 from pipeline.manifest import read_manifest
 
 # torch, torchvision and the loaders load inside the functions that use them (the torch
@@ -44,6 +48,7 @@ PATHS = (
     "baseline",
     "torch",
     "torch-gpu",
+    "torch-nvjpeg",
     "dali-cpu",
     "dali-gpu",
     "decode-cpu",
@@ -98,31 +103,28 @@ def extract_split(shards: Path, split: str, out: Path) -> list[tuple[Path, int]]
 # ---------------------------------------------------------------- the other paths
 
 
-def loader_batches(cfg: BenchConfig, size: int, backend: str, device: str) -> Iterable:
-    from pipeline.loading.loader import build_loader
+def loader_batches(cfg: BenchConfig, size: int, backend: str, device: str):
+    """One train epoch of ``backend`` (``len()`` batches): a timing window never crosses
+    an epoch's start (workers forked, a pipeline built, a batch decoded before any arrives)."""
+    from pipeline.loading.loader import TrainSpec, build_loader
 
-    loader = build_loader(
+    return build_loader(
         cfg.shards,
-        cfg.split,
-        batch_size=cfg.batch_size,
-        image_size=size,
-        train=True,
-        backend=backend,
-        device=device,
-        seed=cfg.seed,
-        workers=cfg.workers if backend == "torch" else None,
+        TrainSpec(
+            split=cfg.split,
+            batch_size=cfg.batch_size,
+            image_size=size,
+            backend=backend,
+            device=device,
+            seed=cfg.seed,
+            workers=cfg.workers if backend.startswith("torch") else None,
+        ),
     )
-    try:
-        while True:
-            yield from loader
-    finally:
-        loader.close()
 
 
 def decode_only_batches(cfg: BenchConfig, gpu: bool) -> Iterable:
     import torch
 
-    from pipeline.loading.contract import available_cores
     from pipeline.loading.dali import decode_only_pipeline
 
     manifest = read_manifest(cfg.shards)
@@ -132,7 +134,7 @@ def decode_only_batches(cfg: BenchConfig, gpu: bool) -> Iterable:
         gpu=gpu,
         size_hint=manifest.image_size,
         batch_size=cfg.batch_size,
-        num_threads=available_cores(),
+        num_threads=usable_cores(),
         device_id=torch.cuda.current_device() if gpu else None,
         prefetch_queue_depth=2,
     )
@@ -142,24 +144,38 @@ def decode_only_batches(cfg: BenchConfig, gpu: bool) -> Iterable:
         yield images, labels
 
 
-def images_per_second(batches: Iterable, cfg: BenchConfig, gpu: bool) -> tuple[float, tuple, float]:
-    """Time ``cfg.batches`` batches after ``cfg.warmup``; also return the batch shape and the
-    seconds to the first batch (start-up: for DALI, building the pipeline)."""
+def window(epoch_batches: int | None, warmup: int, batches: int) -> tuple[int, int]:
+    """(warm-up, timed) batches that fit in one epoch of ``epoch_batches`` (None: endless):
+    the timed ones shrink first, then the warm-up, and one batch is always timed."""
+    if epoch_batches is None or warmup + batches <= epoch_batches:
+        return warmup, batches
+    timed = max(1, epoch_batches - warmup)
+    return max(0, epoch_batches - timed), timed
+
+
+def images_per_second(source, cfg: BenchConfig, gpu: bool) -> dict:
+    """Time one window of ``source`` (an epoch's loader, or an endless generator): the
+    first batch (start-up: workers, a DALI pipeline) apart, then ``--warmup`` untimed and
+    ``--batches`` timed batches, all inside that one epoch (``window``)."""
     import torch
 
     sync = torch.cuda.synchronize if gpu else (lambda: None)
+    epoch = len(source) if hasattr(source, "__len__") else None
+    # the epoch's first batch is timed apart, and its last one starts the torch backends'
+    # next epoch (forks its workers): both are left out of the window
+    warmup, timed = window(None if epoch is None else epoch - 2, cfg.warmup, cfg.batches)
     shape = ()
     begin = time.perf_counter()
-    it = iter(batches)
+    it = iter(source)
     next(it)
     sync()
     first = time.perf_counter() - begin
-    for _ in range(cfg.warmup):
+    for _ in range(warmup):
         images, _ = next(it)
     sync()
     start = time.perf_counter()
     n = 0
-    for _ in range(cfg.batches):
+    for _ in range(timed):
         images, labels = next(it)
         n += len(labels)
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else ()
@@ -167,18 +183,62 @@ def images_per_second(batches: Iterable, cfg: BenchConfig, gpu: bool) -> tuple[f
     elapsed = time.perf_counter() - start
     if hasattr(it, "close"):
         it.close()
-    return n / elapsed, shape, first
+    if hasattr(source, "close"):
+        source.close()
+    return {
+        "images_per_s": n / elapsed,
+        "batch_shape": shape,
+        "first_batch_s": first,
+        "warmup": warmup,
+        "timed_batches": timed,
+        "epoch_batches": epoch,
+    }
+
+
+def jpeg_profile(shards: Path, split: str, samples: int = 64) -> dict:
+    """The split's stored photographs: mean KB and the mean milliseconds libjpeg-turbo takes
+    to decode one on one core (the first ``samples``), beside the throughput figures: a
+    loader on small JPEGs looks faster than it will be on real 100-200 KB photographs."""
+    import torch
+
+    from pipeline.loading.samples import chunked, decode_sample, read_chunk
+    from pipeline.shardformat import read_index
+
+    manifest = read_manifest(shards)
+    refs = []
+    for shard in manifest.split(split).shards:
+        refs += read_index(manifest.root / shard.index, shard.file)
+        if len(refs) >= samples:
+            break
+    datas = [
+        (ref, bytes(data))
+        for chunk in chunked(refs[:samples])
+        for ref, data, _ in read_chunk(manifest.root, chunk)
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for ref, data in datas:
+            decode_sample(ref, memoryview(bytearray(data)))
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "mean_jpeg_kb": round(sum(len(d) for _, d in datas) / len(datas) / 1024, 1),
+        "decode_ms_per_image": round(1000 * seconds / len(datas), 2),
+        "profiled_images": len(datas),
+    }
 
 
 def machine_info() -> dict:
     import torch
 
-    from pipeline.loading.contract import available_cores
     from pipeline.loading.loader import dali_available
 
     info = {
         "cpu_count": os.cpu_count(),
-        "cores_available": available_cores(),
+        "cores_available": usable_cores(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -218,7 +278,7 @@ def runnable_paths(gpu: bool) -> list[str]:
         n
         for n in PATHS
         if (has_dali or not ("dali" in n or n in ("decode-cpu", "decode-gpu")))
-        and (gpu or not n.endswith("gpu"))
+        and (gpu or not (n.endswith("gpu") or n == "torch-nvjpeg"))
     ]
 
 
@@ -227,6 +287,8 @@ def decode_limit(path: str, by_name: dict[str, float]) -> float | None:
     else the CPU's (DALI's decoder, or the torch backend's where DALI is missing)."""
     if path == "dali-gpu":
         return by_name.get("decode-gpu")
+    if path == "torch-nvjpeg":
+        return None  # decodes on the GPU, which no decode-only path here measures alone
     return by_name.get("decode-cpu") or by_name.get("decode-torch")
 
 
@@ -264,6 +326,11 @@ def run(cfg: BenchConfig, console: Console) -> dict:
             True,
             lambda: loader_batches(cfg, size, "torch", "cuda"),
         ),
+        "torch-nvjpeg": (
+            "torch backend, nvJPEG decoding on the GPU",
+            True,
+            lambda: loader_batches(cfg, size, "torch-nvjpeg", "cuda"),
+        ),
         "decode-torch": (
             "torch backend decode only (CPU)",
             False,
@@ -279,14 +346,14 @@ def run(cfg: BenchConfig, console: Console) -> dict:
     try:
         for name, what, on_gpu, make in paths:
             console.print(f"timing {what} ...")
-            rate, shape, first = images_per_second(make(), cfg, on_gpu)
+            timing = images_per_second(make(), cfg, on_gpu)
             results.append(
                 {
                     "path": name,
                     "what": what,
-                    "images_per_s": round(rate, 1),
-                    "batch_shape": shape,
-                    "first_batch_s": round(first, 3),
+                    **timing,
+                    "images_per_s": round(timing["images_per_s"], 1),
+                    "first_batch_s": round(timing["first_batch_s"], 3),
                 }
             )
     finally:
@@ -304,15 +371,17 @@ def run(cfg: BenchConfig, console: Console) -> dict:
             "image_size": size,
             "samples": manifest.split(cfg.split).samples,
         },
+        "photographs": jpeg_profile(Path(cfg.shards), cfg.split),
         "results": results,
     }
 
 
 def show(report: dict, console: Console) -> None:
-    m, c = report["machine"], report["config"]
+    m, c, jpg = report["machine"], report["config"], report["photographs"]
     table = Table(
         title=f"{c['split']} split, {c['samples']} samples, {c['image_size']} px, batch {c['batch_size']}, "
-        f"{c['batches']} timed batches · {m['cores_available']} cores · {m['device']}"
+        f"up to {c['batches']} timed batches in one epoch · JPEGs {jpg['mean_jpeg_kb']:.0f} KB, "
+        f"{jpg['decode_ms_per_image']:.1f} ms to decode · {m['cores_available']} cores · {m['device']}"
     )
     for col in ("path", "what", "images/s", "x baseline", "x decode limit", "first batch (s)"):
         table.add_column(col, justify="left" if col in ("path", "what") else "right")

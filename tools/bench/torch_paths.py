@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from torchvision import transforms as T
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.loading.contract import available_cores
+from pipeline.hostinfo import usable_cores
 from pipeline.loading.samples import chunked, decode_sample, read_chunk
 from pipeline.manifest import read_manifest
 from pipeline.shardformat import read_index
@@ -36,7 +36,8 @@ class JpegFolder(Dataset):
             return self.transform(img.convert("RGB")), label
 
 
-def baseline_batches(items, batch_size: int, size: int, stored: int, seed: int) -> Iterable:
+def baseline_batches(items, batch_size: int, size: int, stored: int, seed: int) -> DataLoader:
+    """One epoch of the baseline (``len()`` batches)."""
     steps = [T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
     if size != stored:
         steps.insert(0, T.Resize((size, size)))
@@ -47,16 +48,14 @@ def baseline_batches(items, batch_size: int, size: int, stored: int, seed: int) 
             T.Normalize([m / 255 for m in IMAGENET_MEAN], [s / 255 for s in IMAGENET_STD]),
         ]
     )
-    loader = DataLoader(
+    return DataLoader(
         JpegFolder(items, transform),
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,
-        num_workers=available_cores(),
+        num_workers=usable_cores(),
         generator=torch.Generator().manual_seed(seed),
     )
-    while True:
-        yield from loader
 
 
 class DecodeOnly(IterableDataset):
@@ -85,7 +84,7 @@ def decode_torch_batches(
     refs = []
     for shard in manifest.split(split).shards:
         refs += read_index(manifest.root / shard.index, shard.file)
-    workers = workers if workers is not None else min(4, available_cores())
+    workers = workers if workers is not None else min(4, usable_cores())
     loader = DataLoader(
         DecodeOnly(manifest.root, chunked(refs), batch_size),
         batch_size=None,

@@ -36,6 +36,14 @@ def resolve_precision(requested: str, cuda: bool) -> str:
     return requested
 
 
+def cudnn_settings(gpu: bool, deterministic: bool = False) -> None:
+    """cuDNN as training sets it, for evaluation too: autotuned kernels (chosen by timing)
+    on a GPU unless the run asked for deterministic ones. An evaluation with other settings
+    picks other convolution algorithms, whose bf16 sums round differently, and a near-tie
+    image can change grade between the trainer's figures and dr-evaluate's."""
+    torch.backends.cudnn.benchmark = gpu and not deterministic
+
+
 def native_bf16() -> bool:
     """Whether this GPU computes bf16 in hardware (Ampere and later). torch's own check
     counts emulation by default, which is slower than fp16 with a scaler."""

@@ -23,7 +23,7 @@ HEADS = (
 )  # the keys of trainer.base.heads.HEADS (checked by a test)
 OPTIMIZERS = ("sgd", "adamw")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive")
-BACKENDS = ("auto", "dali", "torch")
+BACKENDS = ("auto", "dali", "torch", "torch-nvjpeg")
 CLASS_WEIGHTS = ("none", "inverse", "sqrt")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -110,7 +110,11 @@ class TrainConfig:
         metavar="FILE",
     )
     resume: bool = arg(False, "continue the run in --out from its checkpoints/last/")
-    backend: str = arg("auto", "loader backend (auto: DALI if installed)", choices=BACKENDS)
+    backend: str = arg(
+        "auto",
+        "loader backend (auto: DALI if installed, else torch-nvjpeg on a GPU, else torch)",
+        choices=BACKENDS,
+    )
     seed: int = arg(0, "seed for initialisation, shuffling and augmentation")
     workers: int | None = arg(None, "loader workers per process (default: the loader's choice)")
     augment: str = arg(

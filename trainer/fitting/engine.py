@@ -45,7 +45,10 @@ class TrainResult:
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        """Steady state: the epoch's images over the time from its first batch's arrival to
+        its end (the first batch's wait, a pipeline start, is ``first_batch_s``, apart)."""
+        steady = self.seconds - self.first_batch_s
+        return self.images / steady if steady > 0 else 0.0
 
 
 # ---------------------------------------------------------------- builders

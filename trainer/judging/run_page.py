@@ -131,7 +131,7 @@ def evaluate_again(checkpoint: Path, shards: Path) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from pipeline.loading.loader import build_loader
+    from pipeline.loading.loader import EvalSpec, build_loader
     from pipeline.manifest import read_manifest
     from trainer.base.bestfile import head_of, load_best
     from trainer.judging.evaluation import evaluate
@@ -147,14 +147,15 @@ def evaluate_again(checkpoint: Path, shards: Path) -> dict:
             continue
         loader = build_loader(
             shards,
-            split,
-            train=False,
-            batch_size=16,
-            image_size=int(info["image_size"]),
-            backend="torch",
-            device=accelerator.device,
-            workers=0,
-            with_keys=True,
+            EvalSpec(
+                split=split,
+                batch_size=16,
+                image_size=int(info["image_size"]),
+                backend="torch",
+                device=accelerator.device,
+                workers=0,
+                with_keys=True,
+            ),
         )
         result = evaluate(model, loader, accelerator, head, cuts=cuts)
         found[split] = result.with_temperature(info.get("temperature"))
