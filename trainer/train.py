@@ -65,6 +65,7 @@ from pipeline.fileio import atomic_write_json, reporting_disk_full
 from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
+from pipeline.remote import is_remote, local_shards, shown
 from pipeline.verify import verify_shards
 from trainer import smoke
 from trainer.base.bestfile import BEST_FILE
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = merge_for_resume(
             state["config"] if state else saved_config(Path(cfg.out)), cfg, given
         )
+    source = cfg.shards  # a URL's copy is fetched once per node (every rank waits for it)
+    cfg.shards = str(local_shards(cfg.shards, cfg.cache, quiet=cfg.quiet))
     accelerator = build_accelerator(cfg)
     out = choose_run_folder(cfg, accelerator)
     cfg.out = str(out)
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 "config": cfg.to_dict(),
                 "augment": asdict(cfg.augment_config()),
                 "environment": env,
+                "shards_source": shown(source) if is_remote(source) else None,
                 "resumed_after_epoch": start if state else None,
             },
         )

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pipeline.cli import arg, parse_config_given
 from pipeline.errors import UserError
 from pipeline.loading.augment import PRESETS, AugmentConfig, augment_preset
+from pipeline.remote import CACHE_HELP
 from trainer.base.normalize import NORMALIZE
 from trainer.fitting.recipes import RECIPES, resolve
 
@@ -34,6 +35,7 @@ RESUMABLE = (
     "resume",
     "out",
     "shards",
+    "cache",
     "epochs",
     "lr",
     "workers",
@@ -56,7 +58,12 @@ class TrainConfig:
         choices=RECIPE_NAMES,
     )
     arch: str = arg("resnet18", "network", choices=ARCHS)
-    shards: str = arg("shards", "shard folder written by tools/make_shards.py", metavar="DIR")
+    shards: str = arg(
+        "shards",
+        "shard folder written by tools/make_shards.py, or s3://, gs://, http(s):// URL of one",
+        metavar="DIR",
+    )
+    cache: str | None = arg(None, CACHE_HELP, metavar="DIR")
     out: str | None = arg(None, "run folder (default: runs/ARCH-YYYYmmdd-HHMMSS)", metavar="DIR")
     epochs: int = arg(10, "epochs to train (with --resume: the new total)")
     batch_size: int = arg(8, "images per step per device (process)")
