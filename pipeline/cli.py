@@ -56,13 +56,16 @@ def arg(
     choices: Sequence | None = None,
     metavar: str | None = None,
     positional: bool = False,
+    const=None,
 ):
-    """A config field that is also a command-line option."""
+    """A config field that is also a command-line option. ``const``: the option may be given
+    without a value, and then means ``const`` (``--resume`` = ``--resume last``)."""
     meta = {
         "help": help,
         "choices": tuple(choices) if choices else None,
         "metavar": metavar,
         "positional": positional,
+        "const": const,
     }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
@@ -125,10 +128,12 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
         else:
+            optional_value = {"const": meta["const"]} if meta.get("const") is not None else {}
             parser.add_argument(
                 flag,
                 type=kind,
-                nargs="+" if many else None,
+                nargs="?" if optional_value else ("+" if many else None),
+                **optional_value,
                 choices=meta["choices"],
                 metavar=meta["metavar"],
                 required=default is REQUIRED,

@@ -105,6 +105,7 @@ from trainer.fitting.config import TrainConfig, merge_for_resume, parse_args
 from trainer.fitting.ema import EMA
 from trainer.fitting.engine import (
     NonFiniteLossError,
+    Position,
     TrainResult,
     build_optimizer,
     build_scheduler,
@@ -112,6 +113,7 @@ from trainer.fitting.engine import (
     seek_schedule,
     train_one_epoch,
 )
+from trainer.fitting.preemption import PREEMPTED_EXIT, StopFlag
 from trainer.fitting.scaling import batch_line, process_group_kwargs
 from trainer.judging.calibration import calibrate_on, ece_figures
 from trainer.judging.evaluation import EvalResult, evaluate
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, given = parse_args(argv)
     if cfg.smoke:
         cfg = smoke.smoke_config(cfg, given)
+    if cfg.resume == "auto":  # a requeued job: continue the run in --out, or start it
+        cfg.resume = "last" if holds_run(cfg) else None
     state, note = resumed(cfg, given) if cfg.resume else (None, None)
     if state is not None or note:
         cfg = merge_for_resume(
@@ -184,9 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{chooser} has fewer than {SMALL_VAL} images: the best epoch is the one with the "
             f"lowest {chooser} MSE (tuned cut-points would fit its noise); see docs/recipes.md"
         )
-    start, best = 0, None
+    start, best, position = 0, None, None
+    last_row = state.get("row") if state else None
     if state:
         start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, ema, out, steps)
+        position = position_in_epoch(state, accelerator)
+    stop, stopped = StopFlag(accelerator.num_processes, accelerator.process_index), None
     if accelerator.is_main_process:
         atomic_write_json(
             out / CONFIG_FILE,
@@ -220,11 +227,21 @@ def main(argv: list[str] | None = None) -> int:
                 on_step=progress.advance,
                 clip_grad=cfg.clip_grad,
                 ema=ema,
+                stop=stop,
+                epoch=epoch,
+                position=position if epoch == start + 1 else None,
             )
         except NonFiniteLossError as err:
             raise NonFiniteLossError(stopped_message(err, epoch, out)) from None
         finally:
             progress.stop()
+        if train.stopped_after is not None:
+            save_position(
+                accelerator, out, cfg, model, optimizer, scheduler, ema, last_row, best,
+                epoch - 1, train, manifest.preprocess,
+            )  # fmt: skip
+            stopped = (epoch, train.stopped_after)
+            break
         evaluated = ema.module if ema else model  # with --ema, the average is what is judged
         results = {
             split: evaluate(
@@ -256,6 +273,16 @@ def main(argv: list[str] | None = None) -> int:
         if is_best and accelerator.is_main_process:  # for the report's per-image figures
             save_predictions(out, epoch, results)
         trackers.log(row, out)
+        last_row = row
+        if epoch < cfg.epochs and stop.agreed():  # signalled while evaluating or saving
+            stopped = (epoch + 1, 0)
+            break
+
+    stop.close()
+    if stopped:
+        for loader in (train_loader, *eval_loaders.values()):
+            loader.close()
+        return preempted(accelerator, stop, *stopped, out)
 
     checksums = gather_object([state_checksum(bare(accelerator, evaluated).state_dict())])
     if len(set(checksums)) > 1:
@@ -483,7 +510,8 @@ def restore(
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
     # the schedule's position is a number of epochs, whatever the world size that wrote it
-    seek_schedule(optimizer, scheduler, state["epoch"] * steps_per_epoch, cfg.lr)
+    done = state["epoch"] * steps_per_epoch + state.get("step", 0) // cfg.grad_accumulation
+    seek_schedule(optimizer, scheduler, done, cfg.lr)
     rngs, rank = state["rng"], accelerator.process_index
     if len(rngs) != accelerator.num_processes:
         accelerator.print(
@@ -494,7 +522,8 @@ def restore(
     if accelerator.is_main_process:
         restore_metrics(out, state)
         repair_best(out, state)
-    accelerator.print(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}")
+    where = f" and step {state['step']} of epoch {state['epoch'] + 1}" if state.get("step") else ""
+    accelerator.print(f"resuming {out} after epoch {state['epoch']}{where} of {cfg.epochs}")
     return state["epoch"], state["best"]
 
 
@@ -506,6 +535,86 @@ def restore_metrics(out: Path, state: dict) -> None:
     rows = read_metrics(out) if (out / METRICS_FILE).is_file() else []
     if state.get("row") and (not rows or rows[-1]["epoch"] < state["epoch"]):
         append_metrics(out, state["row"])
+
+
+def holds_run(cfg: TrainConfig) -> bool:
+    """--resume auto: whether --out holds a run to continue (else one is started there)."""
+    if not cfg.out:
+        raise UserError("--resume auto needs --out DIR, the folder of the run to continue or start")
+    out = Path(cfg.out)
+    return (
+        any((out / name).exists() for name in (METRICS_FILE, CONFIG_FILE)) or last_dir(out).exists()
+    )
+
+
+def position_in_epoch(state: dict, accelerator: Accelerator) -> Position | None:
+    """Where in its next epoch a preempted run stopped, for this rank; None at an epoch's end.
+
+    Each rank reads its own slice of the epoch, so the middle of an epoch is the same place
+    only on as many ranks as wrote it; an epoch-end checkpoint resumes on any number."""
+    if not state.get("step"):
+        return None
+    partial = state["partial"]
+    if len(partial) != accelerator.num_processes:
+        raise UserError(
+            f"the run stopped inside epoch {state['epoch'] + 1} on {len(partial)} process(es); "
+            f"resume it on {len(partial)} (each rank's place in an epoch is its own slice)"
+        )
+    return Position(state["step"], tuple(partial[accelerator.process_index]))
+
+
+def save_position(
+    accelerator: Accelerator,
+    out: Path,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    ema: EMA | None,
+    last_row: dict | None,
+    best: dict | None,
+    epochs_done: int,
+    train: TrainResult,
+    preprocess: dict,
+) -> None:
+    """checkpoints/last/ inside an epoch: ``epochs_done`` whole epochs and ``step`` more,
+    with every rank's sums so far (no metrics line, no best.pt: the epoch is not over)."""
+    rngs = gather_object([rng_state()])
+    partial = gather_object([train.partial])
+    if not accelerator.is_main_process:
+        return
+    state = {
+        "epoch": epochs_done,
+        "step": train.stopped_after,
+        "partial": partial,
+        "row": last_row,
+        "model": bare(accelerator, model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "best": best,
+        "rng": rngs,
+        "world_size": accelerator.num_processes,
+        "config": cfg.to_dict(),
+        "preprocess": preprocess,
+        "augment": asdict(cfg.augment_config()),
+    }
+    if accelerator.scaler is not None:
+        state["scaler"] = accelerator.scaler.state_dict()
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    save_last(out, state)
+
+
+def preempted(accelerator: Accelerator, stop: StopFlag, epoch: int, step: int, out: Path) -> int:
+    """The line a preempted run ends with, and its exit status (docs/cluster.md)."""
+    place = f"after step {step} of epoch {epoch}" if step else f"before epoch {epoch}"
+    accelerator.print(
+        f"stopped by {stop.name} {place}; checkpoint in {last_dir(out)}; "
+        f"continue with --resume --out {out} (exit {PREEMPTED_EXIT})"
+    )
+    accelerator.wait_for_everyone()  # no rank leaves before rank 0 has written last/
+    accelerator.end_training()
+    return PREEMPTED_EXIT
 
 
 def environment(accelerator: Accelerator, backend: str) -> dict:

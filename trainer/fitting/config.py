@@ -116,7 +116,13 @@ class TrainConfig:
         "(its 1000-way head is dropped)",
         metavar="FILE",
     )
-    resume: bool = arg(False, "continue the run in --out from its checkpoints/last/")
+    resume: str | None = arg(
+        None,
+        "continue the run in --out from its checkpoints/last/ (also from the middle of an "
+        "epoch); --resume auto: continue it if --out holds one, else start it (a requeued job)",
+        choices=("last", "auto"),
+        const="last",
+    )
     backend: str = arg("auto", "loader backend (auto: DALI if installed)", choices=BACKENDS)
     seed: int = arg(0, "seed for initialisation, shuffling and augmentation")
     workers: int | None = arg(None, "loader workers per process (default: the loader's choice)")
@@ -276,4 +282,4 @@ def merge_for_resume(saved: dict, cli: TrainConfig, given: set[str]) -> TrainCon
                 "or start a new run with another --out"
             )
         changed[name] = new
-    return TrainConfig(**(config.to_dict() | changed | {"resume": True}))
+    return TrainConfig(**(config.to_dict() | changed | {"resume": "last"}))
