@@ -62,9 +62,12 @@ def arg(
     positional: bool = False,
     flag: str | None = None,
     aliases: Sequence[str] = (),
+    const=None,
 ):
     """A config field that is also a command-line option: ``--flag`` (default: the field's
-    name with dashes) and ``--alias`` for each of ``aliases``, all setting the field."""
+    name with dashes) and ``--alias`` for each of ``aliases``, all setting the field.
+    ``const``: the option may be given without a value, and then means ``const``
+    (``--resume`` = ``--resume last``)."""
     meta = {
         "help": help,
         "choices": tuple(choices) if choices else None,
@@ -72,6 +75,7 @@ def arg(
         "positional": positional,
         "flag": flag,
         "aliases": tuple(aliases),
+        "const": const,
     }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
@@ -135,11 +139,13 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
         else:
+            optional_value = {"const": meta["const"]} if meta.get("const") is not None else {}
             parser.add_argument(
                 *flags,
                 dest=f.name,
                 type=kind,
-                nargs="+" if many else None,
+                nargs="?" if optional_value else ("+" if many else None),
+                **optional_value,
                 choices=meta["choices"],
                 metavar=meta["metavar"],
                 required=default is REQUIRED,

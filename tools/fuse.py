@@ -23,6 +23,7 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
 from pipeline.manifest import read_manifest
+from pipeline.remote import CACHE_HELP, local_shards
 from trainer.base.runfiles import FUSION_FILE
 from trainer.fitting.config import BACKENDS
 from trainer.judging.options import FUSION_KEY, HIDDEN
@@ -35,7 +36,11 @@ if TYPE_CHECKING:
 @dataclass
 class FuseConfig:
     checkpoint: Path = arg(help="best.pt written by trainer/train.py (rewritten)", metavar="FILE")
-    shards: Path = arg(help="the shard folder it was trained on", metavar="DIR")
+    shards: str = arg(
+        help="the shard folder it was trained on (or an s3://, gs://, http(s):// URL of it)",
+        metavar="DIR",
+    )
+    cache: str | None = arg(None, CACHE_HELP, metavar="DIR")
     epochs: int = arg(30, "epochs of the fusion head")
     lr: float = arg(0.01, "its learning rate (SGD, Nesterov momentum 0.9, clipped at norm 1)")
     batch_size: int = arg(64, "its batch size (pairs of feature vectors)")
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, info = load_best(args.checkpoint)
     accelerator = checkpoint_accelerator(info)
+    args.shards = local_shards(args.shards, args.cache)
     manifest = read_manifest(args.shards)
     for split in ("train", "val"):
         if not manifest.has(split):

@@ -2,6 +2,7 @@
 
     python tools/make_shards.py data/ shards/ --image-size 512 --shard-size 1000 --workers 8
     python tools/make_shards.py --verify shards/        # check a shard folder byte by byte
+    python tools/make_shards.py data/ s3://bucket/dr/shards    # pack here, upload, manifest last
 
 DATA_DIR holds a dataset as it came, recognised by its own files (``--layout`` forces one):
 lab, eyepacs (alias kaggle; with retinopathy_solution.csv + test/ the published protocol),
@@ -22,10 +23,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from pipeline.cli import parse_config, run_cli
 from pipeline.errors import UserError
 from pipeline.fileio import folder_busy
+from pipeline.remote import cache_folder, is_remote, local_shards, upload_shards
 from pipeline.verify import summary, verify_shards
 from pipeline.writing.packing import PackConfig, pack
 
@@ -34,16 +37,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(
         PackConfig, argv, prog="make_shards.py", description=__doc__.split("\n\n")[0]
     )
-    if not cfg.verify:
-        pack(cfg)
-        return 0
-    if holder := folder_busy(cfg.data_dir, "make_shards"):
-        raise UserError(
-            f"{holder} is writing to {cfg.data_dir}; verify it when that run has finished"
-        )
-    report = verify_shards(cfg.data_dir)
+    if cfg.verify:
+        return verify(cfg)
+    if is_remote(cfg.out_dir):
+        return pack_and_upload(cfg)
+    pack(cfg)
+    return 0
+
+
+def verify(cfg: PackConfig) -> int:
+    """--verify: every problem of a finished folder (a URL's: of its verified local copy)."""
+    folder = local_shards(cfg.data_dir, cfg.cache, cfg.quiet)
+    if holder := folder_busy(folder, "make_shards"):
+        raise UserError(f"{holder} is writing to {folder}; verify it when that run has finished")
+    report = verify_shards(folder)
     print(summary(report), file=sys.stderr if report.problems else sys.stdout)
     return 1 if report.problems else 0
+
+
+def pack_and_upload(cfg: PackConfig) -> int:
+    """OUT_DIR is a bucket prefix: pack into a local staging folder (a rerun continues it
+    there), then upload it, each shard checked and the manifest last."""
+    url = cfg.out_dir
+    staging = cache_folder(url, cfg.cache).with_name(cache_folder(url, cfg.cache).name + ".staging")
+    pack(replace(cfg, out_dir=str(staging)))
+    upload_shards(staging, url, cfg.quiet)
+    return 0
 
 
 def cli() -> None:

@@ -39,6 +39,7 @@ from pipeline.constants import SPLITS
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.manifest import Manifest, read_manifest
+from pipeline.remote import CACHE_HELP, local_shards
 from pipeline.samplelist import read_sample_table
 from trainer.base.metrics import (
     REFERABLE_GRADE,
@@ -71,10 +72,12 @@ RELIABILITY_FILE = "reliability.png"
 @dataclass
 class EvalConfig:
     checkpoint: Path = arg(help="best.pt written by trainer/train.py", metavar="FILE")
-    shards: list[Path] = arg(
-        help="shard folder; several: one table row per folder (external validation)",
+    shards: list[str] = arg(
+        help="shard folder (or s3://, gs://, http(s):// URL of one); several: one table row "
+        "per folder (external validation)",
         metavar="DIR",
     )
+    cache: str | None = arg(None, CACHE_HELP, metavar="DIR")
     split: str = arg(
         "test",
         "split to evaluate: train, val, test, or all (every image of the folder)",
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             "--explain reads the photographs of one split: give --split train, val or test"
         )
+    args.shards = [local_shards(folder, args.cache) for folder in args.shards]
     if len({Path(folder).resolve() for folder in args.shards}) < len(args.shards):
         raise UserError("--shards names the same folder twice")
     manifests = [read_manifest(folder) for folder in args.shards]  # all checked before any runs

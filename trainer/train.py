@@ -52,6 +52,7 @@ from pipeline.cli import run_cli
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json
 from pipeline.manifest import Manifest, read_manifest
+from pipeline.remote import is_remote, local_shards, shown
 from pipeline.verify import verify_shards
 from trainer import smoke
 from trainer.base.metrics import (
@@ -113,7 +114,8 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
         train_one_epoch,
     )
     from trainer.fitting.environment import environment
-    from trainer.fitting.resume import resumed, saved_config
+    from trainer.fitting.preemption import StopFlag, stopped_here
+    from trainer.fitting.resume import holds_run, position_in_epoch, resumed, saved_config
     from trainer.fitting.saver import CheckpointSaver, write_summary
     from trainer.fitting.trackers import Trackers
     from trainer.judging.evaluation import evaluate
@@ -121,11 +123,15 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
 
     if cfg.smoke:
         cfg = smoke.smoke_config(cfg, given)
+    if cfg.resume == "auto":  # a requeued job: continue the run in --out, or start it
+        cfg.resume = "last" if holds_run(cfg) else None
     state, note = resumed(cfg, given) if cfg.resume else (None, None)
     if state is not None or note:
         cfg = merge_for_resume(
             state["config"] if state else saved_config(Path(cfg.out)), cfg, given
         )
+    source = cfg.shards  # a URL's copy is fetched once per node (every rank waits for it)
+    cfg.shards = str(local_shards(cfg.shards, cfg.cache, quiet=cfg.quiet))
     accelerator = build_accelerator(cfg)
     out = choose_run_folder(cfg, accelerator)
     cfg.out = str(out)
@@ -175,9 +181,12 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
             f"{chooser} has fewer than {SMALL_VAL} images: the best epoch is the one with the "
             f"lowest {chooser} MSE (tuned cut-points would fit its noise); see docs/recipes.md"
         )
-    start, best = 0, None
+    start, best, position = 0, None, None
+    last_row = state.get("row") if state else None
     if state:
         start, best = saver.restore(state, steps)
+        position = position_in_epoch(state, accelerator.num_processes, accelerator.process_index)
+    stop, stopped = StopFlag(accelerator.num_processes, accelerator.process_index), None
     if accelerator.is_main_process:
         atomic_write_json(
             out / CONFIG_FILE,
@@ -185,6 +194,7 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
                 "config": cfg.to_dict(),
                 "augment": asdict(cfg.augment_config()),
                 "environment": env,
+                "shards_source": shown(source) if is_remote(source) else None,
                 "resumed_after_epoch": start if state else None,
             },
         )
@@ -210,11 +220,18 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
                 on_step=progress.advance,
                 clip_grad=cfg.clip_grad,
                 ema=ema,
+                stop=stop,
+                epoch=epoch,
+                position=position if epoch == start + 1 else None,
             )
         except NonFiniteLossError as err:
             raise NonFiniteLossError(stopped_message(err, epoch, out)) from None
         finally:
             progress.stop()
+        if train.stopped_after is not None:
+            saver.save_position(epoch - 1, train, last_row, best)
+            stopped = (epoch, train.stopped_after)
+            break
         evaluated = ema.module if ema else model  # with --ema, the average is what is judged
         results = {
             split: evaluate(
@@ -233,6 +250,16 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
         if is_best and accelerator.is_main_process:  # for the report's per-image figures
             save_predictions(out, epoch, results)
         trackers.log(row, out)
+        last_row = row
+        if epoch < cfg.epochs and stop.agreed():  # signalled while evaluating or saving
+            stopped = (epoch + 1, 0)
+            break
+
+    stop.close()
+    if stopped:
+        for loader in (train_loader, *eval_loaders.values()):
+            loader.close()
+        return stopped_here(accelerator, stop, *stopped, out)
 
     checksums = gather_object([state_checksum(bare(accelerator, evaluated).state_dict())])
     if len(set(checksums)) > 1:

@@ -76,6 +76,7 @@ from pipeline.fileio import (
 )
 from pipeline.hostinfo import usable_cores
 from pipeline.manifest import Manifest, SplitInfo
+from pipeline.remote import CACHE_HELP, is_remote
 from pipeline.shardformat import ShardInfo, fsync_files, write_shard
 from pipeline.writing import channelstats
 from pipeline.writing.layouts import LAYOUT_NAMES, Options
@@ -98,11 +99,16 @@ _SHARD_FILE = re.compile(
 class PackConfig:
     """make_shards' options (``tools/make_shards.py --help``)."""
 
-    data_dir: Path = arg(
-        help="folder with the images and label files (with --verify: the shard folder)",
+    data_dir: str = arg(
+        help="folder with the images and label files (with --verify: the shard folder, "
+        "or an s3://, gs://, http(s):// URL of one)",
         positional=True,
     )
-    out_dir: Path | None = arg(None, "shard folder to write (created)", positional=True)
+    out_dir: str | None = arg(
+        None,
+        "shard folder to write (created), or an s3:// or gs:// prefix to upload to",
+        positional=True,
+    )
     size: int = arg(DEFAULT_IMAGE_SIZE, "side of the square images in px", **IMAGE_SIZE)
     shard_size: int = arg(DEFAULT_SHARD_SIZE, "samples per shard")
     workers: int | None = arg(None, "decoding processes (default: every usable core)")
@@ -136,6 +142,7 @@ class PackConfig:
     split_col: str | None = arg(None, "--labels: the split column's name", metavar="NAME")
     patient_col: str | None = arg(None, "--labels: the patient column's name", metavar="NAME")
     quiet: bool = arg(False, "no progress bar (for logs)")
+    cache: str | None = arg(None, CACHE_HELP, metavar="DIR")
     verify: bool = arg(
         False,
         "check the shard folder DATA_DIR instead of packing: sha256, indexes, "
@@ -149,8 +156,9 @@ class PackConfig:
             raise UserError(
                 "give the data folder and the shard folder to write: make_shards.py DATA_DIR OUT_DIR"
             )
-        self.data_dir = Path(self.data_dir)
-        self.out_dir = None if self.out_dir is None else Path(self.out_dir)
+        self.data_dir = self.data_dir if is_remote(self.data_dir) else Path(self.data_dir)
+        if self.out_dir is not None and not is_remote(self.out_dir):
+            self.out_dir = Path(self.out_dir)
         if self.size < 16:
             raise UserError(f"--image-size must be at least 16 px, got {self.size}")
         if self.shard_size < 1:

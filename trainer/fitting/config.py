@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pipeline.cli import arg, parse_config_given
 from pipeline.errors import UserError
 from pipeline.loading.augment import PRESETS, AugmentConfig, augment_preset
+from pipeline.remote import CACHE_HELP
 from trainer.base.normalize import NORMALIZE
 from trainer.fitting.recipes import RECIPES, resolve
 
@@ -34,6 +35,7 @@ RESUMABLE = (
     "resume",
     "out",
     "shards",
+    "cache",
     "epochs",
     "lr",
     "workers",
@@ -56,7 +58,12 @@ class TrainConfig:
         choices=RECIPE_NAMES,
     )
     arch: str = arg("resnet18", "network", choices=ARCHS)
-    shards: str = arg("shards", "shard folder written by tools/make_shards.py", metavar="DIR")
+    shards: str = arg(
+        "shards",
+        "shard folder written by tools/make_shards.py, or s3://, gs://, http(s):// URL of one",
+        metavar="DIR",
+    )
+    cache: str | None = arg(None, CACHE_HELP, metavar="DIR")
     out: str | None = arg(None, "run folder (default: runs/ARCH-YYYYmmdd-HHMMSS)", metavar="DIR")
     epochs: int = arg(10, "epochs to train (with --resume: the new total)")
     batch_size: int = arg(8, "images per step per device (process)")
@@ -109,7 +116,13 @@ class TrainConfig:
         "(its 1000-way head is dropped)",
         metavar="FILE",
     )
-    resume: bool = arg(False, "continue the run in --out from its checkpoints/last/")
+    resume: str | None = arg(
+        None,
+        "continue the run in --out from its checkpoints/last/ (also from the middle of an "
+        "epoch); --resume auto: continue it if --out holds one, else start it (a requeued job)",
+        choices=("last", "auto"),
+        const="last",
+    )
     backend: str = arg(
         "auto",
         "loader backend (auto: DALI if installed, else torch-nvjpeg on a GPU, else torch)",
@@ -273,4 +286,4 @@ def merge_for_resume(saved: dict, cli: TrainConfig, given: set[str]) -> TrainCon
                 "or start a new run with another --out"
             )
         changed[name] = new
-    return TrainConfig(**(config.to_dict() | changed | {"resume": True}))
+    return TrainConfig(**(config.to_dict() | changed | {"resume": "last"}))

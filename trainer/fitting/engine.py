@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from pipeline.errors import RunError, UserError
 from trainer.base.heads import ClassifyHead, Head
 from trainer.fitting.ema import EMA
+from trainer.fitting.preemption import StopFlag
 
 CLASSIFY = ClassifyHead()  # the reference recipe's head, the default
 CHECK_EVERY = 50  # steps between cross-rank loss checks (a sync point; also feeds the progress bar)
@@ -42,6 +43,8 @@ class TrainResult:
     first_batch_s: float = (
         0.0  # from asking the loader for the epoch to its first batch (slowest rank)
     )
+    stopped_after: int | None = None  # preemption: the last step trained, when stopped early
+    partial: list[float] | None = None  # then this rank's loss sum, weight sum, correct, seen
 
     @property
     def images_per_s(self) -> float:
@@ -49,6 +52,14 @@ class TrainResult:
         its end (the first batch's wait, a pipeline start, is ``first_batch_s``, apart)."""
         steady = self.seconds - self.first_batch_s
         return self.images / steady if steady > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where an epoch stopped early: the steps done, and this rank's sums so far."""
+
+    step: int
+    totals: tuple[float, float, float, float]  # loss sum, weight sum, correct, images seen
 
 
 # ---------------------------------------------------------------- builders
@@ -166,13 +177,26 @@ def train_one_epoch(
     on_step: Callable[[float | None], None] | None = None,
     clip_grad: float | None = None,
     ema: EMA | None = None,
+    stop: StopFlag | None = None,
+    epoch: int = 0,
+    position: Position | None = None,
 ) -> TrainResult:
     """One epoch of whole optimizer steps: with gradient accumulation over N batches, the
     epoch's last ``len(loader) % N`` batches are left out (so every epoch, and a resumed
-    one, starts on a fresh accumulation)."""
+    one, starts on a fresh accumulation).
+
+    ``stop``: after each optimizer step the ranks ask it together whether to stop (a
+    preemption signal); the result then says after which step. ``position``: the epoch is
+    resumed after that step; the batches before it are read again, not trained on (an
+    epoch's batches depend only on seed, epoch and rank), so the rest is as it would have been.
+    """
     model.train()
     totals = torch.zeros(3, device=accelerator.device)  # loss sum, weight sum, correct
     seen, lr = 0, optimizer.param_groups[0]["lr"]
+    skip = position.step if position else 0
+    if position:
+        totals += torch.tensor(position.totals[:3], device=accelerator.device)
+        seen = int(position.totals[3])
     accumulation = accelerator.gradient_accumulation_steps
     steps = len(loader) // accumulation * accumulation
     start = time.perf_counter()
@@ -180,6 +204,8 @@ def train_one_epoch(
     for step, (images, labels) in enumerate(loader, 1):
         if step == 1:
             first_batch_s = time.perf_counter() - start  # pipeline build, worker start-up
+        if step <= skip:
+            continue  # trained on before the interruption
         lr = optimizer.param_groups[0]["lr"]
         out, loss_sum, weight_sum = train_step(
             model,
@@ -201,6 +227,9 @@ def train_one_epoch(
             on_step(running)
         if step == steps:
             break
+        if stop is not None and step % accumulation == 0 and stop.at_step(epoch, step):
+            partial = [*totals.tolist(), float(seen)]
+            return TrainResult(math.nan, math.nan, seen, 0.0, lr, 0.0, step, partial)
     loss = check_finite(accelerator, totals, steps)
     totals = accelerator.reduce(totals, "sum").tolist()
     seconds = time.perf_counter() - start

@@ -29,7 +29,7 @@ from trainer.fitting.checkpoint import (
 )
 from trainer.fitting.config import TrainConfig
 from trainer.fitting.ema import EMA
-from trainer.fitting.engine import seek_schedule
+from trainer.fitting.engine import TrainResult, seek_schedule
 from trainer.fitting.resume import restore_metrics
 
 
@@ -61,9 +61,7 @@ class CheckpointSaver:
     ) -> None:
         """Rank 0 writes the epoch's files: the confusion matrix, the checkpoint, best.pt, and
         last the metrics line, so that a line never exists without its checkpoint."""
-        accelerator, out, cfg = self.accelerator, self.out, self.cfg
-        model, optimizer, scheduler, ema = self.model, self.optimizer, self.scheduler, self.ema
-        preprocess = self.preprocess
+        accelerator, out, cfg, preprocess = self.accelerator, self.out, self.cfg, self.preprocess
         rngs = gather_object([rng_state()])  # a collective: every rank takes part
         if not accelerator.is_main_process:
             return
@@ -80,24 +78,7 @@ class CheckpointSaver:
                 )
                 plot_confusion(confusion, name.with_suffix(".png"), title=title)
         augment = asdict(cfg.augment_config())
-        state = {
-            "epoch": row["epoch"],
-            "row": row,
-            "model": bare(accelerator, model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "best": best,
-            "rng": rngs,
-            "world_size": accelerator.num_processes,
-            "config": cfg.to_dict(),
-            "preprocess": preprocess,
-            "augment": augment,
-        }
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        save_last(out, state)
+        save_last(out, self._state(row["epoch"], row, best, rngs))
         if is_best:
             save_best(
                 out / BEST_FILE,
@@ -114,6 +95,40 @@ class CheckpointSaver:
             )
         append_metrics(out, row)
 
+    def save_position(
+        self, epochs_done: int, train: TrainResult, last_row: dict | None, best: dict | None
+    ) -> None:
+        """checkpoints/last/ inside an epoch (preemption): ``epochs_done`` whole epochs and
+        ``train.stopped_after`` steps more, with every rank's sums so far; no metrics line and
+        no best.pt, the epoch is not over."""
+        rngs = gather_object([rng_state()])
+        partial = gather_object([train.partial])  # collectives: every rank takes part
+        if self.accelerator.is_main_process:
+            state = self._state(epochs_done, last_row, best, rngs)
+            save_last(self.out, state | {"step": train.stopped_after, "partial": partial})
+
+    def _state(self, epoch: int, row: dict | None, best: dict | None, rngs: list) -> dict:
+        """What checkpoints/last/ holds after ``epoch`` whole epochs."""
+        accelerator, cfg = self.accelerator, self.cfg
+        state = {
+            "epoch": epoch,
+            "row": row,
+            "model": bare(accelerator, self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best": best,
+            "rng": rngs,
+            "world_size": accelerator.num_processes,
+            "config": cfg.to_dict(),
+            "preprocess": self.preprocess,
+            "augment": asdict(cfg.augment_config()),
+        }
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
     def restore(self, state: dict, steps_per_epoch: int) -> tuple[int, dict | None]:
         """Load last/ into the prepared objects; the epochs it completed and the best row so far."""
         accelerator, cfg, out = self.accelerator, self.cfg, self.out
@@ -126,7 +141,9 @@ class CheckpointSaver:
         if accelerator.scaler is not None and "scaler" in state:
             accelerator.scaler.load_state_dict(state["scaler"])
         # the schedule's position is a number of epochs, whatever the world size that wrote it
-        seek_schedule(optimizer, scheduler, state["epoch"] * steps_per_epoch, cfg.lr)
+        # (and the steps of a stopped epoch, which only its own world size resumes)
+        done = state["epoch"] * steps_per_epoch + state.get("step", 0) // cfg.grad_accumulation
+        seek_schedule(optimizer, scheduler, done, cfg.lr)
         rngs, rank = state["rng"], accelerator.process_index
         if len(rngs) != accelerator.num_processes:
             accelerator.print(
@@ -137,7 +154,10 @@ class CheckpointSaver:
         if accelerator.is_main_process:
             restore_metrics(out, state)
             repair_best(out, state)
-        accelerator.print(f"resuming {out} after epoch {state['epoch']} of {cfg.epochs}")
+        inside = (
+            f" and step {state['step']} of epoch {state['epoch'] + 1}" if state.get("step") else ""
+        )
+        accelerator.print(f"resuming {out} after epoch {state['epoch']}{inside} of {cfg.epochs}")
         return state["epoch"], state["best"]
 
 
