@@ -149,7 +149,10 @@ def test_fusion_head_learns_from_the_partner_and_is_applied_as_stored(tmp_path):
         features = rng.normal(0, 1, (len(keys), 8)).astype(np.float32)
         features[partner, 0] += labels  # eye i's features hold its partner's grade
         outputs = np.zeros((len(keys), 1), np.float32)
-        return EvalResult(0.0, keys, labels, outputs, build_head("regress"), None, features)
+        return EvalResult(
+            loss=0.0, keys=keys, labels=labels, outputs=outputs, head=build_head("regress"),
+            features=features,
+        )  # fmt: skip
 
     train, val = split(200), split(60)
     assert pair_features(["1_left", "2_left"], np.eye(2, dtype=np.float32)).tolist() == [

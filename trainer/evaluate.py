@@ -40,13 +40,11 @@ from accelerate import Accelerator
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import SPLITS
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write, atomic_write_json
-from pipeline.loading.contract import Loader
-from pipeline.loading.loader import build_loader
+from pipeline.fileio import atomic_write, atomic_write_json, atomic_write_text
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.samplelist import read_sample_table
-from trainer.base.bestfile import head_of, load_best
-from trainer.base.distributed import bare, resolve_precision
+from trainer.base.bestfile import Best, open_best
+from trainer.base.distributed import bare
 from trainer.base.metrics import (
     REFERABLE_GRADE,
     any_dr_score,
@@ -61,7 +59,12 @@ from trainer.base.preprocessing import check_preprocessing
 from trainer.fitting.config import BACKENDS
 from trainer.fitting.engine import class_weights_for
 from trainer.judging.calibration import ece_figures, plot_reliability, reliability_curves
-from trainer.judging.evaluation import EvalResult, evaluate
+from trainer.judging.captions import outputs_label, reliability_caption, roc_caption
+from trainer.judging.evaluation import (
+    EvalResult,
+    checkpoint_accelerator,
+    evaluate_best,
+)
 from trainer.judging.explain import CAM_DIR, rank_wrong, write_overlays
 from trainer.judging.external import (
     ROC_FIGURE,
@@ -79,6 +82,7 @@ from trainer.judging.fusion import FUSION_KEY, fused_result
 PREDICTIONS_FILE = "predictions.csv"
 ROC_FILE = "roc.png"
 RELIABILITY_FILE = "reliability.png"
+FIGURES_FILE = "figures.md"
 
 
 @dataclass
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_config(
         EvalConfig, argv, prog="trainer/evaluate.py", description=__doc__.splitlines()[0]
     )
-    model, info = load_best(args.checkpoint)
+    best = open_best(args.checkpoint)
+    model, info = best.model, best.info
     cfg = info.get("config", {})
     batch_size = args.batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:
@@ -163,14 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         if several:
             accelerator.print(f"{name} ({manifest.root}):")
         out = (args.out / name if several else args.out) if args.out else None
-        metrics, result = evaluate_folder(
-            model, info, accelerator, manifest, args, batch_size, gpu, out
-        )
+        metrics, result = evaluate_folder(model, best, accelerator, manifest, args, batch_size, out)
         rows.append(external_row(name, manifest.root, args.split, metrics))
         results[name] = result
     if several:
         threshold, threshold_from = (
-            info.get("referable_threshold"),
+            best.decisions.referable_threshold,
             "the checkpoint (chosen on val)",
         )
         if threshold is None:
@@ -196,15 +199,15 @@ def splits_of(manifest: Manifest, split: str) -> list[str]:
 
 def evaluate_folder(
     model,
-    info: dict,
+    best: Best,
     accelerator: Accelerator,
     manifest: Manifest,
     args: EvalConfig,
     batch_size: int,
-    gpu: bool,
     out: Path | None,
 ) -> tuple[dict, EvalResult]:
     """One folder's split (or all of its splits): printed, and written into ``out``."""
+    info, decisions = best.info, best.decisions
     cfg = info.get("config", {})
     # the trainer's test loss is weighted as its training loss was, by the train split's counts
     weights_mode = cfg.get("class_weights", "none")
@@ -212,43 +215,36 @@ def evaluate_folder(
     class_weights = (
         class_weights_for(train_counts, weights_mode, accelerator.device) if train_counts else None
     )
-    head, cuts = head_of(info)
     fusion = info.get(FUSION_KEY) if args.pair_eyes else None
+    options = {"batch_size": batch_size, "backend": args.backend, "workers": args.workers}
     parts, backend = [], None
     for split in splits_of(manifest, args.split):
-        loader = checkpoint_loader(
-            info, manifest.root, split, accelerator, batch_size, args.backend, args.workers
+        part, backend = evaluate_best(
+            best,
+            model,
+            accelerator,
+            manifest.root,
+            split,
+            expected=manifest.split(split).samples,
+            class_weights=class_weights,
+            loader_options=options,
+            with_features=fusion is not None,
+            tta=args.tta,
         )
-        expected = manifest.split(split).samples
-        parts.append(
-            evaluate(
-                model,
-                loader,
-                accelerator,
-                head,
-                class_weights,
-                expected=expected,
-                cuts=cuts,
-                with_features=fusion is not None,
-                tta=args.tta,
-            )
-        )
-        backend = loader.backend
-        loader.close()
-    # the temperature: None for the regress head, or a checkpoint older than calibration
-    alone = combined(parts).with_temperature(info.get("temperature"))
+        parts.append(part)
+    alone = combined(parts)
     expected = sum(manifest.split(split).samples for split in splits_of(manifest, args.split))
     if alone.samples != expected or len(set(alone.keys)) != expected:
         raise RuntimeError(
             f"evaluated {alone.samples} images ({len(set(alone.keys))} distinct) of "
             f"{manifest.root}, whose manifest lists {expected}"
         )
-    blend = info.get("pair_blend") or 0.0
-    blended = alone.paired(blend, info.get("pair_cut_points"))
+    blended = alone.both_eyes(decisions)
     fused = fused_result(fusion, alone) if fusion else None
-    result = (blended if fused is None else fused) if args.pair_eyes else alone
+    method = ("blend" if fused is None else "fused") if args.pair_eyes else "alone"
+    result = {"alone": alone, "blend": blended, "fused": fused}[method]
     positive, score = result.labels >= REFERABLE_GRADE, referable_score(result.probs)
-    threshold, threshold_from = info.get("referable_threshold"), "the checkpoint (chosen on val)"
+    threshold, threshold_from = decisions.referable_threshold, "the checkpoint (chosen on val)"
     if fused is not None:
         threshold, threshold_from = fusion["referable_threshold"], "the fusion head (chosen on val)"
     if threshold is None:  # a checkpoint of an older version: choose here, and say so
@@ -270,12 +266,13 @@ def evaluate_folder(
         "qwk_eye_alone": alone.kappa,
         "qwk_both_eyes": blended.kappa,  # the blend
         "qwk_fused": None if fused is None else fused.kappa,
-        "pair_blend": blend,
+        "pair_blend": decisions.pair_blend,
         "paired": args.pair_eyes,
         "tta": args.tta,
         "pair_method": ("blend" if fused is None else "fusion") if args.pair_eyes else None,
-        "head": head.name,
-        "cut_points": cuts,
+        "outputs": outputs_label(method, decisions),  # what every figure and headline shows
+        "head": best.head.name,
+        "cut_points": list(result.cuts) if result.cuts else None,  # those of these grades
         "recall": result.recall,
         "confusion": result.confusion.tolist(),
         **screen,
@@ -296,8 +293,8 @@ def evaluate_folder(
                 model, info, accelerator, result, manifest.root, args.split, args.explain, out
             )
         accelerator.print(
-            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE}, {RELIABILITY_FILE} "
-            f"and confusion_{args.split}.csv/.png"
+            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE}, {RELIABILITY_FILE}, "
+            f"{FIGURES_FILE} and confusion_{args.split}.csv/.png"
         )
     return metrics, result
 
@@ -306,7 +303,8 @@ def report(accelerator, info, args, metrics, alone: EvalResult, result: EvalResu
     """The figures, printed as lines."""
     recall = " / ".join(f"{r:.2f}" for r in result.recall)
     accelerator.print(
-        f"{info['arch']} epoch {info.get('epoch')} on {args.split} ({result.samples} images): "
+        f"{info['arch']} epoch {info.get('epoch')} on {args.split} ({result.samples} images, "
+        f"{metrics['outputs']}): "
         f"accuracy {100 * result.accuracy:.2f} %, kappa {result.kappa:.4f}, loss {result.loss:.4f}, "
         f"recall 0-4 {recall}"
     )
@@ -347,7 +345,8 @@ def write_folder(
     out: Path, info, split: str, metrics, result, positive, score, threshold, shards: Path
 ) -> None:
     """metrics.json, the confusion matrix (CSV, PNG), predictions.csv (with the original paths
-    of ``shards``' samples.csv), roc.png and reliability.png."""
+    of ``shards``' samples.csv), roc.png and reliability.png, and figures.md: the text
+    beside each figure (its key numbers, the outputs it draws)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
@@ -364,10 +363,15 @@ def write_folder(
         "referable DR (>= 2)": (positive, score),
         "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
     }
-    plot_roc(curves, threshold, out / ROC_FILE, title=f"{info['arch']} on {split}")
-    plot_reliability(
-        reliability_curves(result), out / RELIABILITY_FILE, title=f"{info['arch']} on {split}"
-    )
+    title = f"{info['arch']} on {split}: {metrics['outputs']}"
+    plot_roc(curves, threshold, out / ROC_FILE, title=title)
+    plot_reliability(reliability_curves(result), out / RELIABILITY_FILE, title=title)
+    captions = {
+        ROC_FILE: roc_caption(result, threshold, metrics["outputs"]),
+        RELIABILITY_FILE: reliability_caption(split, result),
+    }
+    text = "".join(f"![{name}]({name})\n\n{caption}\n\n" for name, caption in captions.items())
+    atomic_write_text(out / FIGURES_FILE, text)
 
 
 def explain_wrong(model, info, accelerator, result: EvalResult, shards: Path, split, n, out):
@@ -390,46 +394,6 @@ def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:
     table["patient"] = [r.patient if r else p for r, p in zip(known, table["patient"], strict=True)]
     table.insert(1, "path", [r.path if r else "" for r in known])
     return table
-
-
-def checkpoint_accelerator(info: dict) -> Accelerator:
-    """An Accelerator with the checkpoint's precision (the trainer's), every GPU or the CPU."""
-    cuda = torch.cuda.is_available()
-    precision = (info.get("config") or {}).get("precision", "auto")
-    return Accelerator(cpu=not cuda, mixed_precision=resolve_precision(precision, cuda))
-
-
-def checkpoint_loader(
-    info: dict,
-    shards: Path,
-    split: str,
-    accelerator: Accelerator,
-    batch_size: int | None = None,
-    backend: str | None = None,
-    workers: int | None = None,
-) -> Loader:
-    """This rank's evaluation loader (with keys) of ``split``, as the trainer built it: the
-    checkpoint's batch size, image size, seed and backend unless given."""
-    cfg = info.get("config") or {}
-    batch_size = batch_size or cfg.get("batch_size", 8)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    return build_loader(
-        shards,
-        split,
-        train=False,
-        batch_size=batch_size,
-        image_size=int(info["image_size"]),
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=cfg.get("seed", 0),
-        backend=backend or cfg.get("backend", "auto"),
-        device=accelerator.device,
-        workers=workers,
-        channels_last=accelerator.device.type == "cuda",
-        with_keys=True,
-        normalize=(info["mean"], info["std"]) if "mean" in info else None,
-    )
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:

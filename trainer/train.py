@@ -68,14 +68,12 @@ from pipeline.manifest import Manifest, read_manifest
 from pipeline.verify import verify_shards
 from trainer import smoke
 from trainer.base.bestfile import BEST_FILE
+from trainer.base.decisions import Decisions
 from trainer.base.distributed import bare, resolve_precision
-from trainer.base.heads import build_head, tune_cuts
+from trainer.base.heads import MIN_BAND, build_head
 from trainer.base.metrics import (
-    REFERABLE_GRADE,
-    kappa_of,
-    operating_threshold,
     plot_confusion,
-    referable_score,
+    read_confusion_csv,
     screening,
     write_confusion_csv,
 )
@@ -112,10 +110,11 @@ from trainer.fitting.engine import (
     train_one_epoch,
 )
 from trainer.fitting.scaling import batch_line, process_group_kwargs
-from trainer.judging.calibration import calibrate_on, ece_figures
+from trainer.judging.calibration import ece_figures
+from trainer.judging.deciding import decide, tunes_cuts
 from trainer.judging.evaluation import EvalResult, evaluate
-from trainer.judging.pairing import choose_blend, choose_blend_and_cuts
 from trainer.judging.run_page import save_predictions, write_report
+from trainer.judging.sanity import guess_loss, run_warnings
 from trainer.judging.selection import SMALL_VAL, selection_for, squared_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         on_leader(accelerator, lambda: check_shards(cfg.shards))
     chooser = choosing_split(manifest, accelerator)
     selection = selection_for(cfg.head, chooser, manifest.split(chooser).samples)
+    tune = tunes_cuts(cfg.head, manifest.split(chooser).samples, cfg.tune_cuts)
     set_seed(cfg.seed)
 
     gpu = accelerator.device.type == "cuda"
@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{chooser} has fewer than {SMALL_VAL} images: the best epoch is the one with the "
             f"lowest {chooser} MSE (tuned cut-points would fit its noise); see docs/recipes.md"
         )
+    if cfg.head == "regress":
+        accelerator.print(cuts_line(chooser, manifest.split(chooser).samples, tune))
     start, best = 0, None
     if state:
         start, best = restore(state, cfg, accelerator, model, optimizer, scheduler, ema, out, steps)
@@ -228,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for split, loader in eval_loaders.items()
         }
-        results, choices = choose_on(chooser, results)
-        row = metrics_row(epoch, train, results, choices, time.perf_counter() - begin)
+        results, decisions = choose_on(chooser, results, tune)
+        row = metrics_row(epoch, train, results, decisions, time.perf_counter() - begin)
         accelerator.print(format_row(row, cfg.epochs))
         row["selected_by"] = selection.key
         is_best = selection.better(row, best)
@@ -256,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     checksums = gather_object([state_checksum(bare(accelerator, evaluated).state_dict())])
     if len(set(checksums)) > 1:
         raise RuntimeError(f"the ranks ended with different weights: {checksums}")
+    # rank 0 wrote the files it reads; other machines may not see the run folder
+    warnings = usefulness(out, cfg, manifest, best, chooser) if accelerator.is_main_process else []
+    for line in warnings:
+        accelerator.print(f"warning: {line}")
     if accelerator.is_main_process:
-        write_summary(out, cfg, env, best, checksums, chooser)
+        write_summary(out, cfg, env, best, checksums, chooser, warnings)
         report(out)
     accelerator.print(final_line(best, chooser, out))
     for loader in (train_loader, *eval_loaders.values()):
@@ -336,6 +342,19 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         project_dir=cfg.out or "runs",
         # rank 0's long work (--verify-shards, plots) must not trip NCCL's 10 minutes
         kwargs_handlers=[process_group_kwargs()],
+    )
+
+
+def cuts_line(chooser: str, samples: int, tune: bool) -> str:
+    """The log's line on the regress head's cut-points: tuned on val, or fixed and why."""
+    if not tune:
+        return (
+            f"{chooser} has {samples} images (< {SMALL_VAL}): the regress head keeps the "
+            "cut-points 0.5/1.5/2.5/3.5 (--tune-cuts tunes them on it)"
+        )
+    return (
+        f"the regress head's cut-points are tuned on {chooser} ({samples} images) for kappa, "
+        f"every grade keeping a band of at least {MIN_BAND}"
     )
 
 
@@ -560,51 +579,32 @@ def _git(*args: str) -> str:
 # ---------------------------------------------------------------- per epoch
 
 
-def referable(result: EvalResult) -> tuple[np.ndarray, np.ndarray]:
-    """(referable DR or not, referable score) per image of a split."""
-    return result.labels >= REFERABLE_GRADE, referable_score(result.probs)
-
-
-def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, EvalResult], dict]:
-    """What the choosing split (val; test without one) decides, applied unchanged to every
-    split: the regress head's cut-points, the both-eyes blend weight, the screening threshold."""
-    base = results[chooser]
-    cuts = tune_cuts(base.outputs[:, 0], base.labels) if base.head.name == "regress" else None
-    results = {split: result.with_cuts(cuts) for split, result in results.items()}
-    results, temperature = calibrate_on(chooser, results)  # the threshold is chosen calibrated
-    base = results[chooser]
-    pair_cuts = None
-    if cuts:  # the blend and the cut-points that go with it, chosen together
-        blend, pair_cuts = choose_blend_and_cuts(base.keys, base.outputs, base.labels, cuts)
-    else:
-        blend = choose_blend(
-            base.keys, base.outputs, lambda o: kappa_of(base.labels, base.head.grades(o))
-        )
-    threshold = operating_threshold(*referable(base))
-    return results, {
-        "cut_points": list(cuts) if cuts else None,  # lists, as in metrics.jsonl
-        "pair_blend": blend,
-        "pair_cut_points": list(pair_cuts) if pair_cuts else None,
-        "referable_threshold": threshold,
-        "temperature": temperature,
-    }
+def choose_on(
+    chooser: str, results: dict[str, EvalResult], tune: bool
+) -> tuple[dict[str, EvalResult], Decisions]:
+    """What the choosing split (val; test without one) decides (trainer/judging/deciding.py),
+    applied unchanged to every split."""
+    decisions = decide(results[chooser], tune)
+    return {split: result.decided(decisions) for split, result in results.items()}, decisions
 
 
 def metrics_row(
-    epoch: int, train: TrainResult, results: dict[str, EvalResult], choices: dict, epoch_s: float
+    epoch: int,
+    train: TrainResult,
+    results: dict[str, EvalResult],
+    decisions: Decisions,
+    epoch_s: float,
 ) -> dict:
     """The epoch's line of metrics.jsonl: train, then per split the grading and screening
     figures (and kappa with both eyes blended), then what was chosen on val."""
     row = {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy}
     for split, r in results.items():
-        screen = screening(r.labels, r.probs, choices["referable_threshold"])
+        screen = screening(r.labels, r.probs, decisions.referable_threshold)
         row |= {
             f"{split}_loss": r.loss,
             f"{split}_acc": r.accuracy,
             f"{split}_qwk": r.kappa,
-            f"{split}_qwk_paired": r.paired(
-                choices["pair_blend"], choices["pair_cut_points"]
-            ).kappa,
+            f"{split}_qwk_paired": r.both_eyes(decisions).kappa,
             f"{split}_recall": r.recall,
             **{f"{split}_{k}": v for k, v in screen.items()},
             **ece_figures(r, f"{split}_"),
@@ -612,7 +612,7 @@ def metrics_row(
         if r.head.name == "regress":
             row[f"{split}_mse"] = squared_error(r.outputs, r.labels)
     timing = {"images_per_s": train.images_per_s, "epoch_s": epoch_s, "lr": train.lr}
-    return row | choices | timing | {"first_batch_s": train.first_batch_s}
+    return row | decisions.to_dict() | timing | {"first_batch_s": train.first_batch_s}
 
 
 def format_row(row: dict, epochs: int) -> str:
@@ -780,8 +780,24 @@ def report(out: Path) -> None:
         print(f"warning: report.html not written ({type(err).__name__}: {err}); dr-report {out}")
 
 
+def usefulness(
+    out: Path, cfg: TrainConfig, manifest: Manifest, best: dict, chooser: str
+) -> list[str]:
+    """Why the run is useless, if it is (trainer/judging/sanity.py), from the run's files."""
+    matrix = out / CONFUSION_DIR / f"{chooser}_epoch_{best['epoch']:03d}.csv"
+    confusion = read_confusion_csv(matrix) if matrix.is_file() else None
+    guess = guess_loss(cfg.head, manifest.split("train").class_counts, cfg.regress_loss)
+    return run_warnings(read_metrics(out), chooser, confusion, guess)
+
+
 def write_summary(
-    out: Path, cfg: TrainConfig, env: dict, best: dict, checksums: list[str], chooser: str
+    out: Path,
+    cfg: TrainConfig,
+    env: dict,
+    best: dict,
+    checksums: list[str],
+    chooser: str,
+    warnings: list[str],
 ) -> None:
     rows = read_metrics(out)
     atomic_write_json(
@@ -802,6 +818,7 @@ def write_summary(
             "device": env["device"],
             "weights_sha256_per_rank": checksums,
             "best_checkpoint": str(out / BEST_FILE),
+            "warnings": warnings,  # why the run is useless (trainer/judging/sanity.py), if it is
         },
     )
 

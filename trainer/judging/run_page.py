@@ -31,6 +31,7 @@ import html
 import io
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,15 @@ from pipeline.constants import NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_text
 from trainer.base.bestfile import BEST_FILE
+from trainer.base.decisions import Decisions
 from trainer.base.heads import build_head
-from trainer.base.metrics import REFERABLE_GRADE, any_dr_score, plot_roc, referable_score
+from trainer.base.metrics import (
+    REFERABLE_GRADE,
+    any_dr_score,
+    plot_roc,
+    read_confusion_csv,
+    referable_score,
+)
 from trainer.base.runfiles import (
     CONFIG_FILE,
     CONFUSION_DIR,
@@ -51,7 +59,10 @@ from trainer.base.runfiles import (
     read_metrics,
 )
 from trainer.judging.calibration import plot_reliability, reliability_curves
+from trainer.judging.captions import outputs_label, reliability_caption, roc_caption, score_text
 from trainer.judging.evaluation import EvalResult
+from trainer.judging.sanity import run_warnings
+from trainer.judging.selection import SMALL_VAL, Selection
 
 PREDICTIONS_DIR = "predictions"
 GALLERY = 12  # photographs in the gallery
@@ -97,70 +108,49 @@ def save_predictions(run_dir: Path, epoch: int, results: dict[str, EvalResult]) 
             path.unlink()
 
 
-def result_from_table(table: pd.DataFrame, head: str, cuts, temperature) -> EvalResult:
+def result_from_table(table: pd.DataFrame, head: str, decisions: Decisions) -> EvalResult:
+    """A saved predictions table as the result it was written from: its raw outputs, read
+    with the decisions of that epoch (the temperature included: every figure is calibrated)."""
     outputs = table[[c for c in table.columns if c.startswith("out")]].to_numpy(np.float32)
     return EvalResult(
-        float("nan"),
-        list(table["key"]),
-        table["true"].to_numpy(np.int64),
-        outputs,
-        build_head(head),
-        tuple(cuts) if cuts else None,
-        temperature,
-    )
+        keys=list(table["key"]),
+        labels=table["true"].to_numpy(np.int64),
+        outputs=outputs,
+        head=build_head(head),
+    ).decided(decisions)
 
 
 def best_results(run_dir: Path, best: dict, config: dict, shards: Path | None) -> dict:
     """split -> EvalResult at the best epoch: saved by the trainer, else evaluated again."""
-    head, cuts, temperature = (
-        config.get("head", "classify"),
-        best.get("cut_points"),
-        best.get("temperature"),
-    )
+    head = config.get("head", "classify")
+    decisions = Decisions.from_dict(best, f"{run_dir}'s best epoch")
     found = {}
     for split in ("val", "test"):
         path = predictions_path(run_dir, split, best["epoch"])
         if path.is_file():
-            found[split] = result_from_table(pd.read_csv(path), head, cuts, temperature)
+            found[split] = result_from_table(pd.read_csv(path), head, decisions)
     if "test" in found or shards is None or not (Path(run_dir) / BEST_FILE).is_file():
         return found
     return evaluate_again(Path(run_dir) / BEST_FILE, shards)
 
 
 def evaluate_again(checkpoint: Path, shards: Path) -> dict:
-    """Every split of ``shards`` through best.pt, in this process (the torch loader)."""
-    import torch
-    from accelerate import Accelerator
-
-    from pipeline.loading.loader import build_loader
+    """Every split of ``shards`` through best.pt, in this process (the torch loader), the one
+    way evaluate takes: the checkpoint's normalisation, decisions and precision."""
     from pipeline.manifest import read_manifest
-    from trainer.base.bestfile import head_of, load_best
-    from trainer.judging.evaluation import evaluate
+    from trainer.base.bestfile import open_best
+    from trainer.judging.evaluation import checkpoint_accelerator, evaluate_best
 
-    model, info = load_best(checkpoint)
-    head, cuts = head_of(info)
+    best = open_best(checkpoint)
     manifest = read_manifest(shards)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model = model.to(accelerator.device)
-    found = {}
-    for split in ("val", "test"):
-        if not manifest.has(split):
-            continue
-        loader = build_loader(
-            shards,
-            split,
-            train=False,
-            batch_size=16,
-            image_size=int(info["image_size"]),
-            backend="torch",
-            device=accelerator.device,
-            workers=0,
-            with_keys=True,
-        )
-        result = evaluate(model, loader, accelerator, head, cuts=cuts)
-        found[split] = result.with_temperature(info.get("temperature"))
-        loader.close()
-    return found
+    accelerator = checkpoint_accelerator(best.info)
+    model = best.model.to(accelerator.device)
+    options = {"batch_size": 16, "backend": "torch", "workers": 0}
+    return {
+        split: evaluate_best(best, model, accelerator, shards, split, loader_options=options)[0]
+        for split in ("val", "test")
+        if manifest.has(split)
+    }
 
 
 # ---------------------------------------------------------------- figures
@@ -188,16 +178,16 @@ def plot_curves(rows: list[dict], best_epoch: int, target) -> None:
                 ys = [np.nan if v is None else v for v in values]
                 ax.plot(epochs, ys, style, color=colour, marker="o", label=split)
         ax.axvline(best_epoch, color="grey", alpha=0.5, label=f"best epoch ({best_epoch})")
-        ax.set(title=title, xlabel="epoch")
+        ax.set(title=title, xlabel="epoch", ylabel=title)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(target, format="png", dpi=90)
     plt.close(fig)
 
 
-def roc_png(result: EvalResult, threshold: float | None) -> bytes | None:
+def roc_png(result: EvalResult, threshold: float | None, outputs: str) -> bytes | None:
     positive = result.labels >= REFERABLE_GRADE
     if positive.all() or not positive.any():
         return None
@@ -205,11 +195,13 @@ def roc_png(result: EvalResult, threshold: float | None) -> bytes | None:
         "referable DR (>= 2)": (positive, referable_score(result.probs)),
         "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
     }
-    return png(lambda f: plot_roc(curves, threshold, f, title="test, operating point from val"))
+    title = f"test ({outputs}), operating point from val"
+    return png(lambda f: plot_roc(curves, threshold, f, title=title))
 
 
-def gallery(run_dir: Path, result: EvalResult, shards: Path | None, count: int) -> list:
-    """(PNG bytes, caption) of the most confidently wrong test photographs, with their maps."""
+def gallery(run_dir: Path, result: EvalResult, shards: Path | None, count: int, threshold) -> list:
+    """(PNG bytes, caption) of the most confidently wrong test photographs, with their maps;
+    each referable score printed with the digits that compare it with the threshold."""
     from trainer.base.bestfile import load_best
     from trainer.judging.explain import rank_wrong, write_overlays
 
@@ -219,12 +211,14 @@ def gallery(run_dir: Path, result: EvalResult, shards: Path | None, count: int) 
     if chosen.empty or shards is None or not (Path(run_dir) / BEST_FILE).is_file():
         return []
     model, info = load_best(Path(run_dir) / BEST_FILE)
+    limit = "" if threshold is None else f" (threshold {score_text(threshold, threshold)})"
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_overlays(model, info, shards, "test", chosen, Path(tmp))
+        paths = write_overlays(model, info, shards, "test", chosen, Path(tmp), captioned=False)
         return [
             (
                 p.read_bytes(),
-                f"{row.key}: true {row.true}, predicted {row.pred}, referable score {row.referable_score:.2f}",
+                f"{row.key}: true {row.true}, predicted {row.pred}, referable score "
+                f"{score_text(row.referable_score, threshold)}{limit}",
             )
             for p, row in zip(paths, chosen.itertuples(), strict=True)
         ]
@@ -267,6 +261,7 @@ td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
 th { background: #f3f3f3; } img { max-width: 100%; }
 .gallery figure { display: inline-block; width: 48%; margin: 0.5%; }
 .note { color: #666; }
+.warning { color: #a00; font-weight: bold; } td.zero { background: #fdd; }
 """
 
 
@@ -300,6 +295,19 @@ def run_section(config: dict, summary: dict | None, rows: list[dict]) -> str:
     return section("run", "The run", f"<p>{html.escape(state)}</p>" + table(cells))
 
 
+SELECTED_BY = {"qwk": "the highest {split} kappa", "mse": "the lowest {split} MSE"}
+
+
+def selection_sentence(best: dict, chooser: str) -> str:
+    """How the best epoch was chosen, as summary.json's ``selected_by`` says."""
+    key = best.get("selected_by", f"{chooser}_qwk")
+    split, statistic = key.split("_", 1)
+    how = SELECTED_BY.get(statistic, "the best {split} " + statistic).format(split=split)
+    if statistic == "mse":
+        how += f" (the regress head on a {split} split under {SMALL_VAL} images)"
+    return f"Epoch {best['epoch']}, {how}. Val chooses, test reports."
+
+
 def figures_section(best: dict, chooser: str) -> str:
     splits = [s for s in ("val", "test") if f"{s}_qwk" in best]
     rows = [
@@ -312,25 +320,67 @@ def figures_section(best: dict, chooser: str) -> str:
             figure_cell("referable_threshold", best),
         ],
         ["<th>temperature</th>", figure_cell("temperature", best)],
+        ["<th>both eyes: partner weight</th>", figure_cell("pair_blend", best)],
     ]
-    intro = f"<p>Epoch {best['epoch']}, the highest {chooser} kappa. Val chooses, test reports.</p>"
+    for key, label in (("cut_points", "cut-points"), ("pair_cut_points", "cut-points, both eyes")):
+        if best.get(key):
+            chosen.append([f"<th>{label}</th>", *(f"<td>{c:.4f}</td>" for c in best[key])])
+    intro = f"<p>{html.escape(selection_sentence(best, chooser))}</p>"
     return section(
         "figures", "Figures at the best epoch", intro + table(rows, ["", *splits]) + table(chosen)
     )
 
 
-def recall_section(best: dict) -> str:
-    rows = []
+def recall_section(best: dict, present: dict[str, np.ndarray]) -> str:
+    """Recall per grade; a grade of the split that no photograph was graded as is marked."""
+    rows, missed = [], []
     for split in ("val", "test"):
-        if f"{split}_recall" in best:
-            rows.append(
-                [f"<th>{split}</th>", *(f"<td>{r:.3f}</td>" for r in best[f"{split}_recall"])]
-            )
+        if f"{split}_recall" not in best:
+            continue
+        cells = []
+        for grade, r in enumerate(best[f"{split}_recall"]):
+            zero = r == 0 and split in present and present[split][grade] > 0
+            missed += [f"grade {grade} on {split}"] if zero else []
+            mark = ' class="zero" title="no photograph of this grade was graded so"'
+            cells.append(f"<td{mark if zero else ''}>{r:.3f}{' (none found)' if zero else ''}</td>")
+        rows.append([f"<th>{split}</th>", *cells])
+    note = (
+        f'<p class="warning">Zero recall: {html.escape(", ".join(missed))}.</p>' if missed else ""
+    )
     return section(
         "recall",
         "Recall per grade at the best epoch",
-        table(rows, ["", *(f"grade {g}" for g in range(NUM_CLASSES))]),
+        note + table(rows, ["", *(f"grade {g}" for g in range(NUM_CLASSES))]),
     )
+
+
+def figure(data: bytes | None, alt: str, caption: str) -> str:
+    """A picture and the one caption that states its key numbers."""
+    if data is None:
+        return f'<p class="note">{html.escape(caption)}</p>'
+    return f"<figure>{img(data, alt)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def warnings_block(summary: dict | None, rows: list[dict], run_dir: Path, best, chooser) -> str:
+    """Why the run is useless, first on the page: summary.json's, else judged from its files."""
+    if summary is not None and "warnings" in summary:
+        found = summary["warnings"]
+    else:
+        matrix = run_dir / CONFUSION_DIR / f"{chooser}_epoch_{best['epoch']:03d}.csv"
+        confusion = read_confusion_csv(matrix) if matrix.is_file() else None
+        found = run_warnings(rows, chooser, confusion, None)
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in found)
+    return f'<section id="warnings" class="warning"><ul>{items}</ul></section>' if found else ""
+
+
+def chosen_row(rows: list[dict], chooser: str) -> dict:
+    """The best epoch of an unfinished run, as the trainer chose it (its ``selected_by``)."""
+    selection = Selection(rows[-1].get("selected_by", f"{chooser}_qwk"), True)
+    selection = replace(selection, higher_is_better=not selection.key.endswith("_mse"))
+    best = None
+    for row in rows:
+        best = row if selection.better(row, best) else best
+    return best
 
 
 def build_html(run_dir: Path, shards: Path | None = None, gallery_size: int = GALLERY) -> str:
@@ -342,16 +392,23 @@ def build_html(run_dir: Path, shards: Path | None = None, gallery_size: int = GA
     chooser = (
         summary["chosen_on"] if summary else ("val" if rows and "val_qwk" in rows[0] else "test")
     )
-    if summary:
-        best = summary["best"]
-    else:  # the first of equals, as the trainer keeps it
-        best = max(rows, key=lambda r: (r[f"{chooser}_qwk"], -r["epoch"]))
+    best = summary["best"] if summary else chosen_row(rows, chooser)
     shards = shards or _existing(config.get("config", {}).get("shards"))
     name = html.escape(run_dir.resolve().name)
-    parts = [run_section(config, summary, rows), figures_section(best, chooser)]
+    parts = [
+        warnings_block(summary, rows, run_dir, best, chooser),
+        run_section(config, summary, rows),
+        figures_section(best, chooser),
+    ]
+    curves_caption = (
+        "Loss, accuracy, quadratic kappa and referable-DR AUC per epoch for train, val and "
+        f"test; the grey line marks the best epoch ({best['epoch']})."
+    )
     parts.append(
         section(
-            "curves", "Per epoch", img(png(lambda f: plot_curves(rows, best["epoch"], f)), "curves")
+            "curves",
+            "Per epoch",
+            figure(png(lambda f: plot_curves(rows, best["epoch"], f)), "curves", curves_caption),
         )
     )
     matrices = [
@@ -371,36 +428,38 @@ def build_html(run_dir: Path, shards: Path | None = None, gallery_size: int = GA
     )
     results = best_results(run_dir, best, config.get("config", {}), shards)
     test = results.get("test")
-    missing = '<p class="note">needs the best epoch\'s predictions, or best.pt and the shards</p>'
-    roc = roc_png(test, best.get("referable_threshold")) if test is not None else None
+    missing = "needs the best epoch's predictions, or best.pt and the shards"
+    threshold = best.get("referable_threshold")
+    outputs = outputs_label("alone")  # the trainer's test figures: each eye alone
+    roc = roc_png(test, threshold, outputs) if test is not None else None
     parts.append(
         section(
             "roc",
             "Referable DR on test: ROC and the operating point",
-            img(roc, "roc") if roc else missing,
+            figure(roc, "roc", roc_caption(test, threshold, outputs) if test else missing),
         )
     )
     curves = {f"{s}, {k}": v for s, r in results.items() for k, v in reliability_curves(r).items()}
+    captions = " ".join(reliability_caption(s, r) for s, r in results.items())
+    reliability_png = png(lambda f: plot_reliability(curves, f, title="val and test"))
     parts.append(
         section(
             "reliability",
             "Reliability: is a 90 % grade right 90 % of the time?",
-            img(png(lambda f: plot_reliability(curves, f, title="val and test")), "reliability")
+            figure(reliability_png, "reliability", captions)
             if curves
-            else missing,
+            else figure(None, "", missing),
         )
     )
-    parts.append(recall_section(best))
-    shown = gallery(run_dir, test, shards, gallery_size) if test is not None else []
-    figures = "".join(
-        f"<figure>{img(data, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>"
-        for data, caption in shown
-    )
+    present = {s: np.bincount(r.labels, minlength=NUM_CLASSES) for s, r in results.items()}
+    parts.append(recall_section(best, present))
+    shown = gallery(run_dir, test, shards, gallery_size, threshold) if test is not None else []
+    figures = "".join(figure(data, caption, caption) for data, caption in shown)
     parts.append(
         section(
             "gallery",
             "The most confidently wrong test photographs, and where the model looked",
-            f'<div class="gallery">{figures}</div>' if figures else missing,
+            f'<div class="gallery">{figures}</div>' if figures else figure(None, "", missing),
         )
     )
     return (
