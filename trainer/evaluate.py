@@ -272,7 +272,8 @@ def evaluate_folder(
         "pair_method": ("blend" if fused is None else "fusion") if args.pair_eyes else None,
         "outputs": outputs_label(method, decisions),  # what every figure and headline shows
         "head": best.head.name,
-        "cut_points": list(result.cuts) if result.cuts else None,  # those of these grades
+        "cut_points": decisions.to_dict()["cut_points"],  # each eye alone's
+        "pair_cut_points": decisions.to_dict()["pair_cut_points"],  # blended (None: the same)
         "recall": result.recall,
         "confusion": result.confusion.tolist(),
         **screen,
@@ -397,8 +398,9 @@ def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:
 
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:
-    """One row per image; 8 decimals keep the scores' ranking (and so the AUC) as computed."""
-    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.8f"))
+    """One row per image; 9 significant digits give back each float32 score exactly (its
+    ranking, the AUC, and which side of the threshold it falls on)."""
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
 
 
 def cli() -> None:

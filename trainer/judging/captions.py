@@ -55,11 +55,11 @@ def reliability_caption(name: str, result) -> str:
 
 
 def score_text(score: float, threshold: float | None) -> str:
-    """``score`` with enough decimals to compare with ``threshold``: at least 3 significant
-    digits of the threshold, more until the two differ as printed."""
+    """``score`` with enough decimals to compare with ``threshold``: 4 significant digits of
+    the threshold, more until the two differ as printed."""
     if threshold is None or not threshold > 0:
-        return f"{score:.3f}"
-    digits = max(3, 2 - math.floor(math.log10(threshold)))
+        return f"{score:.4f}"
+    digits = max(4, 3 - math.floor(math.log10(threshold)))
     while digits < 10 and f"{score:.{digits}f}" == f"{threshold:.{digits}f}" and score != threshold:
         digits += 1
     return f"{score:.{digits}f}"

@@ -101,7 +101,8 @@ def save_predictions(run_dir: Path, epoch: int, results: dict[str, EvalResult]) 
         for k in range(result.outputs.shape[1]):
             table[f"out{k}"] = result.outputs[:, k]
         path = predictions_path(run_dir, split, epoch)
-        atomic_write_text(path, table.to_csv(index=False, float_format="%.8g"))
+        # 9 significant digits: every float32 back exactly (8 moved a score off the threshold)
+        atomic_write_text(path, table.to_csv(index=False, float_format="%.9g"))
     epochs = sorted({path.stem.rsplit("_", 1)[1] for path in folder.glob("*_epoch_*.csv")})
     for path in folder.glob("*_epoch_*.csv"):
         if path.stem.rsplit("_", 1)[1] not in epochs[-2:]:
