@@ -342,7 +342,10 @@ def test_the_recipe_run_records_every_resolved_value(huang_run):
     assert saved["recipe"] == "huang2023" and saved["batch_size"] == 16
     assert {k: saved[k] for k in HUANG2023} == HUANG2023 | overridden
     row = json.loads((huang_run["run"] / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["selected_by"] == "val_mse" and "val_mse" in row and len(row["pair_cut_points"]) == 4
+    assert row["selected_by"] == "val_mse" and "val_mse" in row
+    # 16 val images and no --tune-cuts: the fixed cut-points, said in the log
+    assert row["cut_points"] == [0.5, 1.5, 2.5, 3.5] and row["pair_cut_points"] is None
+    assert "keeps the cut-points 0.5/1.5/2.5/3.5" in huang_run["train"].stdout
     assert "lowest val MSE" in huang_run["train"].stdout.strip().splitlines()[-1]
     # --normalize dataset: best.pt carries the train split's own statistics
     best = torch.load(huang_run["run"] / "best.pt", map_location="cpu", weights_only=False)
