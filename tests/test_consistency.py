@@ -213,6 +213,11 @@ def check_run(run: Path) -> tuple[dict, dict, dict[str, pd.DataFrame]]:
         val["true"] >= 2, val["referable_score"], drop_intermediate=False
     )
     assert best["referable_threshold"] == pytest.approx(thresholds[np.argmax(tpr >= 0.9)], abs=1e-6)
+    # "useless" is said exactly when val's predictions fall on one grade of several
+    val_collapsed = val["pred"].nunique() == 1 and val["true"].nunique() > 1
+    assert any("collapsed" in w for w in summary["warnings"]) == val_collapsed
+    losses = [r["train_loss"] for r in rows]
+    assert any("diverged" in w for w in summary["warnings"]) == (losses[-1] > 3 * losses[0])
     return summary, config, tables
 
 
@@ -268,6 +273,13 @@ def check_reliability_caption(caption: str, split: str, table, head: str, best: 
 def check_report(run: Path, summary: dict, config: dict, tables: dict) -> None:
     page, shown, captions = report_text(run)
     best = summary["best"]
+    body = page.split("<body>")[1]
+    if summary["warnings"]:  # first on the page, each as summary.json says it
+        top = body.split('<section id="warnings" class="warning">')[1].split("</section>")[0]
+        assert body.index("warnings") < body.index('<section id="run">')
+        assert re.findall(r"<li>(.*?)</li>", top) == [html.escape(w) for w in summary["warnings"]]
+    else:
+        assert 'id="warnings"' not in body
     for key, value in shown.items():  # every data-value is the summary's figure
         assert float(value) == pytest.approx(best[key], abs=1e-12), key
     figures = {f"{s}_{k}" for s in ("val", "test") for k in ("qwk", "qwk_paired", "acc", "loss")}

@@ -16,7 +16,9 @@ sensitivity and specificity at the operating point stored in the checkpoint (cho
 val by the trainer, or by dr-fuse for the fused scores), and any-DR (grade >= 1) ROC-AUC.
 Probabilities are calibrated with the checkpoint's temperature (classify and ordinal heads);
 ``ece_raw`` and ``ece`` are the expected calibration error before and after it,
-``reliability.png`` draws both. With ``--explain N``, ``cam/<key>.png`` shows where the model
+``reliability.png`` draws both; ``figures.md`` gives beside each figure its key numbers and
+which outputs it draws (``metrics.json``'s ``outputs``: each eye alone, both eyes blended
+w=..., fused). With ``--explain N``, ``cam/<key>.png`` shows where the model
 looked (trainer/judging/explain.py) in the N most confidently wrong photographs (largest grade
 distance first). It evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the

@@ -10,7 +10,8 @@ on a small val split: trainer/selection.py; test's when the shards have no val s
      ordinal 4), "cut_points" (regress), "pair_blend" (both eyes), "pair_cut_points"
      (regress, both eyes blended), "referable_threshold" (the screening operating point),
      "temperature" (classify/ordinal: outputs / T before the softmax or sigmoid;
-     trainer.calibration): the last five chosen on val; "fusion" (written by tools/fuse.py:
+     trainer.calibration): the last five chosen on val, one ``Decisions``
+     (trainer/base/decisions.py) that ``open_best`` reads back checked; "fusion" (written by tools/fuse.py:
      trainer/fusion.py); "epoch", "metrics", "config"}
 
 It loads with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.

@@ -5,18 +5,24 @@ folder, also one resumed or killed half way (it then shows the epochs that finis
 self-contained file: every figure is a PNG embedded as base64, no script, no stylesheet or
 font from elsewhere, so it opens offline and can be mailed. Sections (their ``id``):
 
+- ``warnings`` (first, only when there are any): why the run is useless (summary.json's,
+  trainer/judging/sanity.py);
 - ``run``: the config and the environment;
 - ``figures``: the chosen epoch's figures on val and test (the numbers of summary.json,
-  or of the best epoch so far for an unfinished run);
+  or of the best epoch so far for an unfinished run), and how it was chosen (``selected_by``);
 - ``curves``: loss, accuracy, kappa and referable-DR AUC per epoch (train, val, test),
   the best epoch marked;
 - ``confusion``: the confusion matrices of val and test at the best epoch;
 - ``roc``: the referable-DR ROC of test with the operating point chosen on val;
 - ``reliability``: how often a grade given with confidence c is right, before and after
-  the temperature;
-- ``recall``: recall per grade on val and test at the best epoch;
+  the temperature, with each bin's image count;
+- ``recall``: recall per grade on val and test at the best epoch, a grade the split has
+  but never got marked;
 - ``gallery``: the most confidently wrong test photographs, the largest grade distance
   first, each with its class-activation map, true and predicted grade, referable score.
+
+Each figure has one caption beside it (trainer/judging/captions.py) with its key numbers,
+computed from the same calibrated ``EvalResult`` it is drawn from.
 
 The per-image sections need the best epoch's predictions: the trainer keeps them as
 ``predictions/{val,test}_epoch_NNN.csv`` (``save_predictions``); a run without them (an
