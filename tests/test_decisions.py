@@ -139,3 +139,17 @@ def test_doctor_judges_bf16_as_the_trainer_does(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: not k)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     assert "fp16" in doctor.check_precision().found
+
+
+def test_splits_evaluated_together_keep_the_checkpoint_decisions():
+    from trainer.judging.external import combined
+
+    logits = np.array([[2.0, 0, 0, 0, 0], [0, 0, 3.0, 0, 0]], np.float32)
+    decided = Decisions(temperature=2.0)
+    parts = [
+        EvalResult(keys=[key], labels=np.array([g]), outputs=logits[i : i + 1]).decided(decided)
+        for i, (key, g) in enumerate((("1_left", 0), ("1_right", 2)))
+    ]
+    together = combined(parts)
+    assert together.temperature == 2.0
+    np.testing.assert_allclose(together.probs, np.vstack([p.probs for p in parts]), atol=1e-7)
