@@ -127,10 +127,11 @@ def result_from_table(table: pd.DataFrame, head: str, decisions: Decisions) -> E
     ).decided(decisions)
 
 
-def best_results(run_dir: Path, best: dict, config: dict, shards: Path | None) -> dict:
+def best_results(
+    run_dir: Path, best: dict, decisions: Decisions, config: dict, shards: Path | None
+) -> dict:
     """split -> EvalResult at the best epoch: saved by the trainer, else evaluated again."""
     head = config.get("head", "classify")
-    decisions = Decisions.from_dict(best, f"{run_dir}'s best epoch")
     found = {}
     for split in ("val", "test"):
         path = predictions_path(run_dir, split, best["epoch"])
@@ -433,10 +434,11 @@ def build_html(run_dir: Path, shards: Path | None = None, gallery_size: int = GA
             "".join(matrices) or '<p class="note">not written</p>',
         )
     )
-    results = best_results(run_dir, best, config.get("config", {}), shards)
+    decisions = Decisions.from_dict(best, f"{run_dir}'s best epoch")
+    results = best_results(run_dir, best, decisions, config.get("config", {}), shards)
     test = results.get("test")
     missing = "needs the best epoch's predictions, or best.pt and the shards"
-    threshold = best.get("referable_threshold")
+    threshold = decisions.referable_threshold
     outputs = outputs_label("alone")  # the trainer's test figures: each eye alone
     roc = roc_png(test, threshold, outputs) if test is not None else None
     parts.append(
