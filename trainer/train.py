@@ -24,7 +24,8 @@ epoch's first batch), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summe
 trainer/judging/selection.py; test's when the shards have no val split, with a warning).
 ``--recipe huang2023`` sets another recipe's defaults at once (trainer/fitting/recipes.py).
 ``config.json`` (config + environment) is written at the start, ``summary.json`` (with
-the test figures at the best-val epoch) and ``report.html`` (trainer/judging/run_page.py: the run
+the test figures at the best-val epoch, and ``warnings`` when the run is useless: its val
+predictions on one grade, or its loss diverged; also in the log and atop the report) and ``report.html`` (trainer/judging/run_page.py: the run
 on one page) at the end; ``predictions/{val,test}_epoch_NNN.csv`` keeps the best epoch's
 per-image outputs for it. Every rank computes; rank 0 writes.
 ``images_per_s`` counts the training images of all ranks per second of the training
