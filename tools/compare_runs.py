@@ -192,11 +192,10 @@ def plot_runs(runs: list[Run], out: Path) -> None:
     )
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
     ax_qwk.set(title="Quadratic weighted kappa (val, test)", xlabel="epoch", ylabel="kappa")
-    for ax in (ax_acc, ax_loss, ax_qwk):
+    for ax in (ax_acc, ax_loss, ax_qwk):  # a legend on every panel: each is read alone
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    ax_acc.legend(fontsize=8)
-    ax_qwk.legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
