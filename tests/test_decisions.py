@@ -4,6 +4,7 @@ head's cut-points, the run warnings, and the small rules of what figures print."
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -153,3 +154,25 @@ def test_splits_evaluated_together_keep_the_checkpoint_decisions():
     together = combined(parts)
     assert together.temperature == 2.0
     np.testing.assert_allclose(together.probs, np.vstack([p.probs for p in parts]), atol=1e-7)
+
+
+def test_every_panel_has_a_legend_and_a_y_label(monkeypatch, tmp_path):
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from tools.compare_runs import Run, plot_runs
+    from trainer.judging.run_page import plot_curves
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    rows = [
+        {"epoch": e, "train_loss": 1.0 / e, "val_qwk": 0.1 * e, "test_acc": 0.5} for e in (1, 2)
+    ]
+    plot_curves(rows, 2, io.BytesIO())
+    metrics = pd.DataFrame(rows).assign(val_acc=0.4, test_loss=1.0, test_qwk=0.2)
+    plot_runs([Run(path=tmp_path, name="r", epochs_planned=2, finished=True, metrics=metrics)],
+              tmp_path / "compare.png")  # fmt: skip
+    for fig in closed:
+        for ax in fig.axes:
+            assert ax.get_legend() is not None and ax.get_ylabel(), ax.get_title()
