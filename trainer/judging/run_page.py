@@ -37,7 +37,6 @@ import html
 import io
 import json
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -383,8 +382,8 @@ def warnings_block(summary: dict | None, rows: list[dict], run_dir: Path, best, 
 
 def chosen_row(rows: list[dict], chooser: str) -> dict:
     """The best epoch of an unfinished run, as the trainer chose it (its ``selected_by``)."""
-    selection = Selection(rows[-1].get("selected_by", f"{chooser}_qwk"), True)
-    selection = replace(selection, higher_is_better=not selection.key.endswith("_mse"))
+    key = rows[-1].get("selected_by", f"{chooser}_qwk")
+    selection = Selection(key, higher_is_better=not key.endswith("_mse"))
     best = None
     for row in rows:
         best = row if selection.better(row, best) else best
