@@ -3,12 +3,17 @@ head's cut-points, the run warnings, and the small rules of what figures print."
 
 from __future__ import annotations
 
+import html
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from pipeline.errors import UserError
+from tests.conftest import python
 from tools import doctor
 from trainer.base.bestfile import add_to_best, open_best
 from trainer.base.decisions import Decisions
@@ -176,3 +181,21 @@ def test_every_panel_has_a_legend_and_a_y_label(monkeypatch, tmp_path):
     for fig in closed:
         for ax in fig.axes:
             assert ax.get_legend() is not None and ax.get_ylabel(), ax.get_title()
+
+
+def test_a_diverged_run_says_so_in_the_log_the_summary_and_the_report(tmp_path):
+    """One epoch at --lr 0.5 on the shipped fixture: the loss ends far above ln 5."""
+    fixture = Path(__file__).resolve().parents[1] / "trainer" / "fixture"
+    proc = python(
+        "trainer/train.py",
+        *("--shards", fixture, "--out", tmp_path / "run", "--epochs", "1", "--lr", "0.5"),
+        *("--image-size", "64", "--batch-size", "4", "--backend", "torch", "--workers", "0"),
+        "--quiet",
+        tmp=tmp_path,
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    diverged = [w for w in summary["warnings"] if "training diverged" in w]
+    assert len(diverged) == 1 and f"warning: {diverged[0]}" in proc.stdout
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert page.index('<section id="warnings"') < page.index('<section id="run">')
+    assert html.escape(diverged[0]) in page
