@@ -405,6 +405,8 @@ def test_export_metadata_names_the_fusion_head(huang_run):
 
     info = load_best(huang_run["run"] / "best.pt")[1]
     meta = {k: json.loads(v) for k, v in metadata(info).items()}
-    assert meta["pair_cut_points"] == info["pair_cut_points"]
+    assert meta["cut_points"] == info["cut_points"]
+    # fixed cut-points on its 16 val images: none for blends either, and so none exported
+    assert meta.get("pair_cut_points") == info["pair_cut_points"]
     assert meta["fusion"]["cut_points"] == info["fusion"]["cut_points"]
     assert meta["fusion"]["features"] == 2048 and "state" not in meta["fusion"]
