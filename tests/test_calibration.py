@@ -10,7 +10,8 @@ import pytest
 from tools.export import metadata
 from trainer.base.heads import build_head
 from trainer.base.metrics import referable_score
-from trainer.judging.calibration import calibrate_on, ece, ece_figures, fit_temperature, reliability
+from trainer.judging.calibration import ece, ece_figures, fit_temperature, reliability
+from trainer.judging.deciding import decide
 from trainer.judging.evaluation import EvalResult
 
 
@@ -51,9 +52,9 @@ def test_temperature_changes_probabilities_not_grades(head_name):
     if head_name == "ordinal":  # labels of "grade > k" logits: the median grade, noised
         labels = np.clip(head.grades(logits) + np.random.default_rng(3).integers(-1, 2, 3000), 0, 4)
     keys = [f"{i}_left" for i in range(len(labels))]
-    raw = EvalResult(0.0, keys, labels, logits, head)
-    calibrated, t = calibrate_on("val", {"val": raw, "test": raw})
-    after = calibrated["test"]
+    raw = EvalResult(loss=0.0, keys=keys, labels=labels, outputs=logits, head=head)
+    decisions = decide(raw, tune=False)
+    after, t = raw.decided(decisions), decisions.temperature
     assert t is not None and t > 1.2
     np.testing.assert_array_equal(after.grades, raw.grades)
     np.testing.assert_array_equal(after.confusion, raw.confusion)

@@ -78,11 +78,11 @@ def test_compare_two_runs(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| resnet")]
     # no val in these runs: chosen on test, and the table says it is optimistic
     assert rows[0].startswith(
-        "| resnet18, pretrained | 3/3 | test (optimistic) | 3 | 60.0 % | 0.300 | - |"
+        "| resnet18, classify, ImageNet-pretrained | 3/3 | test (optimistic) | 3 | 60.0 % | 0.300 | - |"
     )
     # the in-progress run: its last line is cut short and ignored
     assert rows[1].startswith(
-        "| resnet50, from scratch | 2/5 (in progress) | test (optimistic) | 2 | 35.0 % | 0.200 |"
+        "| resnet50, classify, from scratch | 2/5 (in progress) | test (optimistic) | 2 | 35.0 % | 0.200 |"
     )
 
 
@@ -101,7 +101,10 @@ def test_test_figures_are_reported_at_the_best_val_epoch(tmp_path):
         check=True,
     )
     # val kappa peaks at epoch 2 (test kappa at 3): epoch 2's test figures are the ones reported
-    assert "| resnet50, pretrained | 3/3 | val | 2 | 35.0 % | 0.200 | - | 0.800 |" in proc.stdout
+    assert (
+        "| resnet50, classify, ImageNet-pretrained | 3/3 | val | 2 | 35.0 % | 0.200 | - | 0.800 |"
+        in proc.stdout
+    )
 
 
 def test_same_label_gets_folder_names(tmp_path):
@@ -114,8 +117,8 @@ def test_same_label_gets_folder_names(tmp_path):
         text=True,
         check=True,
     )
-    assert "resnet18, from scratch (cosine)" in proc.stdout
-    assert "resnet18, from scratch (constant)" in proc.stdout
+    assert "resnet18, classify, from scratch (cosine)" in proc.stdout
+    assert "resnet18, classify, from scratch (constant)" in proc.stdout
 
 
 def test_bad_inputs(tmp_path):

@@ -98,6 +98,7 @@ def test_metadata(exported):
         "preprocess": {"size": 128, "graham": True},
         "head": "classify",
         "cut_points": [0.5, 1.4, 2.6, 3.5],
+        "pair_blend": 0.0,  # best.pt always says how both eyes are blended: 0, each eye alone
         "referable_threshold": 0.3,
     }
     assert all(v > 1 for v in props["mean"] + props["std"])  # the 0-255 scale

@@ -282,6 +282,7 @@ def test_one_folder_keeps_todays_outputs(no_test_run, external_sets, external_ev
     assert sorted(p.name for p in out.iterdir()) == [
         "confusion_test.csv",
         "confusion_test.png",
+        "figures.md",
         "metrics.json",
         "predictions.csv",
         "reliability.png",

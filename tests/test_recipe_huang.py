@@ -149,7 +149,10 @@ def test_fusion_head_learns_from_the_partner_and_is_applied_as_stored(tmp_path):
         features = rng.normal(0, 1, (len(keys), 8)).astype(np.float32)
         features[partner, 0] += labels  # eye i's features hold its partner's grade
         outputs = np.zeros((len(keys), 1), np.float32)
-        return EvalResult(0.0, keys, labels, outputs, build_head("regress"), None, features)
+        return EvalResult(
+            loss=0.0, keys=keys, labels=labels, outputs=outputs, head=build_head("regress"),
+            features=features,
+        )  # fmt: skip
 
     train, val = split(200), split(60)
     assert pair_features(["1_left", "2_left"], np.eye(2, dtype=np.float32)).tolist() == [
@@ -339,7 +342,10 @@ def test_the_recipe_run_records_every_resolved_value(huang_run):
     assert saved["recipe"] == "huang2023" and saved["batch_size"] == 16
     assert {k: saved[k] for k in HUANG2023} == HUANG2023 | overridden
     row = json.loads((huang_run["run"] / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["selected_by"] == "val_mse" and "val_mse" in row and len(row["pair_cut_points"]) == 4
+    assert row["selected_by"] == "val_mse" and "val_mse" in row
+    # 16 val images and no --tune-cuts: the fixed cut-points, said in the log
+    assert row["cut_points"] == [0.5, 1.5, 2.5, 3.5] and row["pair_cut_points"] is None
+    assert "keeps the cut-points 0.5/1.5/2.5/3.5" in huang_run["train"].stdout
     assert "lowest val MSE" in huang_run["train"].stdout.strip().splitlines()[-1]
     # --normalize dataset: best.pt carries the train split's own statistics
     best = torch.load(huang_run["run"] / "best.pt", map_location="cpu", weights_only=False)
@@ -399,6 +405,8 @@ def test_export_metadata_names_the_fusion_head(huang_run):
 
     info = load_best(huang_run["run"] / "best.pt")[1]
     meta = {k: json.loads(v) for k, v in metadata(info).items()}
-    assert meta["pair_cut_points"] == info["pair_cut_points"]
+    assert meta["cut_points"] == info["cut_points"]
+    # fixed cut-points on its 16 val images: none for blends either, and so none exported
+    assert meta.get("pair_cut_points") == info["pair_cut_points"]
     assert meta["fusion"]["cut_points"] == info["fusion"]["cut_points"]
     assert meta["fusion"]["features"] == 2048 and "state" not in meta["fusion"]

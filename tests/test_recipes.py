@@ -35,26 +35,31 @@ BASE = [
 @pytest.fixture(scope="module")
 def paired_shards(tmp_path_factory) -> Path:
     """Both eyes of every patient, in train, val and test."""
+    return shared(tmp_path_factory, "paired_shards", build_paired_shards)
 
-    def build(tmp: Path) -> Path:
-        counts = {"train": 40, "val": 16, "test": 16}
-        return build_shard_dir(tmp / "shards", counts, pairs=True, seed=4)
 
-    return shared(tmp_path_factory, "paired_shards", build)
+def build_paired_shards(tmp: Path) -> Path:
+    counts = {"train": 40, "val": 16, "test": 16}
+    return build_shard_dir(tmp / "shards", counts, pairs=True, seed=4)
 
 
 @pytest.fixture(scope="module")
 def regress_run(paired_shards, tmp_path_factory) -> Path:
-    def build(tmp: Path) -> Path:
-        python(
-            TRAIN,
-            *("--shards", paired_shards, "--out", tmp / "run", "--head", "regress"),
-            *("--epochs", "2", "--schedule", "cosine", *BASE),
-            tmp=tmp,
-        )
-        return tmp / "run"
+    """A regress run whose cut-points are tuned on its 16 val images (--tune-cuts); also
+    tests/test_consistency.py's."""
+    return shared(
+        tmp_path_factory, "regress_run", lambda tmp: build_regress_run(paired_shards, tmp)
+    )
 
-    return shared(tmp_path_factory, "regress_run", build)
+
+def build_regress_run(shards: Path, tmp: Path) -> Path:
+    python(
+        TRAIN,
+        *("--shards", shards, "--out", tmp / "run", "--head", "regress", "--tune-cuts"),
+        *("--epochs", "2", "--schedule", "cosine", *BASE),
+        tmp=tmp,
+    )
+    return tmp / "run"
 
 
 def outputs_of(checkpoint: Path, shards: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

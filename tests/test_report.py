@@ -82,7 +82,8 @@ def test_report_after_training(run):
     assert f"Epoch {summary['best_epoch']}," in page
     table = pd.read_csv(run / PREDICTIONS_DIR / f"test_epoch_{summary['best_epoch']:03d}.csv")
     wrong = int((table["true"] != table["pred"]).sum())
-    assert page.count("<figcaption>") == min(GALLERY, wrong)
+    gallery = page.split('<section id="gallery">')[1]
+    assert gallery.count("<figcaption>") == min(GALLERY, wrong)
 
 
 def test_temperature_is_fitted_and_kept(run):

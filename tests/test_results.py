@@ -151,6 +151,8 @@ def test_compare_runs_on_two_real_runs(two_runs, tmp_path):
     proc = python("tools/compare_runs.py", *two_runs, "--out", out, tmp=tmp_path)
     assert Image.open(out / "compare.png").size[0] > 1000
     table = (out / "compare.md").read_text()
-    assert "| resnet18, from scratch (constant) | 2/2 |" in table
-    assert f"| resnet18, from scratch ({two_runs[1].name}) | 2/2 |" in table  # the folder's name
+    assert "| resnet18, classify, from scratch (constant) | 2/2 |" in table
+    assert (
+        f"| resnet18, classify, from scratch ({two_runs[1].name}) | 2/2 |" in table
+    )  # the folder's name
     assert table.strip() in proc.stdout

@@ -76,15 +76,18 @@ class Run:
 
 
 def run_label(config: dict, fallback: str) -> str:
-    """ "resnet50, pretrained" (", regress" for another head) from a run's config; the folder
-    name when there is none."""
+    """ "resnet50, classify, ImageNet-pretrained" (arch, head, pretraining: from scratch,
+    ImageNet or a --weights file) from a run's config; the folder name when there is none."""
     cfg = config.get("config", config)
     arch = cfg.get("arch")
     if not arch:
         return fallback
-    init = "pretrained" if cfg.get("pretrained") or cfg.get("weights") else "from scratch"
-    head = cfg.get("head", "classify")
-    return f"{arch}, {init}" + ("" if head == "classify" else f", {head}")
+    init = "from scratch"
+    if cfg.get("pretrained"):
+        init = "ImageNet-pretrained"
+    elif cfg.get("weights"):
+        init = f"weights {Path(cfg['weights']).name}"
+    return f"{arch}, {cfg.get('head', 'classify')}, {init}"
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -189,11 +192,10 @@ def plot_runs(runs: list[Run], out: Path) -> None:
     )
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
     ax_qwk.set(title="Quadratic weighted kappa (val, test)", xlabel="epoch", ylabel="kappa")
-    for ax in (ax_acc, ax_loss, ax_qwk):
+    for ax in (ax_acc, ax_loss, ax_qwk):  # a legend on every panel: each is read alone
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    ax_acc.legend(fontsize=8)
-    ax_qwk.legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

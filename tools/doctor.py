@@ -240,10 +240,12 @@ def check_gpu_run() -> Result:
 
 
 def check_precision() -> Result:
-    torch = torch_module()
+    # the trainer's own check (emulated bf16 counts as none), so the two never disagree
+    from trainer.base.distributed import native_bf16
+
     if not torch_gpus():
         return Result(OK, "the CPU trains in fp32 (fp16 autocast does nothing there)")
-    if torch.cuda.is_bf16_supported():
+    if native_bf16():
         return Result(OK, "bf16 autocast (native on this GPU)")
     return Result(OK, "fp16 autocast with loss scaling: this GPU has no native bf16")
 

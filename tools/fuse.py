@@ -30,6 +30,7 @@ from trainer.judging.options import FUSION_KEY, HIDDEN
 
 # torch and the modules that import it load in main, after the command line is parsed
 if TYPE_CHECKING:
+    from trainer.base.decisions import Decisions
     from trainer.judging.evaluation import EvalResult
 
 
@@ -64,12 +65,12 @@ class FuseConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(FuseConfig, argv, prog="fuse.py", description=__doc__.splitlines()[0])
-    from trainer.base.bestfile import add_to_best, head_of, load_best
-    from trainer.evaluate import checkpoint_accelerator, checkpoint_loader
-    from trainer.judging.evaluation import evaluate
+    from trainer.base.bestfile import add_to_best, open_best
+    from trainer.judging.evaluation import checkpoint_accelerator, evaluate_best
     from trainer.judging.fusion import FusionSettings, has_pairs, train_fusion
 
-    model, info = load_best(args.checkpoint)
+    best = open_best(args.checkpoint)
+    info = best.info
     accelerator = checkpoint_accelerator(info)
     args.shards = local_shards(args.shards, args.cache)
     manifest = read_manifest(args.shards)
@@ -79,24 +80,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.shards} has no {split} split: the fusion head trains on train and "
                 "chooses on val"
             )
-    head, cuts = head_of(info)
-    model = accelerator.prepare(model.to(accelerator.device))
+    model = accelerator.prepare(best.model.to(accelerator.device))
     splits = [s for s in ("train", "val", "test") if manifest.has(s)]
+    options = {"batch_size": args.eval_batch_size, "backend": args.backend, "workers": args.workers}
     results = {}
     for split in splits:
-        loader = checkpoint_loader(
-            info, args.shards, split, accelerator, args.eval_batch_size, args.backend, args.workers
-        )
-        results[split] = evaluate(
+        results[split], _ = evaluate_best(
+            best,
             model,
-            loader,
             accelerator,
-            head,
+            args.shards,
+            split,
             expected=manifest.split(split).samples,
-            cuts=cuts,
+            loader_options=options,
             with_features=True,
         )
-        loader.close()
         accelerator.print(f"features of {split}: {results[split].features.shape}")
     if not has_pairs(results["train"].keys):
         raise UserError(
@@ -106,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = FusionSettings(
         args.epochs, args.lr, args.batch_size, args.hidden, args.weight_decay, args.seed
     )
-    fusion = train_fusion(results["train"], results["val"], head, settings)
-    kappa = {split: kappas(info, fusion, results[split]) for split in splits if split != "train"}
+    fusion = train_fusion(results["train"], results["val"], best.head, settings)
+    kappa = {
+        split: kappas(best.decisions, fusion, results[split])
+        for split in splits
+        if split != "train"
+    }
     fusion |= {"kappa": kappa, "settings": asdict(settings)}
     accelerator.print(
         f"fusion head: epoch {fusion['epoch']} of {args.epochs} chosen by {fusion['selected_by']}"
@@ -128,14 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def kappas(info: dict, fusion: dict, alone: EvalResult) -> dict[str, float]:
+def kappas(decisions: Decisions, fusion: dict, alone: EvalResult) -> dict[str, float]:
     """A split's kappa each eye alone, blended (the trainer's weight and cut-points) and fused."""
     from trainer.judging.fusion import fused_result
 
-    blended = alone.paired(info.get("pair_blend") or 0.0, info.get("pair_cut_points"))
     return {
         "eye_alone": alone.kappa,
-        "blend": blended.kappa,
+        "blend": alone.both_eyes(decisions).kappa,
         "fused": fused_result(fusion, alone).kappa,
     }
 

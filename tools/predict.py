@@ -201,18 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.loading.contract import normalization
-    from trainer.base.bestfile import head_of, load_best
+    from trainer.base.bestfile import open_best
     from trainer.judging.calibration import scaled
     from trainer.judging.explain import explain_images
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, info = load_best(args.checkpoint, device=args.device)
+    best = open_best(args.checkpoint, device=args.device)
+    model, info = best.model, best.info
     image_size = int(info["image_size"])
     prep = info.get("preprocess") or {}
     shard_size, graham = int(prep.get("size", image_size)), photo_graham(args, prep)
     shift, scale = normalization(args.device, info["mean"], info["std"])
-    head, cuts = head_of(info)
+    head, cuts = best.head, best.decisions.cut_points
     paths, results = find_images(args.inputs)
     for problem in results:
         print(f"error: cannot grade {problem.path}: {problem.error}", file=sys.stderr)
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             stems = [p.path.stem for p, _, _ in graded]
             outputs, cuts = paired_outputs(info, stems, outputs, np.stack([f for *_, f in graded]))
         # calibrated, as evaluate.py's: not the fusion head's outputs, which have no temperature
-        temperature = None if args.pair_eyes and info.get(FUSION_KEY) else info.get("temperature")
+        fused = args.pair_eyes and info.get(FUSION_KEY)
+        temperature = None if fused else best.decisions.temperature
         probs = head.probs(scaled(outputs, temperature), cuts)
         grades = head.grades(outputs, cuts)
         for (pred, _, _), p, g in zip(graded, probs, grades, strict=True):

@@ -16,7 +16,9 @@ sensitivity and specificity at the operating point stored in the checkpoint (cho
 val by the trainer, or by dr-fuse for the fused scores), and any-DR (grade >= 1) ROC-AUC.
 Probabilities are calibrated with the checkpoint's temperature (classify and ordinal heads);
 ``ece_raw`` and ``ece`` are the expected calibration error before and after it,
-``reliability.png`` draws both. With ``--explain N``, ``cam/<key>.png`` shows where the model
+``reliability.png`` draws both; ``figures.md`` gives beside each figure its key numbers and
+which outputs it draws (``metrics.json``'s ``outputs``: each eye alone, both eyes blended
+w=..., fused). With ``--explain N``, ``cam/<key>.png`` shows where the model
 looked (trainer/judging/explain.py) in the N most confidently wrong photographs (largest grade
 distance first). It evaluates the way the trainer does (same batch size, precision, loader and loss
 weighting, read from the checkpoint), so on the trainer's test split it reproduces the
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import SPLITS
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write, atomic_write_json
+from pipeline.fileio import atomic_write, atomic_write_json, atomic_write_text
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.remote import CACHE_HELP, local_shards
 from pipeline.samplelist import read_sample_table
@@ -62,11 +64,12 @@ if TYPE_CHECKING:
     import pandas as pd
     from accelerate import Accelerator
 
-    from pipeline.loading.contract import Loader
+    from trainer.base.bestfile import Best
     from trainer.judging.evaluation import EvalResult
 
 ROC_FILE = "roc.png"
 RELIABILITY_FILE = "reliability.png"
+FIGURES_FILE = "figures.md"
 
 
 @dataclass
@@ -117,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     import torch
 
-    from trainer.base.bestfile import load_best
+    from trainer.base.bestfile import open_best
     from trainer.base.distributed import cudnn_settings
+    from trainer.judging.evaluation import checkpoint_accelerator
     from trainer.judging.external import (
         ROC_FIGURE,
         TABLE_CSV,
@@ -130,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         write_tables,
     )
 
-    model, info = load_best(args.checkpoint)
+    best = open_best(args.checkpoint)
+    model, info = best.model, best.info
     cfg = info.get("config", {})
     batch_size = args.batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:
@@ -170,14 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         if several:
             accelerator.print(f"{name} ({manifest.root}):")
         out = (args.out / name if several else args.out) if args.out else None
-        metrics, result = evaluate_folder(
-            model, info, accelerator, manifest, args, batch_size, gpu, out
-        )
+        metrics, result = evaluate_folder(model, best, accelerator, manifest, args, batch_size, out)
         rows.append(external_row(name, manifest.root, args.split, metrics))
         results[name] = result
     if several:
         threshold, threshold_from = (
-            info.get("referable_threshold"),
+            best.decisions.referable_threshold,
             "the checkpoint (chosen on val)",
         )
         if threshold is None:
@@ -203,22 +206,22 @@ def splits_of(manifest: Manifest, split: str) -> list[str]:
 
 def evaluate_folder(
     model,
-    info: dict,
+    best: Best,
     accelerator: Accelerator,
     manifest: Manifest,
     args: EvalConfig,
     batch_size: int,
-    gpu: bool,
     out: Path | None,
 ) -> tuple[dict, EvalResult]:
     """One folder's split (or all of its splits): printed, and written into ``out``."""
-    from trainer.base.bestfile import head_of
     from trainer.fitting.engine import class_weights_for
     from trainer.judging.calibration import ece_figures
-    from trainer.judging.evaluation import evaluate
+    from trainer.judging.captions import outputs_label
+    from trainer.judging.evaluation import evaluate_best
     from trainer.judging.external import combined
     from trainer.judging.fusion import fused_result
 
+    info, decisions = best.info, best.decisions
     cfg = info.get("config", {})
     # the trainer's test loss is weighted as its training loss was, by the train split's counts
     weights_mode = cfg.get("class_weights", "none")
@@ -226,43 +229,36 @@ def evaluate_folder(
     class_weights = (
         class_weights_for(train_counts, weights_mode, accelerator.device) if train_counts else None
     )
-    head, cuts = head_of(info)
     fusion = info.get(FUSION_KEY) if args.pair_eyes else None
+    options = {"batch_size": batch_size, "backend": args.backend, "workers": args.workers}
     parts, backend = [], None
     for split in splits_of(manifest, args.split):
-        loader = checkpoint_loader(
-            info, manifest.root, split, accelerator, batch_size, args.backend, args.workers
+        part, backend = evaluate_best(
+            best,
+            model,
+            accelerator,
+            manifest.root,
+            split,
+            expected=manifest.split(split).samples,
+            class_weights=class_weights,
+            loader_options=options,
+            with_features=fusion is not None,
+            tta=args.tta,
         )
-        expected = manifest.split(split).samples
-        parts.append(
-            evaluate(
-                model,
-                loader,
-                accelerator,
-                head,
-                class_weights,
-                expected=expected,
-                cuts=cuts,
-                with_features=fusion is not None,
-                tta=args.tta,
-            )
-        )
-        backend = loader.backend
-        loader.close()
-    # the temperature: None for the regress head, or a checkpoint older than calibration
-    alone = combined(parts).with_temperature(info.get("temperature"))
+        parts.append(part)
+    alone = combined(parts)
     expected = sum(manifest.split(split).samples for split in splits_of(manifest, args.split))
     if alone.samples != expected or len(set(alone.keys)) != expected:
         raise RuntimeError(
             f"evaluated {alone.samples} images ({len(set(alone.keys))} distinct) of "
             f"{manifest.root}, whose manifest lists {expected}"
         )
-    blend = info.get("pair_blend") or 0.0
-    blended = alone.paired(blend, info.get("pair_cut_points"))
+    blended = alone.both_eyes(decisions)
     fused = fused_result(fusion, alone) if fusion else None
-    result = (blended if fused is None else fused) if args.pair_eyes else alone
+    method = ("blend" if fused is None else "fused") if args.pair_eyes else "alone"
+    result = {"alone": alone, "blend": blended, "fused": fused}[method]
     positive, score = result.labels >= REFERABLE_GRADE, referable_score(result.probs)
-    threshold, threshold_from = info.get("referable_threshold"), "the checkpoint (chosen on val)"
+    threshold, threshold_from = decisions.referable_threshold, "the checkpoint (chosen on val)"
     if fused is not None:
         threshold, threshold_from = fusion["referable_threshold"], "the fusion head (chosen on val)"
     if threshold is None:  # a checkpoint of an older version: choose here, and say so
@@ -284,12 +280,14 @@ def evaluate_folder(
         "qwk_eye_alone": alone.kappa,
         "qwk_both_eyes": blended.kappa,  # the blend
         "qwk_fused": None if fused is None else fused.kappa,
-        "pair_blend": blend,
+        "pair_blend": decisions.pair_blend,
         "paired": args.pair_eyes,
         "tta": args.tta,
         "pair_method": ("blend" if fused is None else "fusion") if args.pair_eyes else None,
-        "head": head.name,
-        "cut_points": cuts,
+        "outputs": outputs_label(method, decisions),  # what every figure and headline shows
+        "head": best.head.name,
+        "cut_points": decisions.to_dict()["cut_points"],  # each eye alone's
+        "pair_cut_points": decisions.to_dict()["pair_cut_points"],  # blended (None: the same)
         "recall": result.recall,
         "confusion": result.confusion.tolist(),
         **screen,
@@ -310,8 +308,8 @@ def evaluate_folder(
                 model, info, accelerator, result, manifest.root, args.split, args.explain, out
             )
         accelerator.print(
-            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE}, {RELIABILITY_FILE} "
-            f"and confusion_{args.split}.csv/.png"
+            f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE}, {RELIABILITY_FILE}, "
+            f"{FIGURES_FILE} and confusion_{args.split}.csv/.png"
         )
     return metrics, result
 
@@ -320,7 +318,8 @@ def report(accelerator, info, args, metrics, alone: EvalResult, result: EvalResu
     """The figures, printed as lines."""
     recall = " / ".join(f"{r:.2f}" for r in result.recall)
     accelerator.print(
-        f"{info['arch']} epoch {info.get('epoch')} on {args.split} ({result.samples} images): "
+        f"{info['arch']} epoch {info.get('epoch')} on {args.split} ({result.samples} images, "
+        f"{metrics['outputs']}): "
         f"accuracy {100 * result.accuracy:.2f} %, kappa {result.kappa:.4f}, loss {result.loss:.4f}, "
         f"recall 0-4 {recall}"
     )
@@ -361,8 +360,10 @@ def write_folder(
     out: Path, info, split: str, metrics, result, positive, score, threshold, shards: Path
 ) -> None:
     """metrics.json, the confusion matrix (CSV, PNG), predictions.csv (with the original paths
-    of ``shards``' samples.csv), roc.png and reliability.png."""
+    of ``shards``' samples.csv), roc.png and reliability.png, and figures.md: the text
+    beside each figure (its key numbers, the outputs it draws)."""
     from trainer.judging.calibration import plot_reliability, reliability_curves
+    from trainer.judging.captions import reliability_caption, roc_caption
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,10 +381,15 @@ def write_folder(
         "referable DR (>= 2)": (positive, score),
         "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
     }
-    plot_roc(curves, threshold, out / ROC_FILE, title=f"{info['arch']} on {split}")
-    plot_reliability(
-        reliability_curves(result), out / RELIABILITY_FILE, title=f"{info['arch']} on {split}"
-    )
+    title = f"{info['arch']} on {split}: {metrics['outputs']}"
+    plot_roc(curves, threshold, out / ROC_FILE, title=title)
+    plot_reliability(reliability_curves(result), out / RELIABILITY_FILE, title=title)
+    captions = {
+        ROC_FILE: roc_caption(result, threshold, metrics["outputs"]),
+        RELIABILITY_FILE: reliability_caption(split, result),
+    }
+    text = "".join(f"![{name}]({name})\n\n{caption}\n\n" for name, caption in captions.items())
+    atomic_write_text(out / FIGURES_FILE, text)
 
 
 def explain_wrong(model, info, accelerator, result: EvalResult, shards: Path, split, n, out):
@@ -411,55 +417,10 @@ def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:
     return table
 
 
-def checkpoint_accelerator(info: dict) -> Accelerator:
-    """An Accelerator with the checkpoint's precision (the trainer's), every GPU or the CPU."""
-    import torch
-    from accelerate import Accelerator
-
-    from trainer.base.distributed import resolve_precision
-
-    cuda = torch.cuda.is_available()
-    precision = (info.get("config") or {}).get("precision", "auto")
-    return Accelerator(cpu=not cuda, mixed_precision=resolve_precision(precision, cuda))
-
-
-def checkpoint_loader(
-    info: dict,
-    shards: Path,
-    split: str,
-    accelerator: Accelerator,
-    batch_size: int | None = None,
-    backend: str | None = None,
-    workers: int | None = None,
-) -> Loader:
-    """This rank's evaluation loader (with keys) of ``split``, as the trainer built it: the
-    checkpoint's batch size, image size, seed and backend unless given."""
-    from pipeline.loading.loader import EvalSpec, build_loader
-
-    cfg = info.get("config") or {}
-    batch_size = batch_size or cfg.get("batch_size", 8)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    spec = EvalSpec(
-        split=split,
-        batch_size=batch_size,
-        image_size=int(info["image_size"]),
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=cfg.get("seed", 0),
-        backend=backend or cfg.get("backend", "auto"),
-        device=accelerator.device,
-        workers=workers,
-        channels_last=accelerator.device.type == "cuda",
-        with_keys=True,
-        normalize=(info["mean"], info["std"]) if "mean" in info else None,
-    )
-    return build_loader(shards, spec)
-
-
 def write_predictions(table: pd.DataFrame, path: Path) -> None:
-    """One row per image; 8 decimals keep the scores' ranking (and so the AUC) as computed."""
-    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.8f"))
+    """One row per image; 9 significant digits give back each float32 score exactly (its
+    ranking, the AUC, and which side of the threshold it falls on)."""
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
 
 
 def cli() -> None:

@@ -24,7 +24,8 @@ epoch's first batch), ``confusion/{val,test}_epoch_NNN.csv`` and ``.png`` (summe
 trainer/judging/selection.py; test's when the shards have no val split, with a warning).
 ``--recipe huang2023`` sets another recipe's defaults at once (trainer/fitting/recipes.py).
 ``config.json`` (config + environment) is written at the start, ``summary.json`` (with
-the test figures at the best-val epoch) and ``report.html`` (trainer/judging/run_page.py: the run
+the test figures at the best-val epoch, and ``warnings`` when the run is useless: its val
+predictions on one grade, or its loss diverged; also in the log and atop the report) and ``report.html`` (trainer/judging/run_page.py: the run
 on one page) at the end; ``predictions/{val,test}_epoch_NNN.csv`` keeps the best epoch's
 per-image outputs for it. Every rank computes; rank 0 writes.
 ``images_per_s`` counts the training images of all ranks per second of the training
@@ -56,10 +57,6 @@ from pipeline.remote import is_remote, local_shards, shown
 from pipeline.verify import verify_shards
 from trainer import smoke
 from trainer.base.metrics import (
-    REFERABLE_GRADE,
-    kappa_of,
-    operating_threshold,
-    referable_score,
     screening,
 )
 from trainer.base.normalize import normalization_for
@@ -71,10 +68,10 @@ from trainer.judging.selection import SMALL_VAL, selection_for, squared_error
 # torch, Accelerate and the modules that import them load inside the functions that use them,
 # after the command line is parsed: --help and option errors are answered at once.
 if TYPE_CHECKING:
-    import numpy as np
     from accelerate import Accelerator
 
     from pipeline.loading.contract import Loader
+    from trainer.base.decisions import Decisions
     from trainer.fitting.engine import TrainResult
     from trainer.judging.evaluation import EvalResult
 
@@ -118,6 +115,7 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
     from trainer.fitting.resume import holds_run, position_in_epoch, resumed, saved_config
     from trainer.fitting.saver import CheckpointSaver, write_summary
     from trainer.fitting.trackers import Trackers
+    from trainer.judging.deciding import tunes_cuts
     from trainer.judging.evaluation import evaluate
     from trainer.judging.run_page import save_predictions
 
@@ -142,6 +140,7 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
         on_leader(accelerator, lambda: check_shards(cfg.shards))
     chooser = choosing_split(manifest, accelerator)
     selection = selection_for(cfg.head, chooser, manifest.split(chooser).samples)
+    tune = tunes_cuts(cfg.head, manifest.split(chooser).samples, cfg.tune_cuts)
     set_seed(cfg.seed)
 
     gpu = accelerator.device.type == "cuda"
@@ -181,6 +180,8 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
             f"{chooser} has fewer than {SMALL_VAL} images: the best epoch is the one with the "
             f"lowest {chooser} MSE (tuned cut-points would fit its noise); see docs/recipes.md"
         )
+    if cfg.head == "regress":
+        accelerator.print(cuts_line(chooser, manifest.split(chooser).samples, tune))
     start, best, position = 0, None, None
     last_row = state.get("row") if state else None
     if state:
@@ -239,8 +240,8 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
             )
             for split, loader in eval_loaders.items()
         }
-        results, choices = choose_on(chooser, results)
-        row = metrics_row(epoch, train, results, choices, time.perf_counter() - begin)
+        results, decisions = choose_on(chooser, results, tune)
+        row = metrics_row(epoch, train, results, decisions, time.perf_counter() - begin)
         accelerator.print(format_row(row, cfg.epochs))
         row["selected_by"] = selection.key
         is_best = selection.better(row, best)
@@ -264,8 +265,12 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
     checksums = gather_object([state_checksum(bare(accelerator, evaluated).state_dict())])
     if len(set(checksums)) > 1:
         raise RuntimeError(f"the ranks ended with different weights: {checksums}")
+    # rank 0 wrote the files it reads; other machines may not see the run folder
+    warnings = usefulness(out, cfg, manifest, best, chooser) if accelerator.is_main_process else []
+    for line in warnings:
+        accelerator.print(f"warning: {line}")
     if accelerator.is_main_process:
-        write_summary(out, cfg, env, best, checksums, chooser)
+        write_summary(out, cfg, env, best, checksums, chooser, warnings)
         report(out)
     accelerator.print(final_line(best, chooser, out))
     for loader in (train_loader, *eval_loaders.values()):
@@ -373,42 +378,23 @@ def build_loaders(
 # ---------------------------------------------------------------- per epoch
 
 
-def referable(result: EvalResult) -> tuple[np.ndarray, np.ndarray]:
-    """(referable DR or not, referable score) per image of a split."""
-    return result.labels >= REFERABLE_GRADE, referable_score(result.probs)
+def choose_on(
+    chooser: str, results: dict[str, EvalResult], tune: bool
+) -> tuple[dict[str, EvalResult], Decisions]:
+    """What the choosing split (val; test without one) decides (trainer/judging/deciding.py),
+    applied unchanged to every split."""
+    from trainer.judging.deciding import decide
 
-
-def choose_on(chooser: str, results: dict[str, EvalResult]) -> tuple[dict[str, EvalResult], dict]:
-    """What the choosing split (val; test without one) decides, applied unchanged to every
-    split: the regress head's cut-points, the both-eyes blend weight, the screening threshold."""
-    from trainer.base.heads import tune_cuts
-    from trainer.judging.calibration import calibrate_on
-    from trainer.judging.pairing import choose_blend, choose_blend_and_cuts
-
-    base = results[chooser]
-    cuts = tune_cuts(base.outputs[:, 0], base.labels) if base.head.name == "regress" else None
-    results = {split: result.with_cuts(cuts) for split, result in results.items()}
-    results, temperature = calibrate_on(chooser, results)  # the threshold is chosen calibrated
-    base = results[chooser]
-    pair_cuts = None
-    if cuts:  # the blend and the cut-points that go with it, chosen together
-        blend, pair_cuts = choose_blend_and_cuts(base.keys, base.outputs, base.labels, cuts)
-    else:
-        blend = choose_blend(
-            base.keys, base.outputs, lambda o: kappa_of(base.labels, base.head.grades(o))
-        )
-    threshold = operating_threshold(*referable(base))
-    return results, {
-        "cut_points": list(cuts) if cuts else None,  # lists, as in metrics.jsonl
-        "pair_blend": blend,
-        "pair_cut_points": list(pair_cuts) if pair_cuts else None,
-        "referable_threshold": threshold,
-        "temperature": temperature,
-    }
+    decisions = decide(results[chooser], tune)
+    return {split: result.decided(decisions) for split, result in results.items()}, decisions
 
 
 def metrics_row(
-    epoch: int, train: TrainResult, results: dict[str, EvalResult], choices: dict, epoch_s: float
+    epoch: int,
+    train: TrainResult,
+    results: dict[str, EvalResult],
+    decisions: Decisions,
+    epoch_s: float,
 ) -> dict:
     """The epoch's line of metrics.jsonl: train, then per split the grading and screening
     figures (and kappa with both eyes blended), then what was chosen on val."""
@@ -416,14 +402,12 @@ def metrics_row(
 
     row = {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy}
     for split, r in results.items():
-        screen = screening(r.labels, r.probs, choices["referable_threshold"])
+        screen = screening(r.labels, r.probs, decisions.referable_threshold)
         row |= {
             f"{split}_loss": r.loss,
             f"{split}_acc": r.accuracy,
             f"{split}_qwk": r.kappa,
-            f"{split}_qwk_paired": r.paired(
-                choices["pair_blend"], choices["pair_cut_points"]
-            ).kappa,
+            f"{split}_qwk_paired": r.both_eyes(decisions).kappa,
             f"{split}_recall": r.recall,
             **{f"{split}_{k}": v for k, v in screen.items()},
             **ece_figures(r, f"{split}_"),
@@ -431,7 +415,36 @@ def metrics_row(
         if r.head.name == "regress":
             row[f"{split}_mse"] = squared_error(r.outputs, r.labels)
     timing = {"images_per_s": train.images_per_s, "epoch_s": epoch_s, "lr": train.lr}
-    return row | choices | timing | {"first_batch_s": train.first_batch_s}
+    return row | decisions.to_dict() | timing | {"first_batch_s": train.first_batch_s}
+
+
+def cuts_line(chooser: str, samples: int, tune: bool) -> str:
+    """The log's line on the regress head's cut-points: tuned on val, or fixed and why."""
+    from trainer.base.heads import MIN_BAND
+
+    if not tune:
+        return (
+            f"{chooser} has {samples} images (< {SMALL_VAL}): the regress head keeps the "
+            "cut-points 0.5/1.5/2.5/3.5 (--tune-cuts tunes them on it)"
+        )
+    return (
+        f"the regress head's cut-points are tuned on {chooser} ({samples} images) for kappa, "
+        f"every grade keeping a band of at least {MIN_BAND}"
+    )
+
+
+def usefulness(
+    out: Path, cfg: TrainConfig, manifest: Manifest, best: dict, chooser: str
+) -> list[str]:
+    """Why the run is useless, if it is (trainer/judging/sanity.py), from the run's files."""
+    from trainer.base.metrics import read_confusion_csv
+    from trainer.base.runfiles import CONFUSION_DIR, read_metrics
+    from trainer.judging.sanity import guess_loss, run_warnings
+
+    matrix = out / CONFUSION_DIR / f"{chooser}_epoch_{best['epoch']:03d}.csv"
+    confusion = read_confusion_csv(matrix) if matrix.is_file() else None
+    guess = guess_loss(cfg.head, manifest.split("train").class_counts, cfg.regress_loss)
+    return run_warnings(read_metrics(out), chooser, confusion, guess)
 
 
 def report(out: Path) -> None:

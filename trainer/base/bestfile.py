@@ -10,7 +10,8 @@ on a small val split: trainer/selection.py; test's when the shards have no val s
      ordinal 4), "cut_points" (regress), "pair_blend" (both eyes), "pair_cut_points"
      (regress, both eyes blended), "referable_threshold" (the screening operating point),
      "temperature" (classify/ordinal: outputs / T before the softmax or sigmoid;
-     trainer.calibration): the last five chosen on val; "fusion" (written by tools/fuse.py:
+     trainer.calibration): the last five chosen on val, one ``Decisions``
+     (trainer/base/decisions.py) that ``open_best`` reads back checked; "fusion" (written by tools/fuse.py:
      trainer/fusion.py); "epoch", "metrics", "config"}
 
 It loads with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
@@ -19,12 +20,14 @@ It loads with ``torch.load(weights_only=True)``: tensors, numbers, strings, list
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_bytes
+from trainer.base.decisions import Decisions
 from trainer.base.heads import Head, build_head
 from trainer.base.model import build_model
 
@@ -52,6 +55,32 @@ def load_best(path: str | Path, device: str | torch.device = "cpu") -> tuple[tor
         raise UserError(f"cannot read the checkpoint {path} ({type(err).__name__})") from None
     model.load_state_dict(info.pop("model"))
     return model.to(device).eval(), info
+
+
+@dataclass(frozen=True, kw_only=True)
+class Best:
+    """A best.pt opened for use: the model (eval mode), its head, what val decided, and the
+    rest of the file (``info``: arch, image size, normalisation, preprocessing, config...)."""
+
+    path: Path
+    model: torch.nn.Module
+    head: Head
+    decisions: Decisions
+    info: dict
+
+    @property
+    def normalize(self) -> tuple[list[float], list[float]] | None:
+        """The mean and std training normalised with (None: a checkpoint older than them)."""
+        return (self.info["mean"], self.info["std"]) if "mean" in self.info else None
+
+
+def open_best(path: str | Path, device: str | torch.device = "cpu") -> Best:
+    """The one way evaluate, predict, fuse and the report read a best.pt: its model, head
+    and decisions, each decision checked (a bad one is one line naming the file)."""
+    model, info = load_best(path, device)
+    head, _ = head_of(info)
+    decisions = Decisions.from_dict(info, str(path))
+    return Best(path=Path(path), model=model, head=head, decisions=decisions, info=info)
 
 
 def head_of(info: dict) -> tuple[Head, tuple[float, ...] | None]:

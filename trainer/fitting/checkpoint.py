@@ -28,6 +28,7 @@ from pipeline.constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLA
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_bytes, reporting_disk_full
 from trainer.base.bestfile import BEST_FILE, serialized
+from trainer.base.decisions import Decisions
 from trainer.base.normalize import normalization_for
 
 CHECKPOINTS = "checkpoints"
@@ -169,7 +170,10 @@ def save_best(
     head: str = "classify",
     normalize: tuple | None = None,
 ) -> None:
+    """best.pt (trainer/base/bestfile.py); what val decided is read from ``metrics`` (the
+    epoch's metrics line) through ``Decisions``, so a bad value stops here, not in predict."""
     mean, std = normalize or (IMAGENET_MEAN, IMAGENET_STD)
+    decisions = Decisions.from_dict(metrics, f"epoch {epoch}'s choices on val")
     payload = {
         "model": {k: v.detach().cpu() for k, v in model_state.items()},
         "arch": arch,
@@ -182,13 +186,8 @@ def save_best(
         "std": [float(v) for v in std],
         "preprocess": preprocess or {},
         "augment": augment or {},  # what training did to its images (evaluation does none of it)
-        # P(grade >= 2) at or above it means "refer": chosen on val for 90 % sensitivity
-        "referable_threshold": metrics.get("referable_threshold"),
-        "cut_points": metrics.get("cut_points"),  # regress head: tuned on val for kappa
-        "pair_blend": metrics.get("pair_blend"),  # both eyes: weight of the partner, chosen on val
-        "pair_cut_points": metrics.get("pair_cut_points"),  # regress: cut-points of the blend
-        # classify/ordinal: raw outputs / temperature before the softmax/sigmoid, fitted on val
-        "temperature": metrics.get("temperature"),
+        # cut_points, temperature, pair_blend, pair_cut_points, referable_threshold
+        **decisions.to_dict(),
         "epoch": epoch,
         "metrics": metrics,
         "config": config,

@@ -79,6 +79,11 @@ class TrainConfig:
         "--clip-grad says otherwise: see docs/recipes.md)",
         choices=("mse", "smoothl1"),
     )
+    tune_cuts: bool = arg(
+        False,
+        "regress head: tune the cut-points on a val split under 500 images too (they stay "
+        "0.5/1.5/2.5/3.5 there otherwise; tuned ones leave every grade a band >= 0.5)",
+    )
     label_smoothing: float = arg(0.0, "classify head: cross-entropy label smoothing")
     optimizer: str = arg(
         "sgd", "sgd (the reference, with --momentum) or adamw (try --lr 1e-3)", choices=OPTIMIZERS

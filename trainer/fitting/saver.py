@@ -162,7 +162,13 @@ class CheckpointSaver:
 
 
 def write_summary(
-    out: Path, cfg: TrainConfig, env: dict, best: dict, checksums: list[str], chooser: str
+    out: Path,
+    cfg: TrainConfig,
+    env: dict,
+    best: dict,
+    checksums: list[str],
+    chooser: str,
+    warnings: list[str],
 ) -> None:
     rows = read_metrics(out)
     atomic_write_json(
@@ -183,5 +189,6 @@ def write_summary(
             "device": env["device"],
             "weights_sha256_per_rank": checksums,
             "best_checkpoint": str(out / BEST_FILE),
+            "warnings": warnings,  # why the run is useless (trainer/judging/sanity.py), if it is
         },
     )

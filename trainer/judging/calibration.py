@@ -15,22 +15,27 @@ log-likelihood of the true grades:
 The referable score P(grade >= 2) does change with T (for ``classify`` even its ranking
 can), so the screening threshold is chosen on the calibrated scores.
 
-ECE (15 equal-width bins of confidence): confidence is the probability the model gives its
+ECE (equal-width bins of confidence: 15, fewer on a split under 150 images, ``bins_for``,
+so that a bin holds about ten images): confidence is the probability the model gives its
 own grade, correct whether that grade is the true one; ECE is the bin-weighted mean of
 |accuracy - mean confidence|. 0 is perfectly calibrated.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from trainer.base.heads import Head
 
 ECE_BINS = 15
+MIN_BINS, IMAGES_PER_BIN = 5, 10  # a small split: fewer bins, so the curve is not noise
 SCALED_HEADS = ("classify", "ordinal")
 LOG_T_RANGE = (np.log(0.05), np.log(20.0))  # T from 0.05 (sharpen) to 20 (soften)
+
+
+def bins_for(samples: int) -> int:
+    """Confidence bins for a split of ``samples`` images: 15, or about ten images a bin."""
+    return int(min(ECE_BINS, max(MIN_BINS, samples // IMAGES_PER_BIN)))
 
 
 def scaled(outputs: np.ndarray, temperature: float | None) -> np.ndarray:
@@ -90,10 +95,11 @@ def ece(probs: np.ndarray, grades: np.ndarray, labels: np.ndarray, bins: int = E
 
 
 def plot_reliability(
-    curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path, title: str = ""
+    curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path, title: str = ""
 ) -> None:
     """A reliability diagram: accuracy against confidence per bin, one line per curve
-    (name -> (probs, grades, labels)), its ECE in the legend, the diagonal for reference."""
+    (name -> (probs, grades, labels)), its ECE in the legend and each bin's image count
+    beside its point, the diagonal for reference; bins by the split's size (``bins_for``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,14 +108,18 @@ def plot_reliability(
     fig, ax = plt.subplots(figsize=(5.5, 5.2))
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
     for name, (probs, grades, labels) in curves.items():
-        mean_conf, accuracy, count = reliability(probs, grades, labels)
+        bins = bins_for(len(labels))
+        mean_conf, accuracy, count = reliability(probs, grades, labels, bins)
         filled = count > 0
-        ax.plot(
+        (line,) = ax.plot(
             mean_conf[filled],
             accuracy[filled],
             "o-",
-            label=f"{name} (ECE {ece(probs, grades, labels):.3f})",
+            label=f"{name} (ECE {ece(probs, grades, labels, bins):.3f}, {bins} bins)",
         )
+        for x, y, n in zip(mean_conf[filled], accuracy[filled], count[filled], strict=True):
+            ax.annotate(f"{int(n)}", (x, y), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color=line.get_color())  # fmt: skip
     ax.set(
         xlabel="confidence in the predicted grade",
         ylabel="share of those grades that are right",
@@ -126,21 +136,13 @@ def plot_reliability(
 # ---------------------------------------------------------------- the trainer's use
 
 
-def calibrate_on(chooser: str, results: dict) -> tuple[dict, float | None]:
-    """The temperature fitted on the choosing split (val), applied to every split's
-    ``EvalResult``; grades are untouched, probabilities and referable scores calibrated."""
-    base = results[chooser]
-    temperature = fit_temperature(base.head, base.outputs, base.labels)
-    return {split: r.with_temperature(temperature) for split, r in results.items()}, temperature
-
-
 def ece_figures(result, prefix: str = "") -> dict[str, float]:
     """An ``EvalResult``'s ECE before (``ece_raw``) and after (``ece``) its temperature,
     keys prefixed (``val_``); equal for a head without one."""
-    raw = result.with_temperature(None)
+    raw, bins = result.with_temperature(None), bins_for(result.samples)
     return {
-        f"{prefix}ece_raw": ece(raw.probs, raw.grades, raw.labels),
-        f"{prefix}ece": ece(result.probs, result.grades, result.labels),
+        f"{prefix}ece_raw": ece(raw.probs, raw.grades, raw.labels, bins),
+        f"{prefix}ece": ece(result.probs, result.grades, result.labels, bins),
     }
 
 
@@ -150,7 +152,7 @@ def reliability_curves(result) -> dict[str, tuple[np.ndarray, np.ndarray, np.nda
     if result.temperature:
         raw = result.with_temperature(None)
         curves["before temperature"] = (raw.probs, raw.grades, raw.labels)
-        curves[f"after (T = {result.temperature:.2f})"] = (
+        curves[f"after (T = {result.temperature:.3f})"] = (
             result.probs,
             result.grades,
             result.labels,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor, nn
 
+from pipeline.errors import UserError
+from pipeline.loading.contract import Loader
+from pipeline.loading.loader import EvalSpec, build_loader
 from pipeline.shardformat import eye_of, patient_of
-from trainer.base.distributed import bare, sync_batchnorm_stats
+from trainer.base.bestfile import Best
+from trainer.base.decisions import Decisions
+from trainer.base.distributed import bare, resolve_precision, sync_batchnorm_stats
 from trainer.base.heads import ClassifyHead, Head
 from trainer.base.metrics import (
     accuracy,
@@ -36,12 +42,13 @@ from trainer.judging.tta import tta_outputs_and_features
 CLASSIFY = ClassifyHead()  # the reference recipe's head, the default
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalResult:
     """A split's evaluation: every image once (gathered from all ranks, sorted by key), its
-    raw head outputs, and what they become with the head and its cut-points."""
+    raw head outputs, and what they become with the head, its cut-points and temperature.
+    Keyword-only: a positional call once put the temperature into ``features``."""
 
-    loss: float
+    loss: float = float("nan")  # nan: rebuilt from a predictions table, no loss there
     keys: list[str]
     labels: np.ndarray  # (N,) true grades
     outputs: np.ndarray  # (N, head.outputs) raw outputs
@@ -70,6 +77,14 @@ class EvalResult:
     @property
     def recall(self) -> list[float]:
         return recall_per_class(self.confusion)
+
+    def decided(self, decisions: Decisions) -> EvalResult:
+        """This split read with what val decided: its cut-points and its temperature."""
+        return replace(self, cuts=decisions.cut_points, temperature=decisions.temperature)
+
+    def both_eyes(self, decisions: Decisions) -> EvalResult:
+        """Each eye blended with its partner at val's weight (and cut-points for blends)."""
+        return self.paired(decisions.pair_blend, decisions.blend_cuts)
 
     def with_cuts(self, cuts: tuple[float, ...] | None) -> EvalResult:
         return replace(self, cuts=cuts)
@@ -156,7 +171,15 @@ def evaluate(
             f"the split has {expected}: the loader dropped or repeated samples"
         )
     loss = sums[0] / max(sums[1], 1e-12)
-    return EvalResult(loss, keys, labels, outputs, head, cuts, features)
+    return EvalResult(
+        loss=loss,
+        keys=keys,
+        labels=labels,
+        outputs=outputs,
+        head=head,
+        cuts=cuts,
+        features=features,
+    )
 
 
 def gather_per_image(
@@ -174,3 +197,79 @@ def gather_per_image(
     all_labels = np.concatenate([part[1] for part in parts])[order]
     all_outputs = np.concatenate([part[2] for part in parts])[order]
     return [all_keys[i] for i in order], all_labels, all_outputs
+
+
+# ---------------------------------------------------------------- a best.pt, evaluated again
+
+
+def checkpoint_accelerator(info: dict) -> Accelerator:
+    """An Accelerator with the checkpoint's precision (the trainer's), every GPU or the CPU."""
+    cuda = torch.cuda.is_available()
+    precision = (info.get("config") or {}).get("precision", "auto")
+    return Accelerator(cpu=not cuda, mixed_precision=resolve_precision(precision, cuda))
+
+
+def checkpoint_loader(
+    info: dict,
+    shards: Path,
+    split: str,
+    accelerator: Accelerator,
+    batch_size: int | None = None,
+    backend: str | None = None,
+    workers: int | None = None,
+) -> Loader:
+    """This rank's evaluation loader (with keys) of ``split``, as the trainer built it: the
+    checkpoint's batch size, image size, seed, normalisation and backend unless given."""
+    cfg = info.get("config") or {}
+    batch_size = batch_size or cfg.get("batch_size", 8)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    spec = EvalSpec(
+        split=split,
+        batch_size=batch_size,
+        image_size=int(info["image_size"]),
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.get("seed", 0),
+        backend=backend or cfg.get("backend", "auto"),
+        device=accelerator.device,
+        workers=workers,
+        channels_last=accelerator.device.type == "cuda",
+        with_keys=True,
+        normalize=(info["mean"], info["std"]) if "mean" in info else None,
+    )
+    return build_loader(shards, spec)
+
+
+def evaluate_best(
+    best: Best,
+    model: nn.Module,
+    accelerator: Accelerator,
+    shards: Path,
+    split: str,
+    *,
+    expected: int | None = None,
+    class_weights: Tensor | None = None,
+    loader_options: dict | None = None,
+    with_features: bool = False,
+    tta: bool = False,
+) -> tuple[EvalResult, str]:
+    """One split of ``shards`` through best.pt's model (``model``: it, prepared), exactly as
+    the trainer evaluated it, read with the checkpoint's decisions: the one path evaluate,
+    fuse and the report take; and the loader backend that read it. ``loader_options``:
+    batch_size, backend, workers."""
+    loader = checkpoint_loader(best.info, shards, split, accelerator, **(loader_options or {}))
+    try:
+        result = evaluate(
+            model,
+            loader,
+            accelerator,
+            best.head,
+            class_weights,
+            expected=expected,
+            with_features=with_features,
+            tta=tta,
+        )
+    finally:
+        loader.close()
+    return result.decided(best.decisions), loader.backend

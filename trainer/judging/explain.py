@@ -250,9 +250,11 @@ def write_overlays(
     table,
     folder: Path,
     device: str | torch.device = "cpu",
+    captioned: bool = True,
 ) -> list[Path]:
     """``folder/<key>.png`` for each row of a predictions table (key, true, pred,
-    referable_score), the photographs read from the shards."""
+    referable_score), the photographs read from the shards; ``captioned``: the caption
+    drawn into the picture (the report writes its own beside it)."""
     folder.mkdir(parents=True, exist_ok=True)
     stored = samples_by_key(shards, split, list(table["key"]))
     size = int(info["image_size"])
@@ -262,6 +264,7 @@ def write_overlays(
         explain_images(model, info, images, device), table.itertuples(), strict=True
     ):
         caption = caption_of(row.key, int(row.pred), float(row.referable_score), int(row.true))
+        caption = caption if captioned else ""
         path = folder / f"{row.key}.png"
         overlay(pixels, cam, caption).save(path)
         paths.append(path)

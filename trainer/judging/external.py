@@ -54,7 +54,8 @@ def dataset_names(folders: list[Path]) -> list[str]:
 
 
 def combined(results: list[EvalResult]) -> EvalResult:
-    """Several splits of one folder as one set of images (the loss weighted by images)."""
+    """Several splits of one folder as one set of images (the loss weighted by images), read
+    with the same cut-points and temperature."""
     if len(results) == 1:
         return results[0]
     images = sum(r.samples for r in results)
@@ -65,6 +66,7 @@ def combined(results: list[EvalResult]) -> EvalResult:
         outputs=np.concatenate([r.outputs for r in results]),
         head=results[0].head,
         cuts=results[0].cuts,
+        temperature=results[0].temperature,  # one checkpoint's decisions: the same for every split
         features=None
         if results[0].features is None
         else np.concatenate([r.features for r in results]),

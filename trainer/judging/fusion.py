@@ -133,7 +133,10 @@ def train_fusion(train: EvalResult, val: EvalResult, head: Head, settings: Fusio
     model.load_state_dict(best_state)
     outputs = _outputs(model, x_val)
     cuts = best.get("val_cut_points")
-    chosen = EvalResult(0.0, val.keys, val.labels, outputs, head, tuple(cuts) if cuts else None)
+    chosen = EvalResult(
+        loss=0.0, keys=val.keys, labels=val.labels, outputs=outputs, head=head,
+        cuts=tuple(cuts) if cuts else None,
+    )  # fmt: skip
     threshold = operating_threshold(chosen.labels >= REFERABLE_GRADE, referable_score(chosen.probs))
     return {
         "state": {k: v.detach().clone() for k, v in best_state.items()},
@@ -152,7 +155,9 @@ def judge(model: FusionHead, x_val: torch.Tensor, val: EvalResult, head: Head) -
     """One epoch's val figures: kappa (the regress head's at cut-points tuned here), MSE."""
     outputs = _outputs(model, x_val)
     cuts = tune_cuts(outputs[:, 0], val.labels) if head.name == "regress" else None
-    result = EvalResult(0.0, val.keys, val.labels, outputs, head, cuts)
+    result = EvalResult(
+        loss=0.0, keys=val.keys, labels=val.labels, outputs=outputs, head=head, cuts=cuts
+    )
     row = {"val_qwk": result.kappa, "val_cut_points": list(cuts) if cuts else None}
     if head.name == "regress":
         row["val_mse"] = squared_error(outputs, val.labels)
