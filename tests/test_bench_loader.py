@@ -149,3 +149,9 @@ def test_images_per_s_is_the_steady_state_with_the_first_batch_apart():
     result = TrainResult(loss=1.0, accuracy=0.5, images=100, seconds=3.0, lr=0.1, first_batch_s=1.0)
     assert result.images_per_s == pytest.approx(50.0)
     assert TrainResult(loss=1, accuracy=0, images=8, seconds=1.0, lr=0.1).images_per_s == 8.0
+
+
+def test_an_epoch_too_short_for_a_window_is_one_sentence(tiny_shards):
+    argv = ["--shards", str(tiny_shards), "--batch-size", "16", "--paths", "torch"]
+    with pytest.raises(UserError, match="2 batch.* of 16; the benchmark needs 3"):
+        bench_loader.main(argv)

@@ -161,6 +161,11 @@ def images_per_second(source, cfg: BenchConfig, gpu: bool) -> dict:
 
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     epoch = len(source) if hasattr(source, "__len__") else None
+    if epoch is not None and epoch < 3:
+        raise UserError(
+            f"an epoch of this split is {epoch} batch(es) of {cfg.batch_size}; the benchmark needs "
+            "3 (the first, one timed, the last): use a smaller --batch-size or a larger split"
+        )
     # the epoch's first batch is timed apart, and its last one starts the torch backends'
     # next epoch (forks its workers): both are left out of the window
     warmup, timed = window(None if epoch is None else epoch - 2, cfg.warmup, cfg.batches)

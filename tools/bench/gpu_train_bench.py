@@ -141,6 +141,11 @@ def resident_batches(batch_size: int, size: int, device, channels_last: bool):
 def loader_window(loader, warmup: int, steps: int) -> tuple[int, int]:
     """(untimed, timed) steps inside the loader's first epoch: the first batch is always
     untimed, the epoch's last (it starts the next epoch) is never used."""
+    if len(loader) < 3:
+        raise UserError(
+            f"an epoch of the shards is {len(loader)} step(s); the benchmark needs 3 (the first, "
+            "one timed, the last): use a smaller --batch-size or more --images"
+        )
     warm, timed = window(len(loader) - 2, max(0, warmup - 1), steps)
     return warm + 1, timed
 
