@@ -2,9 +2,12 @@
 
 A block is a fenced one whose lines are commands (they start with python, accelerate,
 make, source, pip, bash or a dr-* console command); blocks of file trees, JSON or printed
-output are not. Each block runs in its own folder, its commands in order, through bash,
-exactly as the page shows them (``\\`` continuations joined, trailing ``# ...`` comments
-cut), with the project's folders linked in so that ``python tools/...`` resolves. The
+output are not. Each block runs in its own folder, its commands in order, exactly as the
+page shows them (``\\`` continuations joined, trailing ``# ...`` comments cut), with the
+project's folders linked in so that ``python tools/...`` resolves. ``python FILE.py ARGS``
+and ``dr-NAME ARGS`` run in this process, as the module's ``main(ARGS)`` with the folder
+as the working directory (what the script and the console command call; a new Python
+per command would cost the suite a torch import each); any other runs through bash. The
 inputs a command names are made there first, small: a synthetic data folder in the layout
 its section is about, a few photographs, the shared tiny run as ``runs/<name>/best.pt``
 and its shards as ``shards``. A command that cannot run cheaply here is in ``SKIPS``, word
@@ -15,6 +18,7 @@ skip whose command left the docs fails too.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
@@ -123,6 +127,10 @@ def section_of(where: str) -> str:
 
 
 BLOCKS = command_blocks()
+# pyproject.toml's [project.scripts] (tomllib is 3.11+): console command -> "module:function"
+SCRIPTS = dict(
+    re.findall(r'^(dr-[a-z-]+) = "([\w.:]+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+)
 
 
 def test_every_skip_is_still_in_the_docs():
@@ -165,13 +173,40 @@ def prepare_inputs(box: Path, command: str, section: str, run: Path, shards: Pat
     if "--data" in words:  # lesion heat: photographs with masks, and shards packed from them
         data, packed = words[words.index("--data") + 1], words[words.index("--shards") + 1]
         generate(box / data, n=60, size=64, layout="kaggle", seed=3, masks=True)
-        pack = ["python", "tools/make_shards.py", data, packed, "--size", "64"]
-        subprocess.run(pack, cwd=box, env=environment(box), check=True, capture_output=True)
+        assert run_main(box, f"python tools/make_shards.py {data} {packed} --size 64") == 0
     if "make_shards.py" in command and "--verify" not in words:
         data = box / words[words.index("tools/make_shards.py") + 1]
         if not data.exists():
             named = [n for n in LAYOUT_SECTIONS if n in data.name or section.startswith(f"## {n}")]
             make_data(data, "generic" if "--labels" in words else (named or ["eyepacs"])[0])
+
+
+def entry_of(words: list[str]):
+    """(main, its arguments) of a ``python FILE.py ...`` or ``dr-NAME ...`` command, else None."""
+    if words[0] in ("python", "python3") and len(words) > 1 and words[1].endswith(".py"):
+        module, args = words[1].removesuffix(".py").replace("/", "."), words[2:]
+    elif words[0] in SCRIPTS:
+        module, args = SCRIPTS[words[0]].split(":")[0], words[1:]
+    else:
+        return None
+    return importlib.import_module(module).main, args
+
+
+def run_main(box: Path, command: str) -> int | None:
+    """Run ``command`` in this process with ``box`` as the working directory: its exit
+    status, or None when it is no Python entry point."""
+    entry = entry_of(shlex.split(command))
+    if entry is None:
+        return None
+    main, args = entry
+    here = Path.cwd()
+    os.chdir(box)
+    try:
+        return main(args) or 0
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.chdir(here)
 
 
 def environment(box: Path) -> dict:
@@ -195,6 +230,11 @@ def test_command_block_runs_as_written(where, commands, tmp_path, straight_run, 
         if command in SKIPS:
             continue
         prepare_inputs(box, command, section, straight_run, tiny_shards)
+        status = run_main(box, command)
+        if status is not None:
+            assert status == 0, f"{where}: {command} exited {status}"
+            ran += 1
+            continue
         proc = subprocess.run(
             ["bash", "-c", command],
             cwd=box,
@@ -209,3 +249,16 @@ def test_command_block_runs_as_written(where, commands, tmp_path, straight_run, 
         ran += 1
     if ran == 0:
         pytest.skip("; ".join(f"{c}: {SKIPS[c]}" for c in commands))
+
+
+def test_training_md_names_every_trainer_option():
+    """The option list of docs/training.md against ``trainer/train.py --help``."""
+    helped = subprocess.run(
+        [os.sys.executable, str(ROOT / "trainer/train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", helped)) - {"--help"}
+    written = set(re.findall(r"--[a-z][a-z0-9-]+", (ROOT / "docs/training.md").read_text()))
+    assert sorted(options - written) == []
