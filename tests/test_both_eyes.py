@@ -170,3 +170,19 @@ def test_predict_pair_eyes_keeps_each_eyes_own_figures(tmp_path, checkpoint, cap
         eyes = [r for k, r in rows.items() if k.split("_")[0] == key.split("_")[0]]
         either = max(float(r["referable_score"]) >= 0.4 for r in eyes)
         assert int(row["patient_referable"]) == int(either)
+
+
+@pytest.mark.slow
+def test_evaluate_says_which_outputs_its_headline_shows(
+    straight_run, tiny_shards, tmp_path, capsys
+):
+    from trainer import evaluate
+
+    best = str(straight_run / "best.pt")
+    for extra, shown in (([], "each eye alone"), (["--pair-eyes"], "both eyes blended w=")):
+        argv = ["--checkpoint", best, "--shards", str(tiny_shards), "--out", str(tmp_path / "e")]
+        evaluate.main(argv + extra)
+        headline = next(
+            line for line in capsys.readouterr().out.splitlines() if " on test (" in line
+        )
+        assert f"images, {shown}" in headline, headline

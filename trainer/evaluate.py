@@ -75,6 +75,7 @@ from trainer.judging.external import (
     write_tables,
 )
 from trainer.judging.fusion import FUSION_KEY, fused_result
+from trainer.judging.pairing import usable_blend
 
 PREDICTIONS_FILE = "predictions.csv"
 ROC_FILE = "roc.png"
@@ -243,7 +244,7 @@ def evaluate_folder(
             f"evaluated {alone.samples} images ({len(set(alone.keys))} distinct) of "
             f"{manifest.root}, whose manifest lists {expected}"
         )
-    blend = info.get("pair_blend") or 0.0
+    blend = usable_blend(info.get("pair_blend"))
     blended = alone.paired(blend, info.get("pair_cut_points"))
     fused = fused_result(fusion, alone) if fusion else None
     result = (blended if fused is None else fused) if args.pair_eyes else alone
@@ -306,7 +307,8 @@ def report(accelerator, info, args, metrics, alone: EvalResult, result: EvalResu
     """The figures, printed as lines."""
     recall = " / ".join(f"{r:.2f}" for r in result.recall)
     accelerator.print(
-        f"{info['arch']} epoch {info.get('epoch')} on {args.split} ({result.samples} images): "
+        f"{info['arch']} epoch {info.get('epoch')} on {args.split} ({result.samples} images, "
+        f"{outputs_shown(metrics)}): "
         f"accuracy {100 * result.accuracy:.2f} %, kappa {result.kappa:.4f}, loss {result.loss:.4f}, "
         f"recall 0-4 {recall}"
     )
@@ -350,24 +352,32 @@ def write_folder(
     of ``shards``' samples.csv), roc.png and reliability.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    drawn = (
+        f"{info['arch']} on {split}, {outputs_shown(metrics)}"  # which outputs each figure shows
+    )
     atomic_write_json(out / "metrics.json", metrics)
     write_confusion_csv(result.confusion, out / f"confusion_{split}.csv")
     plot_confusion(
         result.confusion,
         out / f"confusion_{split}.png",
-        title=(
-            f"{info['arch']} on {split}: accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}"
-        ),
+        title=(f"{drawn}: accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}"),
     )
     write_predictions(with_originals(result.predictions(), shards), out / PREDICTIONS_FILE)
     curves = {
         "referable DR (>= 2)": (positive, score),
         "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
     }
-    plot_roc(curves, threshold, out / ROC_FILE, title=f"{info['arch']} on {split}")
-    plot_reliability(
-        reliability_curves(result), out / RELIABILITY_FILE, title=f"{info['arch']} on {split}"
-    )
+    plot_roc(curves, threshold, out / ROC_FILE, title=drawn)
+    plot_reliability(reliability_curves(result), out / RELIABILITY_FILE, title=drawn)
+
+
+def outputs_shown(metrics: dict) -> str:
+    """Which outputs the figures and the headline are of: each eye alone, or both eyes."""
+    if metrics["pair_method"] == "fusion":
+        return "both eyes fused"
+    if metrics["pair_method"] == "blend":
+        return f"both eyes blended w={metrics['pair_blend']:.2f}"
+    return "each eye alone"
 
 
 def explain_wrong(model, info, accelerator, result: EvalResult, shards: Path, split, n, out):
