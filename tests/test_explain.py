@@ -13,12 +13,14 @@ from PIL import Image
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.writing.preprocess import prepare
+from pipeline.writing.preprocess import fundus_circle, prepare
 from tools.lesion_heat import others_ratio
 from tools.make_synthetic import DRAWN_GRADES, MASKS_DIR, generate
 from trainer.judging.explain import (
+    SCALE_WIDTH,
     fundus_of,
     grad_cam,
+    heat_colours,
     lesion_heat,
     mask_as_model_saw,
     overlay,
@@ -188,11 +190,30 @@ def test_masks_leave_the_pictures_as_they_were(tmp_path):
         assert (mask.any()) == (int(grade) > 0), name  # lesions from grade 1 on, none at 0
 
 
-def test_overlay_is_both_pictures_side_by_side():
+def test_overlay_is_both_pictures_side_by_side_with_a_colour_scale():
     pixels = np.full((32, 32, 3), 100, np.uint8)
     cam = np.zeros((32, 32))
     cam[:16] = 1.0
     image = overlay(pixels, cam, "a\nb")
-    assert image.width == 2 * 256 + 8 and image.height > 256
+    assert image.width == 2 * 256 + 16 + SCALE_WIDTH and image.height > 256
     left, right = np.asarray(image)[10, 10], np.asarray(image)[10, 256 + 8 + 10]
     assert tuple(left) == (100, 100, 100) and tuple(right) != (100, 100, 100)
+    scale = np.asarray(image)[:256, 2 * 256 + 16 + 4]  # a column of the colour bar
+    assert tuple(scale[0]) == tuple(heat_colours(np.ones((1, 1)))[0, 0])  # 1 at the top
+    assert tuple(scale[-1]) == tuple(heat_colours(np.zeros((1, 1)))[0, 0])  # 0 at the bottom
+
+
+def test_no_heat_outside_the_fundus_circle():
+    """A model that looks only at the corners gets a map of zeros there, and nothing else."""
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    images = torch.zeros(2, 3, SIZE, SIZE)
+    images[:, :, :4, :4] = 3.0  # bright corners, outside the eye's circle
+    images[:, :, 12:20, 12:20] = torch.rand(2, 3, 8, 8)  # and something inside it
+    raw, _ = grad_cam(model, images, "classify", fundus_only=False)
+    cams, _ = grad_cam(model, images, "classify")
+    outside = ~fundus_circle(SIZE, SIZE)
+    assert raw[:, outside].max() > 0  # the unmasked map does put heat there
+    assert cams[:, outside].max() == 0 and cams.max() == pytest.approx(1.0)
+    inside = raw[:, ~outside] / raw[:, ~outside].max(axis=1, keepdims=True)
+    assert cams[:, ~outside] == pytest.approx(inside, abs=1e-6)

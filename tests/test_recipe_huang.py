@@ -138,19 +138,24 @@ def test_joint_blend_and_cuts_never_score_below_a_blend_with_fixed_cuts(seed):
 
 
 def test_fusion_head_learns_from_the_partner_and_is_applied_as_stored(tmp_path):
-    """Each eye's own features are noise; its partner's carry the grade: only fusion sees it."""
-    from trainer.judging.fusion import FusionSettings, fused_outputs, pair_features, train_fusion
+    """Both eyes share the grade and each eye's own score is noisy: the partner's features
+    tell the fusion head what the eye alone cannot."""
+    from trainer.judging.fusion import (
+        FusionSettings,
+        fused_outputs,
+        fused_result,
+        pair_features,
+        train_fusion,
+    )
 
     rng = np.random.default_rng(0)
 
     def split(n):
-        keys, labels, _ = _paired_val(int(rng.integers(1000)), n)
-        partner = np.arange(len(keys)) ^ 1
+        keys, labels, scores = _paired_val(int(rng.integers(1000)), n)
         features = rng.normal(0, 1, (len(keys), 8)).astype(np.float32)
-        features[partner, 0] += labels  # eye i's features hold its partner's grade
-        outputs = np.zeros((len(keys), 1), np.float32)
+        features[:, 0] = scores[:, 0]  # what the single-eye head reads
         return EvalResult(
-            loss=0.0, keys=keys, labels=labels, outputs=outputs, head=build_head("regress"),
+            loss=0.0, keys=keys, labels=labels, outputs=scores, head=build_head("regress"),
             features=features,
         )  # fmt: skip
 
@@ -165,11 +170,21 @@ def test_fusion_head_learns_from_the_partner_and_is_applied_as_stored(tmp_path):
     assert len(cuts) == 4 and cuts == sorted(cuts)
     torch.save(fusion, tmp_path / "f.pt")  # what best.pt holds must load with weights_only
     stored = torch.load(tmp_path / "f.pt", weights_only=True)
-    outputs = fused_outputs(stored, val.keys, val.features)
+    outputs = fused_outputs(stored, val.keys, val.features, val.outputs)
     kappa = kappa_of(val.labels, build_head("regress").grades(outputs, cuts))
-    assert kappa > 0.6 and kappa == pytest.approx(
+    assert kappa == pytest.approx(
         max(r["val_qwk"] for r in fusion["history"] if r["epoch"] == fusion["epoch"])
     )
+    alone = kappa_of(val.labels, build_head("regress").grades(val.outputs, cuts))
+    assert kappa > alone + 0.02
+    assert fused_result(stored, val).kappa == pytest.approx(kappa)
+    with pytest.raises(UserError, match="run dr-fuse on it again"):  # an older head
+        fused_outputs(
+            {k: v for k, v in stored.items() if k != "residual"},
+            val.keys,
+            val.features,
+            val.outputs,
+        )
 
 
 # ---------------------------------------------------------------- choosing on val

@@ -150,6 +150,28 @@ def test_generic_labels_with_split_column(tmp_path):
     assert src.rejects == [("e5", "bad split: 'x' is not train, val or test")]
 
 
+def test_a_split_column_that_puts_a_patient_in_two_splits_is_refused(tmp_path):
+    """--verify's patient rule, before anything is written: one line, naming the patients."""
+    write_images(
+        tmp_path / "imgs",
+        [f"{n}.jpg" for n in ("10_left", "10_right", "11_left", "11_right", "12_left")],
+    )
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "image,level,split,patient\n10_left,0,train,\n10_right,4,test,\n"
+        "11_left,1,val,\n11_right,1,val,\n12_left,2,train,p7\n"
+    )
+    with pytest.raises(UserError) as err:
+        read_source(tmp_path, labels)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "puts 1 patient(s) in two splits (patient 10 in test and train)" in message
+    assert "leave their split cells empty" in message
+    labels.write_text(labels.read_text().replace("10_right,4,test", "10_right,4,"))
+    src = read_source(tmp_path, labels)  # the patient's empty cell follows its listed split
+    assert assign_splits(src.samples, 0.2, 0)[1].split == "train"
+
+
 def test_generic_labels_with_unknown_columns_say_which(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("photo,score\na1,0\n")

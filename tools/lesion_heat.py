@@ -20,8 +20,11 @@ the centre of the eye than its rim, so a map that merely favours the centre also
 above 1x (a fixed centred Gaussian, sd = a sixth of the image: 1.50x on the demo's set).
 The baseline that accounts for this scores each photograph's map against the masks of the
 other photographs: a map that follows this photograph's lesions beats it, one that only
-favours where lesions tend to be does not. Prints the means over the photographs and both
-ratios; ``--out`` also writes ``lesion_heat.csv`` (per photograph) and the overlays.
+favours where lesions tend to be does not. The maps are those predict and evaluate draw,
+zero outside the fundus circle; the line also gives the share of the heat the unmasked maps
+put outside it, and the ratio the unmasked maps scored. Prints the means over the
+photographs and the ratios; ``--out`` also writes ``lesion_heat.csv`` (per photograph) and
+the overlays.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
 from pipeline.manifest import read_manifest
 from pipeline.shardformat import read_index
+from pipeline.writing.preprocess import fundus_circle
 from tools.make_synthetic import DRAWN_GRADES, MASKS_DIR
 from tools.predict import load_for_model
 from trainer.base.metrics import REFERABLE_GRADE
@@ -64,6 +68,8 @@ class Heat:
     heat_share: float  # mean over photographs
     area_share: float
     others_ratio: float = float("nan")  # each map against other photographs' masks
+    outside_share: float = float("nan")  # of the unmasked maps' heat, outside the fundus circle
+    unmasked_ratio: float = float("nan")  # the heat-to-area ratio of the unmasked maps
 
     @property
     def ratio(self) -> float:
@@ -134,26 +140,34 @@ def measure(
     prep = info.get("preprocess") or {}
     shard_size, graham = int(prep.get("size", size)), bool(prep.get("graham", False))
     images = [load_for_model(photo, shard_size, size, graham) for photo, _ in pictures]
-    rows, cams, masks, fundi = [], [], [], []
-    for (photo, mask), (pixels, cam) in zip(
-        pictures, explain_images(model, info, images, layer=layer, target=target), strict=True
-    ):
+    explained = explain_images(model, info, images, layer=layer, target=target, fundus_only=False)
+    circle = fundus_circle(size, size)
+    rows, cams, masks, fundi, raw = [], [], [], [], []
+    for (photo, mask), (pixels, unmasked) in zip(pictures, explained, strict=True):
+        cam = unmasked * circle  # as grad_cam's default draws it (its scale does not matter)
         lesions = mask_as_model_saw(photo, mask, shard_size, size, graham)
         cams.append(cam)
         masks.append(lesions)
         fundi.append(fundus_of(pixels))
         heat, area = lesion_heat(cam, lesions, fundi[-1])
-        rows.append({"image": photo.stem, "heat_share": heat, "area_share": area})
+        raw.append(lesion_heat(unmasked, lesions, fundi[-1])[0])
+        outside = float(unmasked[~circle].sum() / max(unmasked.sum(), 1e-12))
+        rows.append(
+            {"image": photo.stem, "heat_share": heat, "area_share": area, "outside": outside}
+        )
         if out is not None:
             caption = (
                 f"{photo.stem}: {100 * heat:.0f} % of the heat on {100 * area:.0f} % of the fundus"
             )
-            overlay(pixels, cam, caption).save(out / f"{photo.stem}.png")
+            overlay(pixels, cam / max(cam.max(), 1e-12), caption).save(out / f"{photo.stem}.png")
+    area_share = float(np.mean([r["area_share"] for r in rows]))
     heat = Heat(
         len(rows),
         float(np.mean([r["heat_share"] for r in rows])),
-        float(np.mean([r["area_share"] for r in rows])),
+        area_share,
         others_ratio(cams, masks, fundi),
+        float(np.mean([r["outside"] for r in rows])),
+        float(np.mean(raw)) / area_share if area_share > 0 else float("nan"),
     )
     return heat, rows
 
@@ -171,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if cfg.out:
         with open(cfg.out / "lesion_heat.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, ["image", "heat_share", "area_share"])
+            writer = csv.DictWriter(f, ["image", "heat_share", "area_share", "outside"])
             writer.writeheader()
             writer.writerows(rows)
     where = f" ({cfg.split} split of {cfg.shards})" if cfg.shards else ""
@@ -179,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{heat.photos} referable photograph(s){where}: {100 * heat.heat_share:.1f} % of the "
         f"heat inside the lesion masks, which cover {100 * heat.area_share:.1f} % of the fundus "
         f"({heat.ratio:.2f}x their area share; other photographs' masks on the same maps: "
-        f"{heat.others_ratio:.2f}x); {cfg.target} maps of {cfg.layer}"
+        f"{heat.others_ratio:.2f}x); {cfg.target} maps of {cfg.layer}, zero outside the fundus "
+        f"circle (unmasked, {100 * heat.outside_share:.1f} % of their heat lay outside it and "
+        f"they scored {heat.unmasked_ratio:.2f}x)"
     )
     return 0
 

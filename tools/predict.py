@@ -10,7 +10,13 @@ loaders' evaluation path (decode, resize to the model's size, normalise). So raw
 photos work as they are, and a photo packed into shards gets the same probabilities here
 as from ``trainer/evaluate.py``. Writes ``OUT/predictions.csv``, one row per image: the
 predicted grade, the five probabilities (calibrated with the checkpoint's temperature), or the reason it could not be graded (unreadable,
-too small, a symlink loop). Such an image is reported and skipped; the exit status is 1
+too small, a symlink loop). With ``--pair-eyes`` each row also keeps the eye's own figures
+(``pred_alone``, ``referable_score_alone``) beside the both-eyes ones (``grade``,
+``referable_score``), the method (``pair_method``: ``alone`` for an eye without its partner
+here, ``blend w=0.30`` or ``fused``) and the patient's screening decision
+(``patient_referable``: 1 when either eye's both-eyes referable score reaches the checkpoint's
+referral threshold, or, without one, either eye's grade is 2 or more); the summary line says
+the method and how many pairs it found. Such an image is reported and skipped; the exit status is 1
 when any was, 0 when all were graded. ``--preprocess plain|graham`` says how to prepare the
 photos for a checkpoint that does not record it; one that contradicts what the checkpoint
 records stops (``--allow-preprocessing-mismatch`` goes on, with a warning). ``--explain``
@@ -34,7 +40,9 @@ from PIL import Image
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES
 from pipeline.errors import UserError
+from pipeline.shardformat import patient_of
 from pipeline.writing.preprocess import BadImage, prepare
+from trainer.base.metrics import REFERABLE_GRADE
 from trainer.base.preprocessing import check_preprocessing
 from trainer.base.runfiles import PREDICTIONS_FILE
 from trainer.judging.options import CAM_DIR, FUSION_KEY
@@ -43,6 +51,8 @@ from trainer.judging.options import CAM_DIR, FUSION_KEY
 # option errors are answered before they load
 if TYPE_CHECKING:
     import torch
+
+    from trainer.base.decisions import Decisions
 
 PHOTO_EXTENSIONS = IMAGE_EXTENSIONS  # what make_shards packs
 PHOTO_NAMES = "/".join(PHOTO_EXTENSIONS)
@@ -95,6 +105,20 @@ class Prediction:
     grade: int | None = None
     probs: list[float] | None = None
     error: str | None = None
+    alone: tuple[int, float] | None = None  # --pair-eyes: (grade, referable score) eye alone
+    method: str | None = None  # --pair-eyes: alone / blend w=0.30 / fused
+    patient_referable: int | None = None
+
+
+@dataclass
+class Pairing:
+    """How --pair-eyes graded a set of photographs (``paired_outputs``)."""
+
+    outputs: np.ndarray  # (N, k) both eyes
+    cuts: tuple[float, ...] | None
+    method: str  # "blend w=0.30" or "fused"
+    temperature: float | None  # the single eye's; none for the fusion head's outputs
+    threshold: float | None  # the referral threshold that goes with these outputs
 
 
 def find_images(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
@@ -252,21 +276,23 @@ def main(argv: list[str] | None = None) -> int:
         if len(pending) == args.batch_size:
             flush()
     flush()
+    pairs_line = ""
     if graded:
+        preds = [p for p, _, _ in graded]
         outputs = np.stack([o for _, o, _ in graded])
-        if args.pair_eyes:  # partners found by file name: 10_left.jpeg beside 10_right.jpeg
-            stems = [p.path.stem for p, _, _ in graded]
-            outputs, cuts = paired_outputs(info, stems, outputs, np.stack([f for *_, f in graded]))
-        # calibrated, as evaluate.py's: not the fusion head's outputs, which have no temperature
-        fused = args.pair_eyes and info.get(FUSION_KEY)
-        temperature = None if fused else best.decisions.temperature
-        probs = head.probs(scaled(outputs, temperature), cuts)
+        # calibrated, as evaluate.py's
+        probs = head.probs(scaled(outputs, best.decisions.temperature), cuts)
         grades = head.grades(outputs, cuts)
-        for (pred, _, _), p, g in zip(graded, probs, grades, strict=True):
+        for pred, p, g in zip(preds, probs, grades, strict=True):
             pred.probs, pred.grade = [float(x) for x in p], int(g)
+        if args.pair_eyes:  # partners found by file name: 10_left.jpeg beside 10_right.jpeg
+            stems = [p.path.stem for p in preds]
+            features = np.stack([f for *_, f in graded])
+            pairing = paired_outputs(info, best.decisions, stems, outputs, features)
+            pairs_line = grade_pairs(preds, stems, pairing, head)
 
     out = args.out / PREDICTIONS_FILE
-    write_csv(out, results)
+    write_csv(out, results, args.pair_eyes)
     if maps:
         write_explained(args.out / CAM_DIR, [p for p, *_ in graded], maps)
     failed = sum(r.error is not None for r in results)
@@ -276,26 +302,73 @@ def main(argv: list[str] | None = None) -> int:
         f"graded {graded} image(s), {failed} not graded; predicted grades 0-4: "
         f"{' / '.join(map(str, counts))}; wrote {out}"
     )
+    if pairs_line:
+        print(pairs_line)
     if graded == 0:
         raise UserError("none of the images could be read")
     return 1 if failed else 0
 
 
 def paired_outputs(
-    info: dict, keys: list[str], outputs: np.ndarray, features: np.ndarray
-) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    info: dict, decisions: Decisions, keys: list[str], outputs: np.ndarray, features: np.ndarray
+) -> Pairing:
     """Both eyes graded together, as evaluate.py --pair-eyes does: the checkpoint's fusion head
-    (dr-fuse) if it has one, else the blend; the outputs and the cut-points that go with them."""
+    (dr-fuse) if it has one, else the blend with what val decided (``Pairing``)."""
     from trainer.judging.fusion import fused_outputs
     from trainer.judging.pairing import blend_partners
 
     fusion = info.get(FUSION_KEY)
     if fusion:
         cuts = fusion.get("cut_points")
-        return fused_outputs(fusion, keys, features), tuple(cuts) if cuts else None
-    cuts = info.get("pair_cut_points") or info.get("cut_points")
-    blended = blend_partners(keys, outputs, info.get("pair_blend") or 0.0)
-    return blended, tuple(cuts) if cuts else None
+        fused = fused_outputs(fusion, keys, features, outputs)
+        threshold = fusion.get("referable_threshold")
+        return Pairing(fused, tuple(cuts) if cuts else None, "fused", None, threshold)
+    weight = decisions.pair_blend  # clipped to 0.4 when best.pt was read
+    return Pairing(
+        blend_partners(keys, outputs, weight),
+        decisions.blend_cuts(),
+        f"blend w={weight:.2f}",
+        decisions.temperature,
+        decisions.referable_threshold,
+    )
+
+
+def grade_pairs(preds: list[Prediction], keys: list[str], pairing: Pairing, head) -> str:
+    """Give each graded prediction its both-eyes grade and probabilities, keeping its own as
+    ``alone``, and its patient's decision; the line predict prints about it."""
+    from trainer.judging.calibration import scaled
+    from trainer.judging.pairing import partner_index
+
+    partner = partner_index(keys)
+    probs = head.probs(scaled(pairing.outputs, pairing.temperature), pairing.cuts)
+    grades = head.grades(pairing.outputs, pairing.cuts)
+    for pred, p, g, other in zip(preds, probs, grades, partner, strict=True):
+        pred.alone = (pred.grade, sum(pred.probs[REFERABLE_GRADE:]))
+        if other >= 0:
+            pred.probs, pred.grade, pred.method = [float(x) for x in p], int(g), pairing.method
+        else:  # no partner here: the eye alone, whatever the method
+            pred.method = "alone"
+    referable: dict[str, int] = {}
+    for pred, key in zip(preds, keys, strict=True):
+        score = sum(pred.probs[REFERABLE_GRADE:])
+        says = score >= pairing.threshold if pairing.threshold is not None else None
+        if says is None:
+            says = pred.grade >= REFERABLE_GRADE
+        referable[patient_of(key)] = max(referable.get(patient_of(key), 0), int(says))
+    for pred, key in zip(preds, keys, strict=True):
+        pred.patient_referable = referable[patient_of(key)]
+    pairs = int((partner >= 0).sum()) // 2
+    rule = (
+        f"referable score >= {pairing.threshold:.4f}"
+        if pairing.threshold is not None
+        else f"grade >= {REFERABLE_GRADE}"
+    )
+    return (
+        f"both eyes: {pairs} pair(s) of one patient's left and right eye graded together "
+        f"({pairing.method}), {len(preds) - 2 * pairs} photograph(s) without their partner "
+        f"graded alone; {sum(referable.values())} of {len(referable)} patient(s) referable "
+        f"(either eye's {rule})"
+    )
 
 
 def write_explained(
@@ -314,18 +387,30 @@ def write_explained(
     print(f"wrote {len(graded)} class-activation overlay(s) into {folder}")
 
 
-def write_csv(path: Path, results: list[Prediction]) -> None:
+PAIR_COLUMNS = ["pred_alone", "referable_score_alone", "pair_method", "patient_referable"]
+
+
+def write_csv(path: Path, results: list[Prediction], pair_eyes: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["image", "grade", *[f"p{g}" for g in range(NUM_CLASSES)], "referable_score", "error"]
+            ["image", "grade", *[f"p{g}" for g in range(NUM_CLASSES)], "referable_score"]
+            + (PAIR_COLUMNS if pair_eyes else [])
+            + ["error"]
         )
         for r in results:
             probs = [f"{p:.8f}" for p in r.probs] if r.probs else [""] * NUM_CLASSES
-            referable = f"{sum(r.probs[2:]):.8f}" if r.probs else ""
+            referable = f"{sum(r.probs[REFERABLE_GRADE:]):.8f}" if r.probs else ""
+            pair = []
+            if pair_eyes:
+                pair = ["", "", "", ""]
+                if r.alone is not None:
+                    pair = [r.alone[0], f"{r.alone[1]:.8f}", r.method, r.patient_referable]
             writer.writerow(
-                [str(r.path), "" if r.grade is None else r.grade, *probs, referable, r.error or ""]
+                [str(r.path), "" if r.grade is None else r.grade, *probs, referable]
+                + pair
+                + [r.error or ""]
             )
 
 

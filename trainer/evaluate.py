@@ -367,21 +367,19 @@ def write_folder(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    title = f"{info['arch']} on {split}: {metrics['outputs']}"  # which outputs each figure shows
     atomic_write_json(out / "metrics.json", metrics)
     write_confusion_csv(result.confusion, out / f"confusion_{split}.csv")
     plot_confusion(
         result.confusion,
         out / f"confusion_{split}.png",
-        title=(
-            f"{info['arch']} on {split}: accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}"
-        ),
+        title=f"{title}; accuracy {100 * result.accuracy:.1f} %, kappa {result.kappa:.3f}",
     )
     write_predictions(with_originals(result.predictions(), shards), out / PREDICTIONS_FILE)
     curves = {
         "referable DR (>= 2)": (positive, score),
         "any DR (>= 1)": (result.labels >= 1, any_dr_score(result.probs)),
     }
-    title = f"{info['arch']} on {split}: {metrics['outputs']}"
     plot_roc(curves, threshold, out / ROC_FILE, title=title)
     plot_reliability(reliability_curves(result), out / RELIABILITY_FILE, title=title)
     captions = {

@@ -230,6 +230,15 @@ def pad_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Imag
     return out
 
 
+def fundus_circle(width: int, height: int, fraction: float = 1.0) -> np.ndarray:
+    """(height, width) bool, true inside the eye's circle of a prepared image: the border
+    crop leaves the eye's diameter as the longer side and ``pad_square`` centres it, so the
+    circle is the one inscribed in the square (``fraction`` of its radius)."""
+    yy, xx = np.ogrid[:height, :width]
+    radius = min(width, height) / 2
+    return np.hypot(xx - (width - 1) / 2, yy - (height - 1) / 2) <= fraction * radius
+
+
 def graham_normalise(img: Image.Image) -> Image.Image:
     """Ben Graham's normalisation (Kaggle DR 2015): 4*img - 4*blur(img) + 128, circle masked.
 
@@ -242,9 +251,7 @@ def graham_normalise(img: Image.Image) -> Image.Image:
     a = np.asarray(img, np.float32)
     b = np.asarray(blur, np.float32)
     out = np.clip(4 * a - 4 * b + 128, 0, 255)
-    yy, xx = np.ogrid[:h, :w]
-    outside = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2) > GRAHAM_MASK * radius
-    out[outside] = 128
+    out[~fundus_circle(w, h, GRAHAM_MASK)] = 128
     return Image.fromarray(out.astype(np.uint8))
 
 

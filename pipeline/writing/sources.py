@@ -179,7 +179,34 @@ def read_source(
     for row in listing.rows:
         out.add(row)
     rejects = listing.rejects + out.rejects
-    return Source(reader.name, root, out.samples(), rejects, listing.notes + index.loops)
+    samples = out.samples()
+    if reader.name == "generic":  # the split column is the user's: --verify's rule, up front
+        refuse_patients_in_two_splits(samples, options.labels)
+    return Source(reader.name, root, samples, rejects, listing.notes + index.loops)
+
+
+SHOWN_PATIENTS = 5  # named in the message; the count says how many more
+
+
+def refuse_patients_in_two_splits(samples: list[Sample], labels: Path | None) -> None:
+    """Stop before packing when a label file's split column puts one patient's images in
+    two splits: ``make_shards --verify`` refuses such a folder (patient leakage makes the
+    test figures optimistic), so it is never written."""
+    splits: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        if s.split is not None:
+            splits[s.patient].add(s.split)
+    mixed = sorted(p for p, where in splits.items() if len(where) > 1)
+    if not mixed:
+        return
+    shown = "; ".join(f"{p} in {' and '.join(sorted(splits[p]))}" for p in mixed[:SHOWN_PATIENTS])
+    more = f" and {len(mixed) - SHOWN_PATIENTS} more" if len(mixed) > SHOWN_PATIENTS else ""
+    raise UserError(
+        f"{labels or 'the label file'}'s split column puts {len(mixed)} patient(s) in two "
+        f"splits (patient {shown}{more}), which leaks a patient between them; give each of "
+        "their rows one split, or leave their split cells empty for make_shards to assign "
+        "them whole"
+    )
 
 
 def assign_splits(

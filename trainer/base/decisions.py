@@ -20,10 +20,12 @@ In metrics.jsonl and best.pt they are stored under these names, lists for the cu
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 from pipeline.errors import UserError
 
+MAX_BLEND = 0.4  # the partner's most: the own eye keeps >= 60 % and its own grade
 KEYS = ("cut_points", "temperature", "pair_blend", "pair_cut_points", "referable_threshold")
 
 
@@ -55,12 +57,28 @@ class Decisions:
         return cls(
             cut_points=_cuts(stored.get("cut_points"), "cut_points", where),
             temperature=_positive(stored.get("temperature"), "temperature", where),
-            pair_blend=_in_range(0.0 if blend is None else blend, "pair_blend", where),
+            pair_blend=own_eye_first(
+                _in_range(0.0 if blend is None else blend, "pair_blend", where)
+            ),
             pair_cut_points=_cuts(stored.get("pair_cut_points"), "pair_cut_points", where),
             referable_threshold=_optional_number(
                 stored.get("referable_threshold"), "referable_threshold", where
             ),
         )
+
+
+def own_eye_first(weight: float) -> float:
+    """A stored partner weight as this version applies it: one above ``MAX_BLEND`` (an older
+    version searched up to 0.5, where both eyes got one grade) is clipped, with a warning."""
+    if weight <= MAX_BLEND + 1e-9:
+        return weight
+    print(
+        f"warning: the checkpoint's both-eyes weight {weight:.2f} gives the partner eye "
+        f"{100 * weight:.0f} % of each eye's outputs; used {MAX_BLEND:.2f}, so that each "
+        "eye keeps at least 60 % of its own",
+        file=sys.stderr,
+    )
+    return MAX_BLEND
 
 
 def _number(value, name: str, where: str) -> float:

@@ -26,6 +26,11 @@ in docs/benchmarks.md. Written here in 40 lines rather than taken from the
 ``grad-cam`` package: that package requires opencv-python-headless, ttach, tqdm and scipy
 for one forward hook and one ``torch.autograd.grad`` call, and knows nothing of the heads.
 
+Heat outside the fundus circle (the circle of a prepared image, ``fundus_circle`` of the
+packing step, which Graham's normalisation masks too) is set to zero before the map is
+scaled: the black corners hold no retina, yet the regress head's maps were often hottest
+there. Overlays carry a colour scale (0 = none of the map's heat, 1 = its peak).
+
 ``lesion_heat`` measures whether the map points at lesions: the share of the heat inside a
 lesion mask against the mask's share of the fundus (``tools/lesion_heat.py``).
 """
@@ -47,12 +52,13 @@ from pipeline.loading.contract import normalization
 from pipeline.loading.samples import chunked, eval_image, read_chunk
 from pipeline.manifest import read_manifest
 from pipeline.shardformat import read_index
-from pipeline.writing.preprocess import border_box, open_image, passthrough_bytes
+from pipeline.writing.preprocess import border_box, fundus_circle, open_image, passthrough_bytes
 from trainer.base.metrics import REFERABLE_GRADE
 from trainer.judging.options import CAM_DIR, CAM_LAYER, CAM_TARGET, CAM_TARGETS  # noqa: F401
 
 FUNDUS_LEVEL = 20  # brightest channel above this (of 255): the fundus, not the black frame
 PANEL = 256  # px: each half of an overlay picture is drawn at least this large
+SCALE_WIDTH = 44  # px: the colour scale right of the overlay
 HEAT_ALPHA = 0.5
 EXPLAIN_BATCH = 16  # images per forward and backward pass
 
@@ -84,9 +90,12 @@ def grad_cam(
     head: str,
     layer: str = CAM_LAYER,
     target: str = CAM_TARGET,
+    fundus_only: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) maps in [0, 1] at the input's size, and the raw outputs (N, k), for a batch
-    of normalised images; the model's weights and mode are left as they were."""
+    of normalised images, zero outside the fundus circle unless ``fundus_only`` is false
+    (tools/lesion_heat.py measures what it removes); the model's weights and mode are left
+    as they were."""
     stages = dict(model.named_modules())
     if layer not in stages:
         raise UserError(f"the model has no stage {layer!r} to map")
@@ -103,6 +112,8 @@ def grad_cam(
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * maps).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    if fundus_only:
+        cam = cam * torch.from_numpy(fundus_circle(cam.shape[2], cam.shape[1])).to(cam.device)
     peak = cam.flatten(1).max(dim=1).values.clamp(min=1e-12)[:, None, None]
     return (cam / peak).detach().cpu().numpy(), out.detach().float().cpu().numpy()
 
@@ -117,9 +128,20 @@ def heat_colours(cam: np.ndarray) -> np.ndarray:
     return (colormaps["jet"](cam)[..., :3] * 255).astype(np.uint8)
 
 
+def colour_scale(height: int) -> Image.Image:
+    """The map's colours from 1 (top) to 0 (bottom), labelled: what the overlay's hues mean."""
+    bar = heat_colours(np.linspace(1, 0, height)[:, None].repeat(12, axis=1))
+    scale = Image.new("RGB", (SCALE_WIDTH, height), "white")
+    scale.paste(Image.fromarray(bar), (0, 0))
+    draw = ImageDraw.Draw(scale)
+    for value, y in ((1.0, 0), (0.5, height // 2 - 5), (0.0, height - 11)):
+        draw.text((15, y), f"{value:g}", fill="black")
+    return scale
+
+
 def overlay(pixels: np.ndarray, cam: np.ndarray, caption: str = "") -> Image.Image:
     """The photograph as the model saw it (H, W, 3 uint8) beside it with the map laid over,
-    enlarged to at least ``PANEL`` px, a caption below."""
+    enlarged to at least ``PANEL`` px, the colour scale at the right, a caption below."""
     heat = heat_colours(cam).astype(np.float32)
     blended = (1 - HEAT_ALPHA) * pixels.astype(np.float32) + HEAT_ALPHA * heat
     scale = max(1, -(-PANEL // pixels.shape[0]))
@@ -129,9 +151,11 @@ def overlay(pixels: np.ndarray, cam: np.ndarray, caption: str = "") -> Image.Ima
         size, Image.Resampling.BICUBIC
     )
     lines = caption.splitlines() or [""]
-    canvas = Image.new("RGB", (2 * size[0] + 8, size[1] + 6 + 14 * len(lines)), "white")
+    width = 2 * size[0] + 16 + SCALE_WIDTH
+    canvas = Image.new("RGB", (width, size[1] + 6 + 14 * len(lines)), "white")
     canvas.paste(left, (0, 0))
     canvas.paste(right, (size[0] + 8, 0))
+    canvas.paste(colour_scale(size[1]), (2 * size[0] + 16, 0))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
         draw.text((4, size[1] + 3 + 14 * i), line, fill="black")
@@ -217,15 +241,17 @@ def explain_images(
     device: str | torch.device = "cpu",
     layer: str = CAM_LAYER,
     target: str = CAM_TARGET,
+    fundus_only: bool = True,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(pixels as the model saw them, map) for uint8 CHW images at the checkpoint's size,
-    a few at a time."""
+    a few at a time (``fundus_only``: as ``grad_cam``)."""
     shift, scale = normalization(device, info["mean"], info["std"])
     head = info.get("head", "classify")
     results = []
     for start in range(0, len(images), EXPLAIN_BATCH):
         batch = torch.stack(images[start : start + EXPLAIN_BATCH]).to(device)
-        cams, _ = grad_cam(model, torch.addcmul(shift, batch, scale), head, layer, target)
+        x = torch.addcmul(shift, batch, scale)
+        cams, _ = grad_cam(model, x, head, layer, target, fundus_only)
         results += [(to_pixels(img), cam) for img, cam in zip(batch, cams, strict=True)]
     return results
 

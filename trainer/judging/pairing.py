@@ -7,6 +7,11 @@ The weight is chosen on val (``choose_blend``) and stored in best.pt as ``pair_b
 For the regress head the weight and the cut-points are chosen together
 (``choose_blend_and_cuts``): blending shrinks the scores' spread, so cut-points tuned on
 each eye alone are misplaced for the blended scores; they are stored as ``pair_cut_points``.
+
+Each eye keeps its own grade: the weight is searched only up to ``MAX_BLEND`` (0.4, the own
+eye keeps at least 60 %). At 0.5 the two eyes are averaged and get one grade, so a patient
+with one healthy and one grade-4 eye was graded the same in both (a checkpoint of an older
+version stored 0.5); such a stored weight is clipped to ``MAX_BLEND`` with a warning.
 """
 
 from __future__ import annotations
@@ -16,11 +21,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pipeline.shardformat import eye_of, patient_of
+from trainer.base.decisions import own_eye_first
 from trainer.base.heads import tune_cuts
 from trainer.base.metrics import kappa_of
 
-BLENDS = tuple(round(0.05 * i, 2) for i in range(11))  # 0 (eye alone) .. 0.5 (the two averaged)
+BLENDS = tuple(round(0.05 * i, 2) for i in range(9))  # 0 (eye alone) .. MAX_BLEND
 OTHER_EYE = {"left": "right", "right": "left"}
+
+
+def usable_blend(weight: float | None) -> float:
+    """A stored partner weight as this version applies it: None is 0 (each eye alone), one
+    above ``MAX_BLEND`` is clipped to it with a warning (trainer.base.decisions)."""
+    return own_eye_first(float(weight or 0.0))
 
 
 def partner_index(keys: Sequence[str]) -> np.ndarray:
@@ -32,6 +44,8 @@ def partner_index(keys: Sequence[str]) -> np.ndarray:
 
 
 def blend_partners(keys: Sequence[str], outputs: np.ndarray, weight: float) -> np.ndarray:
+    """Each eye's outputs ``(1 - w) * own + w * partner``, ``w`` clipped by ``usable_blend``."""
+    weight = usable_blend(weight)
     partner = partner_index(keys)
     blended = np.array(outputs, dtype=np.float32, copy=True)
     paired = partner >= 0
