@@ -37,6 +37,7 @@ LINKED = ("tools", "trainer", "pipeline", "accelerate_config.yaml", "pyproject.t
 LAYOUT_SECTIONS = ("eyepacs", "aptos", "messidor2", "idrid", "ddr")
 
 HEAVY = "trains the reference recipe (10 epochs at 512 px): hours on a CPU"
+BUCKET = "a bucket with credentials; tests/test_remote.py runs these against moto's S3 on 127.0.0.1"
 GPU = "needs GPUs (tests/test_gpu_check.py and docs/gpu.md cover them where there are any)"
 SKIPS = {
     "make demo": "trains two runs and fuses one: about 9 minutes on 2 free cores; CI runs it",
@@ -85,6 +86,12 @@ SKIPS = {
     "dr-fuse --checkpoint runs/r50/best.pt --shards shards": (
         "needs shards with both eyes of patients and a val split, and a run trained on them; "
         "tests/test_recipe_huang.py runs dr-fuse"
+    ),
+    'pip install -e ".[cloud]"': "installs packages; the dev extra has them for tests/test_remote.py",
+    "python tools/make_shards.py data/ s3://my-bucket/eyepacs-512": BUCKET,
+    "accelerate launch trainer/train.py --shards s3://my-bucket/eyepacs-512 --out runs/r50": BUCKET,
+    "python trainer/evaluate.py --checkpoint runs/r50/best.pt --shards s3://my-bucket/eyepacs-512": (
+        BUCKET
     ),
     "dr-report runs/resnet18 --shards /new/place/shards --gallery 24": (
         "/new/place stands for wherever the shards moved to"
