@@ -23,19 +23,27 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from collections import Counter
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES
 from pipeline.errors import UserError
+from pipeline.fileio import (
+    atomic_write,
+    check_out_folder,
+    folder_lock,
+    inside,
+    safe_cell,
+    staged_outputs,
+)
 from pipeline.loading.contract import normalization
 from pipeline.loading.samples import eval_image
+from pipeline.shardformat import make_key, unique_keys
 from pipeline.writing.preprocess import BadImage, prepare
 from trainer.base.bestfile import head_of, load_best
 from trainer.base.model import backbone_features
@@ -49,7 +57,6 @@ from trainer.judging.tta import tta_outputs_and_features
 PHOTO_EXTENSIONS = IMAGE_EXTENSIONS  # what make_shards packs
 PHOTO_NAMES = "/".join(PHOTO_EXTENSIONS)
 PREDICTIONS_FILE = "predictions.csv"
-MIN_SIDE = 64  # px; a smaller photo holds too little of the retina to grade
 
 
 @dataclass
@@ -132,16 +139,8 @@ def find_images(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
 
 
 def load_for_model(path: Path, shard_size: int, image_size: int, graham: bool) -> torch.Tensor:
-    """uint8 CHW tensor of one photo, exactly as training saw it (see the module docstring)."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        width = height = None  # prepare() says what is wrong with it
-    if width is not None and min(width, height) < MIN_SIDE:
-        raise BadImage(
-            f"too small to grade ({width}x{height} pixels; at least {MIN_SIDE} on the short side)"
-        )
+    """uint8 CHW tensor of one photo, exactly as training saw it (see the module docstring):
+    the shard builder's ``prepare``, so the same files are refused for the same reasons."""
     try:
         return eval_image(prepare(path, shard_size, graham=graham), image_size, str(path))
     except UserError as err:
@@ -194,7 +193,17 @@ def outputs_and_features(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(PredictConfig, argv, prog="predict.py", description=__doc__.splitlines()[0])
+    check_out_folder(args.out).mkdir(parents=True, exist_ok=True)  # before any work
+    with folder_lock(args.out, "predict"), staged_outputs(args.out, PREDICTIONS_FILE) as stage:
+        graded, failed = grade_photos(args, stage)
+    if graded == 0:
+        raise UserError("none of the images could be read")
+    return 1 if failed else 0
 
+
+def grade_photos(args: PredictConfig, stage: Path) -> tuple[int, int]:
+    """Grade every photo: (graded, not graded). The outputs go into ``stage``, moved into
+    --out when complete, so an interrupted run leaves the previous predictions or none."""
     model, info = load_best(args.checkpoint, device=args.device)
     image_size = int(info["image_size"])
     prep = info.get("preprocess") or {}
@@ -227,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                 maps.extend(explain_images(model, info, list(images), args.device))
             pending.clear()
 
+    progress = Progress(len(paths))
     for path in paths:
+        progress.step()
         pred = Prediction(path)
         results.append(pred)
         try:
@@ -252,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             pred.probs, pred.grade = [float(x) for x in p], int(g)
 
     out = args.out / PREDICTIONS_FILE
-    write_csv(out, results)
+    atomic_write(stage / PREDICTIONS_FILE, lambda tmp: write_csv(tmp, results))
     if maps:
-        write_explained(args.out / CAM_DIR, [p for p, *_ in graded], maps)
+        write_explained(stage / CAM_DIR, [p for p, *_ in graded], maps)
     failed = sum(r.error is not None for r in results)
     graded = len(results) - failed
     counts = np.bincount([r.grade for r in results if r.grade is not None], minlength=NUM_CLASSES)
@@ -262,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         f"graded {graded} image(s), {failed} not graded; predicted grades 0-4: "
         f"{' / '.join(map(str, counts))}; wrote {out}"
     )
-    if graded == 0:
-        raise UserError("none of the images could be read")
-    return 1 if failed else 0
+    return graded, failed
 
 
 def paired_outputs(
@@ -286,17 +295,31 @@ def write_explained(
 ) -> None:
     """``folder/<photo name>.png``: each photo as the model saw it, beside its map."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = Counter(p.path.stem for p in graded)
-    for pred, (pixels, cam) in zip(graded, maps, strict=True):
-        # two photos of one name in different folders: the folder goes into the name
-        name = pred.path.stem if names[pred.path.stem] == 1 else "_".join(pred.path.parts[-2:])
+    # named as make_shards names keys: x.jpeg and x.png, or two a/x.png, never share a file
+    names = unique_keys(
+        [make_key(p.path.stem) for p in graded], [p.path.parent.name for p in graded]
+    )
+    for pred, (pixels, cam), name in zip(graded, maps, names, strict=True):
         caption = caption_of(str(pred.path), pred.grade, sum(pred.probs[2:]))
-        overlay(pixels, cam, caption).save(folder / f"{Path(name).stem}.png")
+        overlay(pixels, cam, caption).save(inside(folder, f"{name}.png"))
     print(f"wrote {len(graded)} class-activation overlay(s) into {folder}")
 
 
+class Progress:
+    """``graded N/M photos`` on stderr every few seconds (a long run is seen to move)."""
+
+    def __init__(self, total: int, every: float = 5.0):
+        self.total, self.done, self.every, self.shown = total, 0, every, time.monotonic()
+
+    def step(self) -> None:
+        self.done += 1
+        if time.monotonic() - self.shown >= self.every:
+            self.shown = time.monotonic()
+            print(f"graded {self.done - 1}/{self.total} photos", file=sys.stderr, flush=True)
+
+
 def write_csv(path: Path, results: list[Prediction]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One row per photo; the names (a photo called ``=1+1.jpeg``) formula-safe."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
@@ -306,7 +329,8 @@ def write_csv(path: Path, results: list[Prediction]) -> None:
             probs = [f"{p:.8f}" for p in r.probs] if r.probs else [""] * NUM_CLASSES
             referable = f"{sum(r.probs[2:]):.8f}" if r.probs else ""
             writer.writerow(
-                [str(r.path), "" if r.grade is None else r.grade, *probs, referable, r.error or ""]
+                [safe_cell(str(r.path)), "" if r.grade is None else r.grade, *probs, referable]
+                + [safe_cell(r.error or "")]
             )
 
 

@@ -30,6 +30,8 @@ size: manifest.json against best.pt) stops the run, unless --allow-preprocessing
 
 from __future__ import annotations
 
+import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,14 @@ from accelerate import Accelerator
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import SPLITS
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write, atomic_write_json
+from pipeline.fileio import (
+    atomic_write,
+    atomic_write_json,
+    check_out_folder,
+    folder_lock,
+    safe_cell,
+    staged_outputs,
+)
 from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
@@ -77,6 +86,7 @@ from trainer.judging.external import (
 from trainer.judging.fusion import FUSION_KEY, fused_result
 
 PREDICTIONS_FILE = "predictions.csv"
+METRICS_FILE = "metrics.json"
 ROC_FILE = "roc.png"
 RELIABILITY_FILE = "reliability.png"
 
@@ -125,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_config(
         EvalConfig, argv, prog="trainer/evaluate.py", description=__doc__.splitlines()[0]
     )
+    with ExitStack() as held:  # --out's lock, released however the run ends
+        if args.out and int(os.environ.get("RANK", "0")) == 0:  # the writing process
+            check_out_folder(args.out).mkdir(parents=True, exist_ok=True)
+            held.enter_context(folder_lock(args.out, "evaluate"))
+        return evaluate_all(args)
+
+
+def evaluate_all(args: EvalConfig) -> int:
     model, info = load_best(args.checkpoint)
     cfg = info.get("config", {})
     batch_size = args.batch_size or cfg.get("batch_size", 8)
@@ -288,13 +306,17 @@ def evaluate_folder(
     }
     report(accelerator, info, args, metrics, alone, result)
     if out and accelerator.is_main_process:
-        write_folder(
-            out, info, args.split, metrics, result, positive, score, threshold, manifest.root
-        )
-        if args.explain > 0:
-            explain_wrong(
-                model, info, accelerator, result, manifest.root, args.split, args.explain, out
+        # assembled beside and moved in at the end: an interrupted run leaves the previous
+        # outputs or none, never a new metrics.json beside an old predictions.csv
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with staged_outputs(out, last=METRICS_FILE) as stage:
+            write_folder(
+                stage, info, args.split, metrics, result, positive, score, threshold, manifest.root
             )
+            if args.explain > 0:
+                explain_wrong(
+                    model, info, accelerator, result, manifest.root, args.split, args.explain, stage
+                )
         accelerator.print(
             f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE}, {RELIABILITY_FILE} "
             f"and confusion_{args.split}.csv/.png"
@@ -350,7 +372,7 @@ def write_folder(
     of ``shards``' samples.csv), roc.png and reliability.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / METRICS_FILE, metrics)
     write_confusion_csv(result.confusion, out / f"confusion_{split}.csv")
     plot_confusion(
         result.confusion,
@@ -377,7 +399,7 @@ def explain_wrong(model, info, accelerator, result: EvalResult, shards: Path, sp
     explained = write_overlays(
         bare(accelerator, model), info, shards, split, chosen, out / CAM_DIR, accelerator.device
     )
-    accelerator.print(f"wrote {len(explained)} class-activation overlays into {out / CAM_DIR}")
+    accelerator.print(f"wrote {len(explained)} class-activation overlays")
 
 
 def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:
@@ -434,6 +456,7 @@ def checkpoint_loader(
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:
     """One row per image; 8 decimals keep the scores' ranking (and so the AUC) as computed."""
+    table = table.map(safe_cell)  # keys, paths and patients come from the user's files
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.8f"))
 
 

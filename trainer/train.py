@@ -48,6 +48,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import TypeVar
@@ -61,7 +62,13 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write_json, reporting_disk_full
+from pipeline.fileio import (
+    atomic_write_json,
+    check_out_folder,
+    folder_lock,
+    own_entries,
+    reporting_disk_full,
+)
 from pipeline.loading.contract import Loader
 from pipeline.loading.loader import build_loader
 from pipeline.manifest import Manifest, read_manifest
@@ -127,6 +134,11 @@ HEADER = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    with ExitStack() as held:  # the run folder's lock, released however the run ends
+        return run(argv, held)
+
+
+def run(argv: list[str] | None, held: ExitStack) -> int:
     cfg, given = parse_args(argv)
     if cfg.smoke:
         cfg = smoke.smoke_config(cfg, given)
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             state["config"] if state else saved_config(Path(cfg.out)), cfg, given
         )
     accelerator = build_accelerator(cfg)
-    out = choose_run_folder(cfg, accelerator)
+    out = choose_run_folder(cfg, accelerator, held)
     cfg.out = str(out)
     if note:
         accelerator.print(note)
@@ -289,23 +301,40 @@ def on_leader(accelerator: Accelerator, fn: Callable[[], T], local: bool = False
     return None if local else broadcast_object_list([result])[0]
 
 
-def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Path:
-    """--out, or runs/ARCH-TIMESTAMP from rank 0's clock; a new run never appends to an old one."""
+def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator, held: ExitStack) -> Path:
+    """--out, or runs/ARCH-TIMESTAMP from rank 0's clock; a new run never appends to an old one,
+    never writes into a folder of other files, and holds the folder's lock (in ``held``)."""
 
     def choose():
         default = f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = Path(cfg.out or (smoke.run_folder() if cfg.smoke else default))
+        out = check_out_folder(cfg.out or (smoke.run_folder() if cfg.smoke else default))
         if not cfg.resume and ((out / METRICS_FILE).exists() or last_dir(out).exists()):
             raise UserError(
                 f"{out} already holds a run; add --resume to continue it, or pick another --out"
             )
+        if not cfg.resume and (names := own_entries(out)) and not started_run(out):
+            raise UserError(
+                f"{out} holds files that are not a run of this project ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}); name a new or empty folder with --out"
+            )
         if not cfg.resume:
             out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(folder_lock(out, "train"))
         return str(out)
 
     if cfg.resume and not cfg.out:
         raise UserError("--resume needs --out DIR, the folder of the run to continue")
     return Path(on_leader(accelerator, choose))
+
+
+def started_run(out: Path) -> bool:
+    """Whether ``out`` holds a run of this trainer that stopped before its first epoch (its
+    config.json, written at start)."""
+    try:
+        saved = json.loads((out / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"config", "environment"} <= saved.keys()
 
 
 def resumed(cfg: TrainConfig, given: set[str]) -> tuple[dict | None, str | None]:

@@ -26,7 +26,7 @@ import torch
 
 from pipeline.constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write_bytes, reporting_disk_full
+from pipeline.fileio import atomic_write_bytes, partial_path, reporting_disk_full
 from trainer.base.bestfile import BEST_FILE, serialized
 from trainer.base.normalize import normalization_for
 
@@ -82,7 +82,8 @@ def save_last(run_dir: str | Path, state: dict) -> Path:
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    tmp, last, previous = root / f".{LAST}.partial", root / LAST, root / PREVIOUS
+    last, previous = root / LAST, root / PREVIOUS
+    tmp = partial_path(last)  # host and pid in the name: two writers never share one
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with reporting_disk_full(last / STATE_FILE):
