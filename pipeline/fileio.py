@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import html
 import json
 import os
 import shutil
@@ -286,3 +287,9 @@ def safe_cell(value):
     except ValueError:
         return "'" + value
     return value
+
+
+def md_cell(text) -> str:
+    """``text`` for a markdown table cell: HTML escaped (a folder named ``<img src=x
+    onerror=...>`` shows as text in a rendered page) and ``|`` kept from splitting the cell."""
+    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")

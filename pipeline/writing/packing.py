@@ -71,6 +71,7 @@ from pipeline.fileio import (
     file_sha256,
     folder_lock,
     make_writable_dir,
+    safe_cell,
     stale_partials,
 )
 from pipeline.manifest import Manifest, SplitInfo
@@ -668,7 +669,8 @@ def _write_rejects(out: Path, rejects: list[tuple[str, str]]) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image", "reason", "path"])  # path: the file, where one was found
-            writer.writerows((*r, "")[:3] for r in rejects)
+            # the names come from the user's files: formula-safe for a spreadsheet
+            writer.writerows([safe_cell(c) for c in (*r, "")[:3]] for r in rejects)
 
     atomic_write(out / REJECTS_NAME, write)
 
