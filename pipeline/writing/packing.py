@@ -94,8 +94,9 @@ PREPROCESS_VERSION = 1  # bump when preprocessing changes, so reruns rebuild eve
 # fingerprint, not the manifest)
 DECODING = 3
 TASK_SIZE = 8  # images per pool task
-# one worker's peak decoding the largest photo it accepts (a 100 Mpx image: docs/benchmarks.md)
-WORKER_MEMORY = 1_500_000_000
+# Room per default worker: one decoding a photo near Pillow's 89 Mpx limit peaked at 573 MB
+# (81 Mpx, 16-bit; docs/benchmarks.md), with its shard bytes and imports beside it.
+WORKER_MEMORY = 1_000_000_000
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 TASKS_AHEAD = 4  # tasks in flight per worker
 _SHARD_FILE = re.compile(

@@ -160,6 +160,8 @@ def upright(img: Image.Image) -> Image.Image:
     """``img`` as a viewer shows it: turned by its EXIF orientation (a phone's portrait photo
     is stored sideways with Orientation 6), the tag then dropped."""
     try:
+        if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+            return img  # exif_transpose would return a copy: a whole image more at the peak
         return ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError, struct.error, KeyError, TypeError):
         return img  # an unreadable EXIF block: the pixels as stored
