@@ -210,13 +210,16 @@ def test_predict_out_locked_or_a_file_is_one_line(checkpoint, tmp_path):
     )
 
 
-def test_evaluate_out_locked_is_one_line(checkpoint, small_shards, tmp_path):
+def test_evaluate_and_fuse_out_locked_is_one_line(checkpoint, small_shards, tmp_path):
     out = tmp_path / "eval"
     out.mkdir()
     args = ["--checkpoint", checkpoint, "--shards", small_shards, "--out", out]
     with folder_lock(out, "evaluate"):
         proc = python("trainer/evaluate.py", *args, tmp=tmp_path, check=False)
     one_line_exit_2(proc, f"is writing to {out}")
+    fuse = ["tools/fuse.py", "--checkpoint", checkpoint, "--shards", small_shards, "--out", out]
+    with folder_lock(out, "train"):  # fuse writes fusion.json into --out, a run folder
+        one_line_exit_2(python(*fuse, tmp=tmp_path, check=False), f"is writing to {out}")
 
 
 # ---------------------------------------------------------------- 3. bounded reads

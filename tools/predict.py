@@ -306,9 +306,9 @@ def write_explained(
 
 
 class Progress:
-    """``graded N/M photos`` on stderr every few seconds (a long run is seen to move)."""
+    """``graded N/M photos`` on stderr every two seconds (a long run is seen to move)."""
 
-    def __init__(self, total: int, every: float = 5.0):
+    def __init__(self, total: int, every: float = 2.0):
         self.total, self.done, self.every, self.shown = total, 0, every, time.monotonic()
 
     def step(self) -> None:
