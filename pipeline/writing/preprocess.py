@@ -131,7 +131,7 @@ def open_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadImage("too large (more pixels than Pillow's decompression-bomb limit)") from None
+        raise BadImage("too large") from None  # more pixels than Pillow's bomb limit
     except Image.UnidentifiedImageError:
         # A JPEG or PNG signature whose header cannot be parsed was cut short.
         known = data.startswith(_JPEG_SOI) or data.startswith(b"\x89PNG")
