@@ -47,6 +47,7 @@ from pipeline.fileio import (
     atomic_write_json,
     check_out_folder,
     folder_lock,
+    inside,
     safe_cell,
     staged_outputs,
 )
@@ -180,7 +181,8 @@ def evaluate_all(args: EvalConfig) -> int:
     for manifest, name in zip(manifests, names, strict=True):
         if several:
             accelerator.print(f"{name} ({manifest.root}):")
-        out = (args.out / name if several else args.out) if args.out else None
+        # a dataset's name is its folder's: "--shards .." must not name a folder outside --out
+        out = (inside(args.out, name) if several else args.out) if args.out else None
         metrics, result = evaluate_folder(
             model, info, accelerator, manifest, args, batch_size, gpu, out
         )
