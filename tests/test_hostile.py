@@ -30,7 +30,7 @@ from pipeline.shardformat import read_index
 from pipeline.verify import verify_shards
 from pipeline.writing.preprocess import BadImage, open_image, prepare
 from pipeline.writing.sources import read_source
-from tests.conftest import ROOT, TRAIN, build_shard_dir, python
+from tests.conftest import ROOT, build_shard_dir, python
 from tools.make_synthetic import render_fundus
 from trainer.base.bestfile import load_best
 from trainer.base.model import build_model, read_state_dict
@@ -150,27 +150,26 @@ def foreign(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("case", ["foreign", "locked", "file"])
 def test_train_out_refused_before_any_work(case, tiny_shards, tmp_path):
+    """In process (a UserError is one line and exit 2 from the command: pipeline.cli)."""
+    from trainer.train import main as train
+
     out = tmp_path / "out"
-    before = None
+    args = ["--shards", str(tiny_shards), "--out", str(out), "--image-size", "32"]
+    args += ["--epochs", "1", "--backend", "torch", "--workers", "0", "--quiet"]
     if case == "foreign":
         before = foreign(out)
+        with pytest.raises(UserError, match="not a run of this project"):
+            train(args)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     elif case == "file":
         out.write_text("a file")
-    args = ["--shards", tiny_shards, "--out", out, "--image-size", "32", "--epochs", "1"]
-    args += ["--backend", "torch", "--workers", "0", "--quiet"]
-    if case == "locked":
-        out.mkdir()
-        with folder_lock(out, "train"):
-            proc = python(TRAIN, *args, tmp=tmp_path, check=False)
-        one_line_exit_2(proc, f"is writing to {out}")
-        assert not (out / "metrics.jsonl").exists()
-        return
-    proc = python(TRAIN, *args, tmp=tmp_path, check=False)
-    if case == "foreign":
-        one_line_exit_2(proc, "not a run of this project")
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        with pytest.raises(UserError, match="is a file, not a folder"):
+            train(args)
     else:
-        one_line_exit_2(proc, "is a file, not a folder")
+        out.mkdir()
+        with folder_lock(out, "train"), pytest.raises(UserError, match="is writing to"):
+            train(args)
+        assert not (out / "metrics.jsonl").exists()
 
 
 def test_checkpoint_temp_folder_is_the_writers_own(tmp_path, monkeypatch):
@@ -205,9 +204,10 @@ def test_predict_out_locked_or_a_file_is_one_line(checkpoint, tmp_path):
         one_line_exit_2(predict(checkpoint, out, photos, tmp=tmp_path), f"is writing to {out}")
     assert not (out / "predictions.csv").exists()
     (tmp_path / "file").write_text("x")
-    one_line_exit_2(
-        predict(checkpoint, tmp_path / "file", photos, tmp=tmp_path), "is a file, not a folder"
-    )
+    from tools.predict import main as predict_main
+
+    with pytest.raises(UserError, match="is a file, not a folder"):  # before the model loads
+        predict_main(["--checkpoint", str(tmp_path / "none.pt"), str(photos), "--out", str(tmp_path / "file")])  # fmt: skip
 
 
 def test_evaluate_and_fuse_out_locked_is_one_line(checkpoint, small_shards, tmp_path):
