@@ -14,8 +14,8 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 EYEPACS_CLASS_COUNTS = (25810, 2443, 5292, 873, 708)
 EYEPACS_CLASS_MIX = tuple(c / sum(EYEPACS_CLASS_COUNTS) for c in EYEPACS_CLASS_COUNTS)
 
-# Files packed as images (any Pillow reads), matched case-insensitively.
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
+# Files packed as images (any Pillow reads), matched case-insensitively; a GIF by its first frame.
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".gif")
 
 SPLITS = ("train", "val", "test")  # val chooses (best epoch, thresholds); test only reports
 SHARD_NAME = "{split}-{index:06d}.tar"  # e.g. train-000000.tar

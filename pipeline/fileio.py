@@ -7,6 +7,11 @@
 - A full disk is one sentence, ``no space left on device while writing FILE`` (a UserError),
   wherever it happens (``reporting_disk_full``).
 - ``folder_lock``: one writer per folder, a lock file naming the holder.
+- ``inside``: every output path whose name comes from data (a shard key, a photo's name) is
+  resolved and refused if it lands outside its output folder.
+- ``staged_outputs``: a command's outputs written into a hidden folder beside them and moved
+  in together at the end, so an interrupted run leaves the previous outputs or none.
+- ``safe_cell``: a CSV cell a spreadsheet shows as text, never runs as a formula.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import html
 import json
 import os
+import shutil
+import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -182,3 +190,106 @@ def folder_busy(folder: Path, tool: str) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- names from data
+
+
+def inside(folder: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path`` (relative to ``folder`` or absolute) if it resolves inside ``folder``, else a
+    UserError: a name read from a shard or a photo never writes outside its output folder."""
+    root = Path(folder).resolve()
+    target = (root / path).resolve()
+    if target == root or root not in target.parents:
+        raise UserError(f"refusing to write {path}: it resolves outside the folder {folder}")
+    return target
+
+
+def check_out_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+    """``path`` as an output folder: a UserError at once (before any work) if it names
+    something that is not a folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file, not a folder; name a folder to write into")
+    return path
+
+
+def own_entries(folder: Path) -> list[str]:
+    """The names in ``folder`` other than a lock and temp files of this project's writers
+    (what a user put there or a run wrote); empty for a missing folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name for p in folder.iterdir() if p.name != LOCK_NAME and not p.name.endswith(".partial")
+    )
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends (a few renames): Ctrl-C never
+    lands half-way through moving a set of outputs into place."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextmanager
+def staged_outputs(out: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
+    """A hidden folder inside ``out`` (``.staged.HOST.PID.partial``) to write a command's
+    outputs into; when the block ends they replace their namesakes in ``out`` together
+    (signals held, ``last`` renamed last, after the old ``last`` was removed first), and an
+    exception or a signal before then leaves ``out`` as it was."""
+    out = Path(out)
+    stage = out / f".staged.{HOST}.{os.getpid()}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        with reporting_disk_full(out):
+            yield stage
+            with signals_held():
+                _move_in(stage, out, last)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_in(stage: Path, out: Path, last: str | None) -> None:
+    names = sorted(p.name for p in stage.iterdir())
+    if last in names:  # the marker of a complete set goes first and comes back last
+        (out / last).unlink(missing_ok=True)
+        names = [n for n in names if n != last] + [last]
+    for name in names:
+        target = out / name
+        if (stage / name).is_dir() and target.is_dir() and not target.is_symlink():
+            old = out / f".{name}.{HOST}.{os.getpid()}.old"
+            os.rename(target, old)
+            os.rename(stage / name, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage / name, target)
+
+
+# ---------------------------------------------------------------- cells for people
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value):
+    """``value`` as a CSV cell a spreadsheet cannot execute: text starting with ``= + - @``,
+    a tab or a carriage return gets a leading ``'`` (the OWASP rule), unless it is a number
+    (``-0.5`` stays a number). Anything not a string is returned as it is."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
+
+
+def md_cell(text) -> str:
+    """``text`` for a markdown table cell: HTML escaped (a folder named ``<img src=x
+    onerror=...>`` shows as text in a rendered page) and ``|`` kept from splitting the cell."""
+    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")

@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.constants import MANIFEST_NAME, MANIFEST_VERSION, NUM_CLASSES
+from pipeline.constants import INDEX_SUFFIX, MANIFEST_NAME, MANIFEST_VERSION, NUM_CLASSES
 from pipeline.errors import UserError
 from pipeline.fileio import atomic_write_json, file_sha256
-from pipeline.shardformat import ShardInfo, read_index
+from pipeline.shardformat import ShardInfo, file_problem, read_index
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,11 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         splits = {}
         for name, entry in raw["splits"].items():
             info = SplitInfo.of((ShardInfo(**s) for s in entry["shards"]), entry["class_counts"])
+            for shard in info.shards:
+                if problem := file_problem(shard.file, ".tar") or file_problem(
+                    shard.index, INDEX_SUFFIX
+                ):
+                    raise ValueError(f"split {name} lists {problem}")
             if len(info.class_counts) != NUM_CLASSES:
                 raise ValueError(f"class_counts of {name} has {len(info.class_counts)} entries")
             if info.samples != entry["samples"] or sum(info.class_counts) != entry["samples"]:

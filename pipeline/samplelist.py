@@ -18,7 +18,9 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.fileio import atomic_write
+from pipeline.errors import UserError
+from pipeline.fileio import atomic_write, safe_cell
+from pipeline.shardformat import key_problem
 
 SAMPLES_NAME = "samples.csv"
 COLUMNS = ("key", "split", "grade", "patient", "path")
@@ -38,7 +40,10 @@ def write_sample_table(path: Path, records: list[SampleRecord]) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(COLUMNS)
-            writer.writerows((r.key, r.split, r.grade, r.patient, r.path) for r in records)
+            # patient and path come from the user's files: formula-safe for a spreadsheet
+            writer.writerows(
+                (r.key, r.split, r.grade, safe_cell(r.patient), safe_cell(r.path)) for r in records
+            )
 
     atomic_write(path, write)
 
@@ -50,6 +55,11 @@ def read_sample_table(root: Path) -> dict[str, SampleRecord] | None:
         return None
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    for row in rows:
+        if problem := key_problem(row.get("key") or ""):
+            raise UserError(
+                f"{path} lists key {str(row.get('key'))[:40]!r} ({problem}); rebuild the shards"
+            )
     return {
         r["key"]: SampleRecord(r["key"], r["split"], int(r["grade"]), r["patient"], r["path"])
         for r in rows

@@ -78,6 +78,26 @@ def key_problem(key: str) -> str | None:
     return None
 
 
+def member_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a member of a shard (``<key>.jpg`` or ``<key>.cls`` with a key
+    ``key_problem`` accepts), or None. Readers check every name they read from a shard with
+    it: a name such as ``../../x.jpg`` would otherwise become a path outside the folder."""
+    key, dot, ext = name.rpartition(".")
+    if not dot or ext not in (IMAGE_EXT, LABEL_EXT):
+        return f"member {name[:40]!r} is not <key>.{IMAGE_EXT} or <key>.{LABEL_EXT}"
+    if problem := key_problem(key):
+        return f"member {name[:40]!r}: {problem}"
+    return None
+
+
+def file_problem(name: str, suffix: str) -> str | None:
+    """Why ``name``, a shard or index file named in a manifest, is not a plain file name
+    ending in ``suffix`` inside the shard folder, or None."""
+    if not name.endswith(suffix) or key_problem(name[: -len(suffix)]) or name.startswith("."):
+        return f"{name[:60]!r} is not a {suffix} file name of the shard folder"
+    return None
+
+
 _NOT_KEY = re.compile(r"[^A-Za-z0-9_-]+")
 KEY_ROOM = 80  # a derived key leaves room for a "-2" or a folder prefix
 
@@ -282,7 +302,20 @@ def read_index(path: Path, shard: str) -> list[SampleRef]:
             raise UserError(
                 f"index {path} has a sample without .{IMAGE_EXT} and .{LABEL_EXT}; rebuild the shards"
             )
+        for ext, (_, _, member) in members.items():
+            if (
+                ext not in (IMAGE_EXT, LABEL_EXT)
+                or member_problem(member)
+                or (member.rpartition(".")[2] != ext)
+            ):
+                problem = member_problem(member) or f"member {member[:40]!r} listed as .{ext}"
+                raise UserError(f"index {path} of shard {shard}: {problem}; rebuild the shards")
         name = members[IMAGE_EXT][2]
         key = name[: -len(IMAGE_EXT) - 1]
+        if members[LABEL_EXT][2] != f"{key}.{LABEL_EXT}":
+            raise UserError(
+                f"index {path} of shard {shard} pairs {name[:40]!r} with "
+                f"{members[LABEL_EXT][2][:40]!r}; rebuild the shards"
+            )
         refs.append(SampleRef(shard, key, members[IMAGE_EXT][:2], members[LABEL_EXT][:2]))
     return refs

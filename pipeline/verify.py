@@ -20,7 +20,7 @@ from pipeline.errors import UserError
 from pipeline.fileio import file_sha256
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.samplelist import SAMPLES_NAME, read_sample_table
-from pipeline.shardformat import SampleRef, ShardInfo, patient_of, read_index
+from pipeline.shardformat import SampleRef, ShardInfo, member_problem, patient_of, read_index
 
 MAX_LISTED = 50  # problems listed in full; the rest are counted
 
@@ -35,7 +35,7 @@ class Report:
 
 def verify_shards(root: str | Path) -> Report:
     """Check the shard folder ``root``; UserError only if its manifest cannot be read at all."""
-    manifest = read_manifest(root)
+    manifest = read_manifest(root)  # refuses shard file names that are not plain names
     table = read_sample_table(manifest.root)  # patients and original paths, when written
     problems: list[str] = []
     owner: dict[str, str] = {}  # key -> split
@@ -135,10 +135,14 @@ def _tar_members(tar: Path, problems: list[str]) -> dict[str, tuple[int, int]] |
     """name -> (offset of the data, size), read from the tar's own headers."""
     try:
         with tarfile.open(tar, "r:") as t:
-            return {m.name: (m.offset_data, m.size) for m in t.getmembers() if m.isfile()}
+            members = t.getmembers()
     except (tarfile.TarError, OSError) as err:
         problems.append(f"shard {tar.name} is not a readable tar ({err})")
         return None
+    for m in members:  # the writer's own rule: a name like ../../x.jpg is never a sample
+        if problem := member_problem(m.name) or (None if m.isfile() else "not a regular file"):
+            problems.append(f"shard {tar.name}: {problem} ({m.name[:40]!r})")
+    return {m.name: (m.offset_data, m.size) for m in members if m.isfile()}
 
 
 def summary(report: Report, limit: int = MAX_LISTED) -> str:

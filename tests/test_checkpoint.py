@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
+from pipeline.fileio import HOST
 from trainer.base.bestfile import BEST_FILE, load_best
 from trainer.base.model import build_model
 from trainer.base.runfiles import truncate_metrics
@@ -52,7 +53,7 @@ def test_last_is_replaced_atomically_and_survives_a_crash_between_renames(tmp_pa
     # killed between "last -> previous" and ".last.partial -> last": previous/ is the newest whole one
     shutil.rmtree(root / "previous")
     (root / "last").rename(root / "previous")
-    (root / ".last.partial").mkdir()  # a half-written one is never read
+    (root / f".last.{HOST}.999999999.partial").mkdir()  # a dead writer's half: never read
     assert load_last(tmp_path)["epoch"] == 3
     save_last(tmp_path, {"epoch": 4, "model": {}, "config": {}})
     assert sorted(p.name for p in root.iterdir()) == ["last", "previous"]

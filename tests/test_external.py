@@ -279,7 +279,7 @@ def test_one_folder_keeps_todays_outputs(no_test_run, external_sets, external_ev
             tmp_path,
         )
     )
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "confusion_test.csv",
         "confusion_test.png",
         "figures.md",

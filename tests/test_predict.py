@@ -95,7 +95,7 @@ def test_no_images_is_one_clear_error(tmp_path, checkpoint):
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()
-        == f"error: no .jpeg/.jpg/.png/.tif/.tiff/.bmp images found in {tmp_path}"
+        == f"error: no .jpeg/.jpg/.png/.tif/.tiff/.bmp/.gif images found in {tmp_path}"
     )
 
 

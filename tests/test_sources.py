@@ -91,11 +91,12 @@ def test_label_not_0_to_4_rejected(tmp_path, label):
 
 def test_duplicate_id_rejected_saying_which(tmp_path):
     src = read_source(write_lab(tmp_path, [*ROWS, ("1_left", "1")], [("1_right", "2")]))
-    assert src.rejects == [
-        ("1_left", "duplicate: listed again at train_img.csv line 4, kept train_img.csv line 1"),
+    assert src.rejects == [  # grades 0 and 1 for one image: neither row can be trusted
+        ("1_left", "conflicting grades: 1 at train_img.csv line 4, 0 at train_img.csv line 1"),
+        ("1_left", "conflicting grades: 0 at train_img.csv line 1, 1 at train_img.csv line 4"),
         ("1_right", "duplicate: listed again at test_img.csv line 1, kept train_img.csv line 2"),
     ]
-    assert keys(src)[0] == ("1_left", 0, "train")
+    assert keys(src)[0] == ("1_right", 2, "train")
 
 
 def test_unequal_csv_lengths_reject_unmatched_rows(tmp_path):

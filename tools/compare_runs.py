@@ -27,6 +27,7 @@ import pandas as pd
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import NUM_CLASSES
 from pipeline.errors import UserError
+from pipeline.fileio import md_cell
 from tools.compare_seeds import SEEDS_FILE, group_runs, seeds_table
 from trainer.base.runfiles import CONFIG_FILE, METRICS_FILE, REPORT_FILE, SUMMARY_FILE, read_metrics
 
@@ -135,13 +136,13 @@ def results_table(runs: list[Run]) -> str:
         chosen = run.chosen_on + (" (optimistic)" if run.chosen_on == "test" else "")
         if pd.isna(best.get("test_qwk")):  # shards without a test split: val was all it had
             lines.append(
-                f"| {run.name} | {epochs} | {chosen} | {best['epoch']} | no test split | - | - | - | - |"
+                f"| {md_cell(run.name)} | {epochs} | {chosen} | {best['epoch']} | no test split | - | - | - | - |"
             )
             continue
         auc, paired = (_figure(best.get(k)) for k in ("test_referable_auc", "test_qwk_paired"))
         recall = " / ".join(f"{r:.2f}" for r in best["test_recall"][:NUM_CLASSES])
         lines.append(
-            f"| {run.name} | {epochs} | {chosen} | {best['epoch']} | {100 * best['test_acc']:.1f} % "
+            f"| {md_cell(run.name)} | {epochs} | {chosen} | {best['epoch']} | {100 * best['test_acc']:.1f} % "
             f"| {best['test_qwk']:.3f} | {paired} | {auc} | {recall} |"
         )
     return "\n".join(lines)
@@ -150,7 +151,7 @@ def results_table(runs: list[Run]) -> str:
 def report_links(runs: list[Run], out: Path) -> str:
     """Links to each run's report.html (trainer/judging/run_page.py), relative to ``out``."""
     links = [
-        f"- {run.name}: [{REPORT_FILE}]({os.path.relpath(run.path / REPORT_FILE, out)})"
+        f"- {md_cell(run.name)}: [{REPORT_FILE}]({os.path.relpath(run.path / REPORT_FILE, out)})"
         for run in runs
         if (run.path / REPORT_FILE).is_file()
     ]

@@ -15,13 +15,15 @@ Running it again replaces the stored head.
 
 from __future__ import annotations
 
+import os
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import atomic_write_json, check_out_folder, folder_lock
 from pipeline.manifest import read_manifest
 from pipeline.remote import CACHE_HELP, local_shards
 from trainer.base.runfiles import FUSION_FILE
@@ -65,6 +67,18 @@ class FuseConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(FuseConfig, argv, prog="fuse.py", description=__doc__.splitlines()[0])
+    with ExitStack() as held:  # the folders it writes into: best.pt's and --out
+        if int(os.environ.get("RANK", "0")) == 0:
+            folders = {Path(args.checkpoint).resolve().parent}
+            if args.out:
+                folders.add(check_out_folder(args.out).resolve())
+            for folder in sorted(folders):
+                folder.mkdir(parents=True, exist_ok=True)
+                held.enter_context(folder_lock(folder, "fuse"))
+        return fuse(args)
+
+
+def fuse(args: FuseConfig) -> int:
     from trainer.base.bestfile import add_to_best, open_best
     from trainer.judging.evaluation import checkpoint_accelerator, evaluate_best
     from trainer.judging.fusion import FusionSettings, has_pairs, train_fusion

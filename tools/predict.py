@@ -29,18 +29,25 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from collections import Counter
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import IMAGE_EXTENSIONS, NUM_CLASSES
 from pipeline.errors import UserError
-from pipeline.shardformat import patient_of
+from pipeline.fileio import (
+    atomic_write,
+    check_out_folder,
+    folder_lock,
+    inside,
+    safe_cell,
+    staged_outputs,
+)
+from pipeline.shardformat import make_key, patient_of, unique_keys
 from pipeline.writing.preprocess import BadImage, prepare
 from trainer.base.metrics import REFERABLE_GRADE
 from trainer.base.preprocessing import check_preprocessing
@@ -56,7 +63,6 @@ if TYPE_CHECKING:
 
 PHOTO_EXTENSIONS = IMAGE_EXTENSIONS  # what make_shards packs
 PHOTO_NAMES = "/".join(PHOTO_EXTENSIONS)
-MIN_SIDE = 64  # px; a smaller photo holds too little of the retina to grade
 
 
 @dataclass
@@ -153,18 +159,10 @@ def find_images(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
 
 
 def load_for_model(path: Path, shard_size: int, image_size: int, graham: bool) -> torch.Tensor:
-    """uint8 CHW tensor of one photo, exactly as training saw it (see the module docstring)."""
+    """uint8 CHW tensor of one photo, exactly as training saw it (see the module docstring):
+    the shard builder's ``prepare``, so the same files are refused for the same reasons."""
     from pipeline.loading.samples import eval_image
 
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        width = height = None  # prepare() says what is wrong with it
-    if width is not None and min(width, height) < MIN_SIDE:
-        raise BadImage(
-            f"too small to grade ({width}x{height} pixels; at least {MIN_SIDE} on the short side)"
-        )
     try:
         return eval_image(prepare(path, shard_size, graham=graham), image_size, str(path))
     except UserError as err:
@@ -222,6 +220,17 @@ def outputs_and_features(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(PredictConfig, argv, prog="predict.py", description=__doc__.splitlines()[0])
+    check_out_folder(args.out).mkdir(parents=True, exist_ok=True)  # before any work
+    with folder_lock(args.out, "predict"), staged_outputs(args.out, PREDICTIONS_FILE) as stage:
+        graded, failed = grade_photos(args, stage)
+    if graded == 0:
+        raise UserError("none of the images could be read")
+    return 1 if failed else 0
+
+
+def grade_photos(args: PredictConfig, stage: Path) -> tuple[int, int]:
+    """Grade every photo: (graded, not graded). The outputs go into ``stage``, moved into
+    --out when complete, so an interrupted run leaves the previous predictions or none."""
     import torch
 
     from pipeline.loading.contract import normalization
@@ -264,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                 maps.extend(explain_images(model, info, list(images), args.device))
             pending.clear()
 
+    progress = Progress(len(paths))
     for path in paths:
+        progress.step()
         pred = Prediction(path)
         results.append(pred)
         try:
@@ -292,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             pairs_line = grade_pairs(preds, stems, pairing, head)
 
     out = args.out / PREDICTIONS_FILE
-    write_csv(out, results, args.pair_eyes)
+    atomic_write(stage / PREDICTIONS_FILE, lambda tmp: write_csv(tmp, results, args.pair_eyes))
     if maps:
-        write_explained(args.out / CAM_DIR, [p for p, *_ in graded], maps)
+        write_explained(stage / CAM_DIR, [p for p, *_ in graded], maps)
     failed = sum(r.error is not None for r in results)
     graded = len(results) - failed
     counts = np.bincount([r.grade for r in results if r.grade is not None], minlength=NUM_CLASSES)
@@ -304,9 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if pairs_line:
         print(pairs_line)
-    if graded == 0:
-        raise UserError("none of the images could be read")
-    return 1 if failed else 0
+    return graded, failed
 
 
 def paired_outputs(
@@ -378,20 +387,34 @@ def write_explained(
     from trainer.judging.explain import caption_of, overlay
 
     folder.mkdir(parents=True, exist_ok=True)
-    names = Counter(p.path.stem for p in graded)
-    for pred, (pixels, cam) in zip(graded, maps, strict=True):
-        # two photos of one name in different folders: the folder goes into the name
-        name = pred.path.stem if names[pred.path.stem] == 1 else "_".join(pred.path.parts[-2:])
+    # named as make_shards names keys: x.jpeg and x.png, or two a/x.png, never share a file
+    names = unique_keys(
+        [make_key(p.path.stem) for p in graded], [p.path.parent.name for p in graded]
+    )
+    for pred, (pixels, cam), name in zip(graded, maps, names, strict=True):
         caption = caption_of(str(pred.path), pred.grade, sum(pred.probs[2:]))
-        overlay(pixels, cam, caption).save(folder / f"{Path(name).stem}.png")
+        overlay(pixels, cam, caption).save(inside(folder, f"{name}.png"))
     print(f"wrote {len(graded)} class-activation overlay(s) into {folder}")
+
+
+class Progress:
+    """``graded N/M photos`` on stderr every two seconds (a long run is seen to move)."""
+
+    def __init__(self, total: int, every: float = 2.0):
+        self.total, self.done, self.every, self.shown = total, 0, every, time.monotonic()
+
+    def step(self) -> None:
+        self.done += 1
+        if time.monotonic() - self.shown >= self.every:
+            self.shown = time.monotonic()
+            print(f"graded {self.done - 1}/{self.total} photos", file=sys.stderr, flush=True)
 
 
 PAIR_COLUMNS = ["pred_alone", "referable_score_alone", "pair_method", "patient_referable"]
 
 
 def write_csv(path: Path, results: list[Prediction], pair_eyes: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One row per photo; the names (a photo called ``=1+1.jpeg``) formula-safe."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
@@ -408,9 +431,9 @@ def write_csv(path: Path, results: list[Prediction], pair_eyes: bool = False) ->
                 if r.alone is not None:
                     pair = [r.alone[0], f"{r.alone[1]:.8f}", r.method, r.patient_referable]
             writer.writerow(
-                [str(r.path), "" if r.grade is None else r.grade, *probs, referable]
+                [safe_cell(str(r.path)), "" if r.grade is None else r.grade, *probs, referable]
                 + pair
-                + [r.error or ""]
+                + [safe_cell(r.error or "")]
             )
 
 

@@ -32,6 +32,8 @@ size: manifest.json against best.pt) stops the run, unless --allow-preprocessing
 
 from __future__ import annotations
 
+import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +41,16 @@ from typing import TYPE_CHECKING
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.constants import SPLITS
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write, atomic_write_json, atomic_write_text
+from pipeline.fileio import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    check_out_folder,
+    folder_lock,
+    inside,
+    safe_cell,
+    staged_outputs,
+)
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.remote import CACHE_HELP, local_shards
 from pipeline.samplelist import read_sample_table
@@ -67,6 +78,7 @@ if TYPE_CHECKING:
     from trainer.base.bestfile import Best
     from trainer.judging.evaluation import EvalResult
 
+METRICS_FILE = "metrics.json"
 ROC_FILE = "roc.png"
 RELIABILITY_FILE = "reliability.png"
 FIGURES_FILE = "figures.md"
@@ -118,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_config(
         EvalConfig, argv, prog="trainer/evaluate.py", description=__doc__.splitlines()[0]
     )
+    with ExitStack() as held:  # --out's lock, released however the run ends
+        if args.out and int(os.environ.get("RANK", "0")) == 0:  # the writing process
+            check_out_folder(args.out).mkdir(parents=True, exist_ok=True)
+            held.enter_context(folder_lock(args.out, "evaluate"))
+        return evaluate_all(args)
+
+
+def evaluate_all(args: EvalConfig) -> int:
+    """Every folder of --shards through best.pt, each into its part of --out."""
     import torch
 
     from trainer.base.bestfile import open_best
@@ -174,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     for manifest, name in zip(manifests, names, strict=True):
         if several:
             accelerator.print(f"{name} ({manifest.root}):")
-        out = (args.out / name if several else args.out) if args.out else None
+        # a dataset's name is its folder's: "--shards .." must not name a folder outside --out
+        out = (inside(args.out, name) if several else args.out) if args.out else None
         metrics, result = evaluate_folder(model, best, accelerator, manifest, args, batch_size, out)
         rows.append(external_row(name, manifest.root, args.split, metrics))
         results[name] = result
@@ -300,13 +322,17 @@ def evaluate_folder(
     }
     report(accelerator, info, args, metrics, alone, result)
     if out and accelerator.is_main_process:
-        write_folder(
-            out, info, args.split, metrics, result, positive, score, threshold, manifest.root
-        )
-        if args.explain > 0:
-            explain_wrong(
-                model, info, accelerator, result, manifest.root, args.split, args.explain, out
+        # assembled beside and moved in at the end: an interrupted run leaves the previous
+        # outputs or none, never a new metrics.json beside an old predictions.csv
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with staged_outputs(out, last=METRICS_FILE) as stage:
+            write_folder(
+                stage, info, args.split, metrics, result, positive, score, threshold, manifest.root
             )
+            if args.explain > 0:
+                explain_wrong(
+                    model, info, accelerator, result, manifest.root, args.split, args.explain, stage
+                )
         accelerator.print(
             f"wrote {out / 'metrics.json'}, {PREDICTIONS_FILE}, {ROC_FILE}, {RELIABILITY_FILE}, "
             f"{FIGURES_FILE} and confusion_{args.split}.csv/.png"
@@ -368,7 +394,7 @@ def write_folder(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{info['arch']} on {split}: {metrics['outputs']}"  # which outputs each figure shows
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / METRICS_FILE, metrics)
     write_confusion_csv(result.confusion, out / f"confusion_{split}.csv")
     plot_confusion(
         result.confusion,
@@ -400,7 +426,7 @@ def explain_wrong(model, info, accelerator, result: EvalResult, shards: Path, sp
     explained = write_overlays(
         bare(accelerator, model), info, shards, split, chosen, out / CAM_DIR, accelerator.device
     )
-    accelerator.print(f"wrote {len(explained)} class-activation overlays into {out / CAM_DIR}")
+    accelerator.print(f"wrote {len(explained)} class-activation overlays")
 
 
 def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:
@@ -417,7 +443,9 @@ def with_originals(table: pd.DataFrame, shards: Path) -> pd.DataFrame:
 
 def write_predictions(table: pd.DataFrame, path: Path) -> None:
     """One row per image; 9 significant digits give back each float32 score exactly (its
-    ranking, the AUC, and which side of the threshold it falls on)."""
+    ranking, the AUC, and which side of the threshold it falls on); the cells from the
+    user's files (keys, paths, patients) formula-safe."""
+    table = table.map(safe_cell)
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.9g"))
 
 

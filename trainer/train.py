@@ -43,15 +43,17 @@ process ``accelerate launch --quiet`` keeps it to the line).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cli import run_cli
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import atomic_write_json, check_out_folder, folder_lock, own_entries
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.remote import is_remote, local_shards, shown
 from pipeline.verify import verify_shards
@@ -78,10 +80,11 @@ if TYPE_CHECKING:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, given = parse_args(argv)  # --help and option errors are answered before torch loads
-    return fit(cfg, given)
+    with ExitStack() as held:  # the run folder's lock, released however the run ends
+        return fit(cfg, given, held)
 
 
-def fit(cfg: TrainConfig, given: set[str]) -> int:
+def fit(cfg: TrainConfig, given: set[str], held: ExitStack) -> int:
     """Build, prepare, then per epoch: train, evaluate val and test, choose on val, save."""
     import torch
     from accelerate.utils import gather_object, set_seed
@@ -131,7 +134,7 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
     source = cfg.shards  # a URL's copy is fetched once per node (every rank waits for it)
     cfg.shards = str(local_shards(cfg.shards, cfg.cache, quiet=cfg.quiet))
     accelerator = build_accelerator(cfg)
-    out = choose_run_folder(cfg, accelerator)
+    out = choose_run_folder(cfg, accelerator, held)
     cfg.out = str(out)
     if note:
         accelerator.print(note)
@@ -284,26 +287,43 @@ def fit(cfg: TrainConfig, given: set[str]) -> int:
 # ---------------------------------------------------------------- set-up
 
 
-def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator) -> Path:
-    """--out, or runs/ARCH-TIMESTAMP from rank 0's clock; a new run never appends to an old one."""
+def choose_run_folder(cfg: TrainConfig, accelerator: Accelerator, held: ExitStack) -> Path:
+    """--out, or runs/ARCH-TIMESTAMP from rank 0's clock; a new run never appends to an old one,
+    never writes into a folder of other files, and holds the folder's lock (in ``held``)."""
 
     from trainer.base.distributed import on_leader
     from trainer.fitting.checkpoint import last_dir
 
     def choose():
         default = f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = Path(cfg.out or (smoke.run_folder() if cfg.smoke else default))
+        out = check_out_folder(cfg.out or (smoke.run_folder() if cfg.smoke else default))
         if not cfg.resume and ((out / METRICS_FILE).exists() or last_dir(out).exists()):
             raise UserError(
                 f"{out} already holds a run; add --resume to continue it, or pick another --out"
             )
+        if not cfg.resume and (names := own_entries(out)) and not started_run(out):
+            raise UserError(
+                f"{out} holds files that are not a run of this project ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}); name a new or empty folder with --out"
+            )
         if not cfg.resume:
             out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(folder_lock(out, "train"))
         return str(out)
 
     if cfg.resume and not cfg.out:
         raise UserError("--resume needs --out DIR, the folder of the run to continue")
     return Path(on_leader(accelerator, choose))
+
+
+def started_run(out: Path) -> bool:
+    """Whether ``out`` holds a run of this trainer that stopped before its first epoch (its
+    config.json, written at start)."""
+    try:
+        saved = json.loads((out / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"config", "environment"} <= saved.keys()
 
 
 def check_shards(shards: str) -> None:

@@ -15,6 +15,7 @@ grade 2) and of a split name (``valid``/``validation``/``dev`` are val).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 import re
@@ -103,11 +104,36 @@ def _split_lines(lines: list[str], sep: str | None) -> list[list[str]]:
 
 
 def read_lines(path: Path) -> list[str]:
-    """The file's lines, BOM dropped; a UserError naming the file if it cannot be read."""
+    """The file's lines, BOM dropped; a UserError naming the file if it cannot be read.
+
+    Spreadsheets save label files as UTF-8 (with or without a BOM), UTF-16 ("Unicode
+    text", with a BOM) or Latin-1/Windows-1252: all are read.
+    """
     try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        return decode_text(data).splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"cannot read {path}: it is not text in UTF-8, UTF-16 or Latin-1 ({err.reason} at "
+            f"byte {err.start}); save it as CSV UTF-8 and pack again"
+        ) from None
+
+
+def decode_text(data: bytes) -> str:
+    """Text from the bytes of a label file in any of the encodings ``read_lines`` names."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    if len(data) > 1 and data.count(0) * 3 >= len(data):  # UTF-16 without its BOM
+        return data.decode("utf-16-le" if data[1] == 0 else "utf-16-be")
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return data.decode("latin-1")  # every byte is a character
 
 
 def _column(header: list[str], role: str, named: str | None, path: Path) -> int | None:

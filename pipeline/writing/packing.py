@@ -72,6 +72,7 @@ from pipeline.fileio import (
     file_sha256,
     folder_lock,
     make_writable_dir,
+    safe_cell,
     stale_partials,
 )
 from pipeline.hostinfo import usable_cores
@@ -81,13 +82,24 @@ from pipeline.shardformat import ShardInfo, fsync_files, write_shard
 from pipeline.writing import channelstats
 from pipeline.writing.layouts import LAYOUT_NAMES, Options
 from pipeline.writing.pack_summary import Expected, loud_warnings, reason_kind, write_samples
-from pipeline.writing.preprocess import JPEG_QUALITY, BadImage, passthrough_bytes, prepare
+from pipeline.writing.preprocess import (
+    JPEG_QUALITY,
+    MAX_FILE_BYTES,
+    BadImage,
+    passthrough_bytes,
+    prepare,
+)
 from pipeline.writing.sources import Sample, Source, assign_splits, patients_in_both, read_source
 
 PROGRESS_NAME = ".progress.json"
 PREPROCESS_VERSION = 1  # bump when preprocessing changes, so reruns rebuild every shard
-DECODING = 2  # 2: 16-bit images scaled, not clipped (in the rerun fingerprint, not the manifest)
+# 2: 16-bit images scaled, not clipped; 3: EXIF orientation applied (in the rerun
+# fingerprint, not the manifest)
+DECODING = 3
 TASK_SIZE = 8  # images per pool task
+# Room per default worker: one decoding a photo near Pillow's 89 Mpx limit peaked at 573 MB
+# (81 Mpx, 16-bit; docs/benchmarks.md), with its shard bytes and imports beside it.
+WORKER_MEMORY = 1_000_000_000
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 TASKS_AHEAD = 4  # tasks in flight per worker
 _SHARD_FILE = re.compile(
@@ -111,7 +123,12 @@ class PackConfig:
     )
     size: int = arg(DEFAULT_IMAGE_SIZE, "side of the square images in px", **IMAGE_SIZE)
     shard_size: int = arg(DEFAULT_SHARD_SIZE, "samples per shard")
-    workers: int | None = arg(None, "decoding processes (default: every usable core)")
+    workers: int | None = arg(
+        None, "decoding processes (default: every usable core the free memory can feed)"
+    )
+    max_file_mb: float = arg(
+        MAX_FILE_BYTES / 1e6, "refuse image files larger than this (MB) before reading them"
+    )
     seed: int = arg(0, "seeds the train order and the made splits")
     test_fraction: float = arg(0.2, "test share of the images a layout gives no split")
     val_fraction: float = arg(
@@ -163,6 +180,8 @@ class PackConfig:
             raise UserError(f"--image-size must be at least 16 px, got {self.size}")
         if self.shard_size < 1:
             raise UserError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.max_file_mb <= 0:
+            raise UserError(f"--max-file-mb must be positive, got {self.max_file_mb}")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if not 0 <= self.test_fraction < 1:
@@ -231,7 +250,7 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
     counts = {split: [0] * NUM_CLASSES for split in SPLITS}
     train_sums = list(channelstats.ZERO)
     new_record: dict[str, dict] = {}
-    workers = cfg.workers or usable_cores()  # affinity and the container's CPU quota
+    workers = cfg.workers or default_workers()
     with _pool(workers if todo else 1, out) as pool, _progress(console, cfg.quiet) as bar:
         task = bar.add_task("packing", total=len(samples))
         tried = {
@@ -239,7 +258,7 @@ def _pack(cfg: PackConfig, source: Source, out: Path, console: Console) -> PackR
             for c in todo
             if c.file in whole
         }
-        preparer = _Preparer(cfg.size, cfg.graham, pool, workers)
+        preparer = _Preparer(cfg.size, cfg.graham, pool, workers, int(cfg.max_file_mb * 1e6))
         prepared = preparer.run(s for c in todo if c.file not in whole for s in c.samples)
         for chunk in chunks:
             bar.update(task, description=f"packing {chunk.file}")
@@ -357,12 +376,24 @@ def _settings(cfg: PackConfig) -> dict:
 # ---------------------------------------------------------------- preparing images
 
 
+def default_workers() -> int:
+    """Every usable core (affinity and the container's CPU quota), but no more workers than
+    the free memory holds at ``WORKER_MEMORY`` each (the peak of one worker decoding the
+    largest photo it accepts)."""
+    cores = usable_cores()
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return cores
+    return max(1, min(cores, free // WORKER_MEMORY))
+
+
 def _prepare_one(
-    path: str | os.PathLike, size: int, graham: bool
+    path: str | os.PathLike, size: int, graham: bool, max_bytes: int = MAX_FILE_BYTES
 ) -> tuple[bytes | None, str | None]:
     """(jpeg bytes, None) or (None, reason)."""
     try:
-        return prepare(path, size, graham=graham, force=True), None
+        return prepare(path, size, graham=graham, force=True, max_bytes=max_bytes), None
     except BadImage as err:
         return None, err.reason
     except Exception as err:  # a file PIL chokes on in a way of its own: reject, go on
@@ -370,13 +401,13 @@ def _prepare_one(
 
 
 def _prepare_task(
-    paths: list[str], size: int, graham: bool, measure: list[bool]
+    paths: list[str], size: int, graham: bool, measure: list[bool], max_bytes: int
 ) -> list[tuple[bytes | None, str | None, list[int] | None]]:
     """Pool task: ``_prepare_one`` of each path, with the channel sums of those to ``measure``
     (train images: ``channelstats``, taken here in the worker)."""
     out = []
     for path, wanted in zip(paths, measure, strict=True):
-        data, reason = _prepare_one(path, size, graham)
+        data, reason = _prepare_one(path, size, graham, max_bytes)
         out.append((data, reason, channelstats.image_sums(data) if data and wanted else None))
     return out
 
@@ -388,8 +419,16 @@ class _Preparer:
     there is none).
     """
 
-    def __init__(self, size: int, graham: bool, pool: ProcessPoolExecutor | None, workers: int):
+    def __init__(
+        self,
+        size: int,
+        graham: bool,
+        pool: ProcessPoolExecutor | None,
+        workers: int,
+        max_bytes: int = MAX_FILE_BYTES,
+    ):
         self.size, self.graham, self.pool, self.workers = size, graham, pool, workers
+        self.max_bytes = max_bytes
 
     def run(
         self, samples: Iterable[Sample]
@@ -398,7 +437,10 @@ class _Preparer:
         sums or None), in the order of ``samples``."""
         pending: deque = deque()
         for batch in _batched(samples, TASK_SIZE):
-            ready = [None if self.graham else passthrough_bytes(s.path, self.size) for s in batch]
+            ready = [
+                None if self.graham else passthrough_bytes(s.path, self.size, self.max_bytes)
+                for s in batch
+            ]
             todo = [s for s, data in zip(batch, ready, strict=True) if data is None]
             paths = [str(s.path) for s in todo]
             measure = [s.split == "train" for s in todo]
@@ -406,7 +448,15 @@ class _Preparer:
                 (
                     batch,
                     ready,
-                    _start(self.pool, _prepare_task, paths, self.size, self.graham, measure)
+                    _start(
+                        self.pool,
+                        _prepare_task,
+                        paths,
+                        self.size,
+                        self.graham,
+                        measure,
+                        self.max_bytes,
+                    )
                     if paths
                     else None,
                 )
@@ -637,7 +687,8 @@ def _write_rejects(out: Path, rejects: list[tuple[str, str]]) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image", "reason", "path"])  # path: the file, where one was found
-            writer.writerows((*r, "")[:3] for r in rejects)
+            # the names come from the user's files: formula-safe for a spreadsheet
+            writer.writerows([safe_cell(c) for c in (*r, "")[:3]] for r in rejects)
 
     atomic_write(out / REJECTS_NAME, write)
 

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import warnings
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from pipeline.constants import DEFAULT_IMAGE_SIZE
 
 MAX_PIXELS = 100_000_000  # raw EyePACS tops out at 5184x3456 = 18 Mpx
+# a file is refused above this before it is read: a raw fundus photo is a few MB, an
+# uncompressed 16-bit RGB TIFF of a 24 Mpx camera 144 MB
+MAX_FILE_BYTES = 256_000_000
+MIN_SIDE = 64  # px; a smaller photo holds too little of the retina to grade
+EXIF_ORIENTATION = 0x0112
 JPEG_QUALITY = 95
 BORDER_THRESHOLD = 20  # brightest channel, 0-255: darker counts as the black frame
 GRAHAM_MASK = 0.9  # keep this fraction of the circle's radius, grey outside
@@ -42,15 +47,67 @@ class BadImage(Exception):
 # ---------------------------------------------------------------- reading
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (a link is followed
+    only to one) of at most ``max_bytes``; else BadImage with the reason. Opened without
+    blocking, so a FIFO swapped in after the check cannot hang the reader either."""
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BadImage("missing") from None
-    except IsADirectoryError:
-        raise BadImage("not an image (a folder)") from None
+    except OSError as err:
+        kind = _kind_of(path)
+        raise BadImage(
+            f"not an image ({kind})" if kind else f"unreadable ({err.strerror or err})"
+        ) from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = f"not an image ({file_kind(st.st_mode)})"
+    elif st.st_size > max_bytes:
+        problem = (
+            f"file too large ({st.st_size / 1e6:.0f} MB; the limit is {max_bytes / 1e6:.0f} MB)"
+        )
+    if problem:
+        os.close(fd)
+        raise BadImage(problem)
+    return fd
+
+
+def _kind_of(path) -> str | None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else file_kind(mode)
+
+
+def read_bytes(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of the regular file ``path`` (``open_regular``'s checks), or BadImage."""
+    fd = open_regular(path, max_bytes)
+    try:
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)  # a file that grew since the check is still bounded
     except OSError as err:
         raise BadImage(f"unreadable ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise BadImage(f"file too large (over {max_bytes / 1e6:.0f} MB)")
     if not data:
         raise BadImage("empty file")
     return data
@@ -70,10 +127,11 @@ def open_image(
         raise BadImage("empty file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's decompression-bomb limit is a reject here, never only a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise BadImage("too large") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage("too large") from None  # more pixels than Pillow's bomb limit
     except Image.UnidentifiedImageError:
         # A JPEG or PNG signature whose header cannot be parsed was cut short.
         known = data.startswith(_JPEG_SOI) or data.startswith(b"\x89PNG")
@@ -93,7 +151,29 @@ def open_image(
         ) from None
     except (SyntaxError, ValueError, struct.error, Image.DecompressionBombError):
         raise BadImage("corrupt image data") from None
-    return to_rgb(img)
+    except (MemoryError, Image.DecompressionBombWarning):
+        raise BadImage("too large to decode") from None
+    return to_rgb(upright(img))
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` as a viewer shows it: turned by its EXIF orientation (a phone's portrait photo
+    is stored sideways with Orientation 6), the tag then dropped."""
+    try:
+        if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+            return img  # exif_transpose would return a copy: a whole image more at the peak
+        return ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError, struct.error, KeyError, TypeError):
+        return img  # an unreadable EXIF block: the pixels as stored
+
+
+def orientation(data: bytes) -> int:
+    """The EXIF orientation of an image's bytes (1, as stored, when it has none)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 -- any doubt: not passed through, the decode decides
+        return 0
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -104,13 +184,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        data = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or data.max() > 255:
-            data = data / 257.0  # the 16-bit range onto the 8-bit one
-        elif img.mode == "F" and data.max() <= 1.0:
-            data = data * 255.0
-        grey = np.clip(np.rint(data), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        return Image.fromarray(_grey_8bit(img)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # transparent pixels become black, like the frame around the eye
         rgba = img.convert("RGBA")
@@ -118,6 +192,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
     return img.convert("RGB")
+
+
+def _grey_8bit(img: Image.Image, rows: int = 256) -> np.ndarray:
+    """8-bit grey from 16/32-bit integer or float grey, a band of ``rows`` rows at a time in
+    float32: the whole image never exists as floats (a 10000x10000 16-bit PNG as float64
+    would be 800 MB, twice over)."""
+    data = np.asarray(img)
+    top = float(data.max()) if data.size else 0.0
+    factor = 1 / 257.0 if img.mode.startswith("I;16") or top > 255 else 1.0  # 16 onto 8 bits
+    if img.mode == "F" and top <= 1.0:
+        factor = 255.0
+    grey = np.empty(data.shape, np.uint8)
+    for start in range(0, data.shape[0], rows):
+        band = data[start : start + rows].astype(np.float32) * np.float32(factor)
+        np.clip(np.rint(band, out=band), 0, 255, out=band)
+        grey[start : start + rows] = band
+    return grey
 
 
 def jpeg_frame(f) -> tuple[int, int, int, int] | None:
@@ -143,7 +234,9 @@ def jpeg_frame(f) -> tuple[int, int, int, int] | None:
         f.seek(length - 2, io.SEEK_CUR)
 
 
-def passthrough_bytes(path: str | os.PathLike, size: int) -> bytes | None:
+def passthrough_bytes(
+    path: str | os.PathLike, size: int, max_bytes: int = MAX_FILE_BYTES
+) -> bytes | None:
     """The file's bytes if it is already a complete baseline 3-channel JPEG of size x size.
 
     Never raises: anything doubtful returns None and goes through the full decode, which
@@ -152,8 +245,8 @@ def passthrough_bytes(path: str | os.PathLike, size: int) -> bytes | None:
     small files are read whole by that first read.
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = open_regular(path, max_bytes)
+    except BadImage:
         return None
     try:
         head = os.read(fd, PROBE_BYTES)
@@ -174,7 +267,10 @@ def passthrough_bytes(path: str | os.PathLike, size: int) -> bytes | None:
         os.close(fd)
     data = head if len(parts) == 1 else b"".join(parts)
     # A file cut short almost never ends in the end-of-image marker; such files are decoded.
-    return data if data.rstrip(b"\x00").endswith(_JPEG_EOI) else None
+    # A photo stored turned (EXIF orientation) is decoded too, to be turned upright.
+    if not data.rstrip(b"\x00").endswith(_JPEG_EOI) or orientation(data) != 1:
+        return None
+    return data
 
 
 # ---------------------------------------------------------------- geometry
@@ -278,6 +374,7 @@ def prepare(
     graham: bool = False,
     force: bool = False,
     max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> bytes:
     """The JPEG bytes to pack for the image at ``path``; raises BadImage.
 
@@ -285,8 +382,16 @@ def prepare(
     its original bytes unless ``force`` or ``graham`` asks for preprocessing.
     """
     if not (graham or force):
-        original = passthrough_bytes(path, size)
+        original = passthrough_bytes(path, size, max_bytes)
         if original is not None:
             return original
-    img = open_image(path, draft_size=size, max_pixels=max_pixels)
+    img = open_image(read_bytes(path, max_bytes), draft_size=size, max_pixels=max_pixels)
+    # The same limit, and words, for packing and predict. Shards smaller than MIN_SIDE lower
+    # it; a JPEG's draft decode never goes below ``size``, so it never trips this.
+    least = min(MIN_SIDE, size)
+    if min(img.size) < least:
+        width, height = img.size
+        raise BadImage(
+            f"too small to grade ({width}x{height} pixels; at least {least} on the short side)"
+        )
     return encode_jpeg(preprocess(img, size, graham=graham))

@@ -100,9 +100,14 @@ class _Collector:
 
     def __init__(self, index: ImageIndex):
         self.index = index
-        self.found: list[tuple[Row, Path, int]] = []
+        self._found: dict[object, tuple[Row, Path, int]] = {}  # by image, in row order
         self.rejects: list[tuple[str, str]] = []
-        self._seen: dict[object, str] = {}
+        self._seen: dict[object, tuple[str, int | None]] = {}  # image -> (first row, grade)
+        self._conflicting: set[object] = set()
+
+    @property
+    def found(self) -> list[tuple[Row, Path, int]]:
+        return list(self._found.values())
 
     def add(self, row: Row) -> None:
         shown = strip_image_ext(row.name) or row.where
@@ -112,10 +117,9 @@ class _Collector:
             self.rejects.append((row.where, "empty id"))
             return
         if ident in self._seen:
-            kept = self._seen[ident]
-            self.rejects.append((shown, f"duplicate: listed again at {row.where}, kept {kept}"))
+            self._again(ident, shown, row)
             return
-        self._seen[ident] = row.where
+        self._seen[ident] = (row.where, parse_grade(row.grade))
         if row.reject:
             self.rejects.append((shown, row.reject))
             return
@@ -131,7 +135,26 @@ class _Collector:
             names = ", ".join(self._rel(p) for p in paths[:3])
             self.rejects.append((shown, f"ambiguous: {len(paths)} files for this id ({names})"))
             return
-        self.found.append((row, paths[0], label))
+        self._found[ident] = (row, paths[0], label)
+
+    def _again(self, ident, shown: str, row: Row) -> None:
+        """A second row for one image: a duplicate if it gives the same grade (the first is
+        kept), else both rows are rejected, since nobody can tell which grade is right."""
+        kept, grade = self._seen[ident]
+        here = parse_grade(row.grade)
+        if ident not in self._conflicting and here == grade:
+            self.rejects.append((shown, f"duplicate: listed again at {row.where}, kept {kept}"))
+            return
+        self.rejects.append(
+            (shown, f"conflicting grades: {here} at {row.where}, {grade} at {kept}")
+        )
+        if ident not in self._conflicting:
+            self._conflicting.add(ident)
+            first = self._found.pop(ident, None)
+            if first is not None:  # the first row was kept: it goes too
+                self.rejects.append(
+                    (shown, f"conflicting grades: {grade} at {kept}, {here} at {row.where}")
+                )
 
     def _rel(self, path: Path) -> str:
         return path.relative_to(self.index.root).as_posix()

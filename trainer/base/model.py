@@ -118,6 +118,16 @@ def imagenet_state_dict(
         socket.setdefaulttimeout(previous)
 
 
+def load_failure(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words. Torch's own text
+    for a file holding other objects advises ``weights_only=False``, which would run any code
+    the file carries: never repeated."""
+    text = str(err).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds Python objects besides tensors, numbers and strings, which are not loaded"
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from FILE: a bare one, or a checkpoint holding it under "model"."""
     path = Path(path)
@@ -126,8 +136,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip errors of every kind: it is not a safe state dict
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"--weights {path} is not a loadable state dict ({reason[:200]})") from None
+        raise UserError(
+            f"--weights {path} is not a loadable state dict ({load_failure(err)})"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # best.pt or checkpoints/last/state.pt of this trainer
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

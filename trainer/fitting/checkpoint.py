@@ -26,9 +26,15 @@ import torch
 
 from pipeline.constants import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from pipeline.errors import UserError
-from pipeline.fileio import atomic_write_bytes, reporting_disk_full
+from pipeline.fileio import (
+    atomic_write_bytes,
+    partial_path,
+    reporting_disk_full,
+    stale_partials,
+)
 from trainer.base.bestfile import BEST_FILE, serialized
 from trainer.base.decisions import Decisions
+from trainer.base.model import load_failure
 from trainer.base.normalize import normalization_for
 
 CHECKPOINTS = "checkpoints"
@@ -83,8 +89,10 @@ def save_last(run_dir: str | Path, state: dict) -> Path:
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    tmp, last, previous = root / f".{LAST}.partial", root / LAST, root / PREVIOUS
-    shutil.rmtree(tmp, ignore_errors=True)
+    last, previous = root / LAST, root / PREVIOUS
+    tmp = partial_path(last)  # host and pid in the name: two writers never share one
+    for leftover in [tmp, root / f".{LAST}.partial", *stale_partials(root)]:  # dead writers'
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         with reporting_disk_full(last / STATE_FILE):
             tmp.mkdir()
@@ -125,7 +133,7 @@ def load_last(run_dir: str | Path) -> dict | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = load_failure(err)[:160]
         fallback = _epoch_of(root / PREVIOUS) if folder.name == LAST else None
         advice = (
             f"move {folder} away to resume from {root / PREVIOUS} (epoch {fallback}), "

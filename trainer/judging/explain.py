@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from pipeline.constants import NUM_CLASSES
 from pipeline.errors import UserError
+from pipeline.fileio import inside
 from pipeline.loading.contract import normalization
 from pipeline.loading.samples import chunked, eval_image, read_chunk
 from pipeline.manifest import read_manifest
@@ -291,7 +292,7 @@ def write_overlays(
     ):
         caption = caption_of(row.key, int(row.pred), float(row.referable_score), int(row.true))
         caption = caption if captioned else ""
-        path = folder / f"{row.key}.png"
+        path = inside(folder, f"{row.key}.png")  # a key read from a shard names no other place
         overlay(pixels, cam, caption).save(path)
         paths.append(path)
     return paths

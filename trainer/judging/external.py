@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.fileio import atomic_write
+from pipeline.fileio import atomic_write, md_cell, safe_cell
 from trainer.base.metrics import REFERABLE_GRADE, referable_score, sklearn_metrics
 from trainer.judging.evaluation import EvalResult
 
@@ -107,7 +107,7 @@ def markdown(rows: list[ExternalRow], threshold: float | None, threshold_from: s
     ]
     for r in rows:
         lines.append(
-            f"| {r.dataset} | {r.split} | {r.images} | {r.referable} | {100 * r.accuracy:.1f} % "
+            f"| {md_cell(r.dataset)} | {md_cell(r.split)} | {r.images} | {r.referable} | {100 * r.accuracy:.1f} % "
             f"| {r.kappa:.3f} | {fig(r.referable_auc)} | {fig(r.sensitivity)} "
             f"| {fig(r.specificity)} | {fig(r.any_dr_auc)} |"
         )
@@ -123,7 +123,7 @@ def markdown(rows: list[ExternalRow], threshold: float | None, threshold_from: s
 def write_tables(rows: list[ExternalRow], out: Path, threshold, threshold_from: str) -> None:
     atomic_write(
         out / TABLE_CSV,
-        lambda tmp: table_frame(rows).to_csv(tmp, index=False),
+        lambda tmp: table_frame(rows).map(safe_cell).to_csv(tmp, index=False),  # names: safe
     )
     text = markdown(rows, threshold, threshold_from) + "\n"
     atomic_write(out / TABLE_MD, lambda tmp: Path(tmp).write_text(text))
