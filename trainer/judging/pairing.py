@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pipeline.shardformat import eye_of, patient_of
-from trainer.base.decisions import own_eye_first
+from trainer.base.decisions import MAX_BLEND, own_eye_first
 from trainer.base.heads import tune_cuts
 from trainer.base.metrics import kappa_of
 
-BLENDS = tuple(round(0.05 * i, 2) for i in range(9))  # 0 (eye alone) .. MAX_BLEND
+BLENDS = tuple(round(0.05 * i, 2) for i in range(round(MAX_BLEND / 0.05) + 1))  # 0 .. MAX_BLEND
 OTHER_EYE = {"left": "right", "right": "left"}
 
 
