@@ -335,7 +335,7 @@ def paired_outputs(
     weight = decisions.pair_blend  # clipped to 0.4 when best.pt was read
     return Pairing(
         blend_partners(keys, outputs, weight),
-        decisions.blend_cuts(),
+        decisions.blend_cuts,
         f"blend w={weight:.2f}",
         decisions.temperature,
         decisions.referable_threshold,

@@ -22,19 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pipeline.cli import arg, parse_config, run_cli
 from pipeline.errors import UserError
-from pipeline.loading.contract import normalization
 from tools.make_synthetic import DIFFICULTIES, render_fundus
 from tools.predict import load_for_model, outputs_and_features
-from trainer.base.bestfile import head_of, load_best
 from trainer.base.metrics import REFERABLE_GRADE
-from trainer.judging.calibration import scaled
-from trainer.judging.fusion import FUSION_KEY, fused_outputs
-from trainer.judging.pairing import blend_partners, usable_blend
+from trainer.judging.options import FUSION_KEY
+
+# torch and the trainer's modules load inside the functions that use them: --help and option
+# errors are answered before they load
 
 SICK = 4
 
@@ -92,6 +90,9 @@ def severity(head_name: str, outputs: np.ndarray, probs: np.ndarray) -> np.ndarr
 
 def methods(info: dict, keys: list[str], outputs: np.ndarray, features: np.ndarray, cuts):
     """{name: (outputs, cut-points, temperature)} for alone, the blend and, if stored, fusion."""
+    from trainer.judging.fusion import fused_outputs
+    from trainer.judging.pairing import blend_partners, usable_blend
+
     temperature = info.get("temperature")
     weight = usable_blend(info.get("pair_blend"))
     pair_cuts = info.get("pair_cut_points") or cuts
@@ -118,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(
         PairsConfig, argv, prog="asymmetric_pairs.py", description=__doc__.splitlines()[0]
     )
+    import torch
+
+    from pipeline.loading.contract import normalization
+    from trainer.base.bestfile import head_of, load_best
+    from trainer.judging.calibration import scaled
+
     model, info = load_best(cfg.checkpoint)
     head, cuts = head_of(info)
     size = int(info["image_size"])
