@@ -17,6 +17,7 @@ from PIL import Image
 
 from tools import predict
 from tools.make_synthetic import render_fundus
+from trainer.base.bestfile import add_to_best
 from trainer.base.heads import build_head
 from trainer.base.metrics import kappa_of
 from trainer.base.model import build_model
@@ -121,6 +122,7 @@ def checkpoint(tmp_path_factory) -> Path:
         metrics=metrics,
         config={"arch": "resnet18"},
     )
+    add_to_best(path, "pair_blend", 0.5)  # as an older version stored it (it searched up to 0.5)
     return path
 
 
