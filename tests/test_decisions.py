@@ -62,7 +62,7 @@ def test_open_best_reads_the_decisions_and_refuses_a_damaged_one(tmp_path):
     assert best.decisions == Decisions(temperature=0.7, referable_threshold=0.25, pair_blend=0.1)
     assert best.head.name == "classify" and not best.model.training
     add_to_best(path, "temperature", -0.7)
-    with pytest.raises(UserError, match="temperature must be positive"):
+    with pytest.raises(UserError, match="temperature.*positive"):  # checked where best.pt is read
         open_best(path)
 
 
