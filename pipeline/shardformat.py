@@ -238,6 +238,9 @@ def _write_shard(
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        # an earlier run's tar goes first: a worker killed between the two renames must not
+        # leave a new index beside an old tar (no tar at all is a shard a rerun writes again)
+        tar_path.unlink(missing_ok=True)
         os.replace(tmp_idx, idx_path)
         os.replace(tmp_tar, tar_path)
     finally:
