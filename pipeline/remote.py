@@ -36,6 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pipeline.constants import MANIFEST_NAME, REJECTS_NAME
 from pipeline.errors import UserError
 from pipeline.fileio import HOST, atomic_write_bytes, file_sha256
+from pipeline.samplelist import SAMPLES_NAME
 
 SCHEMES = ("s3", "gs", "http", "https")
 CACHE_ENV = "DR_SHARD_CACHE"
@@ -45,7 +46,6 @@ CACHE_HELP = (
 )
 DEFAULT_CACHE = Path("~/.cache/dr-grader/shards")
 VERIFIED_NAME = ".verified.json"
-SAMPLES_NAME = "samples.csv"  # pipeline.samplelist's; read there, only copied here
 OPTIONAL = (SAMPLES_NAME, REJECTS_NAME)  # copied when the remote folder has them
 RETRIES = 4  # tries per file after the first, on connection errors
 BACKOFF_S = 1.0  # the first wait; doubled after each failed try

@@ -21,6 +21,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from trainer.fitting.checkpoint import last_dir
+
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; resume it
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Test hook, not an option: "EPOCH:STEP" makes rank 0 signal itself after that step, so a
@@ -90,7 +92,7 @@ def stopped_here(accelerator, stop: StopFlag, epoch: int, step: int, out) -> int
     """The line a preempted run ends with, once every rank is done; its exit status."""
     place = f"after step {step} of epoch {epoch}" if step else f"before epoch {epoch}"
     accelerator.print(
-        f"stopped by {stop.name} {place}; checkpoint in {out}/checkpoints/last; "
+        f"stopped by {stop.name} {place}; checkpoint in {last_dir(out)}; "
         f"continue with --resume --out {out} (exit {PREEMPTED_EXIT})"
     )
     accelerator.wait_for_everyone()  # no rank leaves before rank 0 has written last/

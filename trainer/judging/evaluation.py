@@ -210,7 +210,7 @@ def checkpoint_accelerator(info: dict) -> Accelerator:
 
 
 def checkpoint_loader(
-    info: dict,
+    best: Best,
     shards: Path,
     split: str,
     accelerator: Accelerator,
@@ -220,6 +220,7 @@ def checkpoint_loader(
 ) -> Loader:
     """This rank's evaluation loader (with keys) of ``split``, as the trainer built it: the
     checkpoint's batch size, image size, seed, normalisation and backend unless given."""
+    info = best.info
     cfg = info.get("config") or {}
     batch_size = batch_size or cfg.get("batch_size", 8)
     if batch_size < 1:
@@ -236,7 +237,7 @@ def checkpoint_loader(
         workers=workers,
         channels_last=accelerator.device.type == "cuda",
         with_keys=True,
-        normalize=(info["mean"], info["std"]) if "mean" in info else None,
+        normalize=best.normalize,
     )
     return build_loader(shards, spec)
 
@@ -258,7 +259,7 @@ def evaluate_best(
     the trainer evaluated it, read with the checkpoint's decisions: the one path evaluate,
     fuse and the report take; and the loader backend that read it. ``loader_options``:
     batch_size, backend, workers."""
-    loader = checkpoint_loader(best.info, shards, split, accelerator, **(loader_options or {}))
+    loader = checkpoint_loader(best, shards, split, accelerator, **(loader_options or {}))
     try:
         result = evaluate(
             model,
