@@ -234,6 +234,35 @@ def shared(tmp_path_factory, name: str, build: Callable[[Path], object]):
         return value
 
 
+def untrained_best(
+    path: Path,
+    *,
+    image_size: int = 64,
+    metrics: dict | None = None,
+    config: dict | None = None,
+    **extra,
+) -> Path:
+    """A best.pt of a resnet18 fresh from its seed-0 initialisation, written by the trainer's
+    own ``save_best`` (``extra``: its other keywords, e.g. ``preprocess``)."""
+    import torch
+
+    from trainer.base.model import build_model
+    from trainer.fitting.checkpoint import save_best
+
+    torch.manual_seed(0)
+    save_best(
+        path,
+        build_model("resnet18").state_dict(),
+        arch="resnet18",
+        image_size=image_size,
+        epoch=1,
+        metrics={"test_qwk": 0.0} if metrics is None else metrics,
+        config={"arch": "resnet18", **(config or {})},
+        **extra,
+    )
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """40 train / 13 test samples at 64 px in shards of 7 (uneven on purpose)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import untrained_best
 from PIL import Image
 
 from tools import predict
@@ -20,8 +20,6 @@ from tools.make_synthetic import render_fundus
 from trainer.base.bestfile import add_to_best
 from trainer.base.heads import build_head
 from trainer.base.metrics import kappa_of
-from trainer.base.model import build_model
-from trainer.fitting.checkpoint import save_best
 from trainer.judging.evaluation import EvalResult
 from trainer.judging.pairing import (
     BLENDS,
@@ -110,18 +108,9 @@ def test_fusion_keeps_the_single_eyes_order_of_a_patients_two_eyes():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A classify checkpoint that stored an averaging weight (0.5) and a referral threshold."""
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("pairs") / "best.pt"
     metrics = {"pair_blend": 0.5, "referable_threshold": 0.4, "temperature": 1.3}
-    save_best(
-        path,
-        build_model("resnet18").state_dict(),
-        arch="resnet18",
-        image_size=64,
-        epoch=1,
-        metrics=metrics,
-        config={"arch": "resnet18"},
-    )
+    untrained_best(path, metrics=metrics)
     add_to_best(path, "pair_blend", 0.5)  # as an older version stored it (it searched up to 0.5)
     return path
 

@@ -13,10 +13,9 @@ import torch
 
 from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
-from tests.conftest import shared
+from tests.conftest import shared, untrained_best
 from trainer.base.bestfile import load_best
 from trainer.base.model import build_model
-from trainer.fitting.checkpoint import save_best
 
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
 onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
@@ -41,17 +40,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _checkpoint(path: Path) -> Path:
-    torch.manual_seed(0)
-    save_best(
-        path,
-        build_model("resnet18").state_dict(),
-        arch="resnet18",
-        image_size=64,
-        epoch=1,
-        metrics={"test_qwk": 0.0},
-        config={"arch": "resnet18"},
-        preprocess={"size": 128, "graham": True},
-    )
+    untrained_best(path, preprocess={"size": 128, "graham": True})
     best = torch.load(path, weights_only=True)
     best.update(head="classify", cut_points=[0.5, 1.4, 2.6, 3.5], referable_threshold=0.3)
     torch.save(best, path)

@@ -30,29 +30,19 @@ from pipeline.shardformat import read_index
 from pipeline.verify import verify_shards
 from pipeline.writing.preprocess import BadImage, open_image, prepare
 from pipeline.writing.sources import read_source
-from tests.conftest import ROOT, build_shard_dir, python
+from tests.conftest import ROOT, build_shard_dir, python, untrained_best
 from tools.make_synthetic import render_fundus
 from trainer.base.bestfile import load_best
-from trainer.base.model import build_model, read_state_dict
-from trainer.fitting.checkpoint import CHECKPOINTS, save_best, save_last
+from trainer.base.model import read_state_dict
+from trainer.fitting.checkpoint import CHECKPOINTS, save_last
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    save_best(
-        path,
-        build_model("resnet18").state_dict(),
-        arch="resnet18",
-        image_size=SIZE,
-        epoch=1,
-        metrics={"test_qwk": 0.0},
-        config={"arch": "resnet18", "batch_size": 4, "backend": "torch"},
-    )
-    return path
+    return untrained_best(path, image_size=SIZE, config={"batch_size": 4, "backend": "torch"})
 
 
 @pytest.fixture(scope="module")

@@ -9,32 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import untrained_best
 from PIL import Image
 
 from pipeline.loading.contract import normalization
 from tools.make_synthetic import render_fundus
 from tools.predict import load_for_model, predict_batch
 from trainer.base.bestfile import load_best
-from trainer.base.model import build_model
-from trainer.fitting.checkpoint import save_best
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    save_best(
-        path,
-        build_model("resnet18").state_dict(),
-        arch="resnet18",
-        image_size=64,
-        epoch=1,
-        metrics={"test_qwk": 0.0},
-        config={"arch": "resnet18"},
-    )
-    return path
+    return untrained_best(tmp_path_factory.mktemp("ckpt") / "best.pt")
 
 
 def test_folder_with_a_corrupt_image(tmp_path, checkpoint):
@@ -226,17 +214,11 @@ def test_predict_equals_the_loader_and_evaluate(tmp_path, graham, image_size):
         assert (data / "images" / f"{key}.jpeg").read_bytes() in b"".join(
             p.read_bytes() for p in manifest.tar_paths("test")
         )
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "best.pt"
-    config = {"arch": "resnet18", "batch_size": 3, "backend": "torch", "precision": "no", "seed": 0}
-    save_best(
-        checkpoint,
-        build_model("resnet18").state_dict(),
-        arch="resnet18",
+    checkpoint = untrained_best(
+        tmp_path / "best.pt",
         image_size=image_size,
-        epoch=1,
         metrics={},
-        config=config,
+        config={"batch_size": 3, "backend": "torch", "precision": "no", "seed": 0},
         preprocess=manifest.preprocess,
     )
 
