@@ -79,6 +79,7 @@ def test_no_images_is_one_clear_error(tmp_path, checkpoint):
         ],
         capture_output=True,
         text=True,
+        cwd=tmp_path,  # predict's default --out is ".": its own folder, locked while it runs
     )
     assert proc.returncode == 2
     assert (
@@ -98,6 +99,7 @@ def test_missing_checkpoint(tmp_path):
         ],
         capture_output=True,
         text=True,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
